@@ -1,0 +1,255 @@
+// Permuted block-sparse matmul on the CPU: forward, dx and block-sampled dW.
+//
+// The permutations are fused into the loads and stores, never a separate pass over x or y:
+//  - forward: x[b, in_perm[c]] is read as the scalar that multiplies a row of the (pre-transposed) block,
+//    so the gather costs the same as a contiguous read; results are stored to y[b, inv(out_perm)[r]].
+//  - dx: dy is read through inv(out_perm), results are stored to dx[b, in_perm[c]].
+//  - dW: each block packs its gathered dy / x columns for a batch tile into L1 and accumulates there.
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace padst::cpu {
+namespace {
+
+constexpr int64_t kBatchTile = 32;  // rows of x per forward / dx task: keeps the x tile in L2
+
+// y[b, inv_out[i*br + rr]] = bias + sum_{k in row i} sum_cc vt[k][cc][rr] * x[b, in_perm[col_idx[k]*bc + cc]]
+template <typename T, int BR>
+void block_fwd_kernel(const T* x, int64_t B, int64_t C, const acc_t<T>* vt, const BlockMeta& m, const T* bias,
+                      const int64_t* in_perm, const int64_t* inv_out, T* y) {
+  using A = acc_t<T>;
+  constexpr int RB = BR > 0 ? BR : 64;
+  const int64_t br = m.br, bc = m.bc, R = m.R, nbr = m.nbr;
+  const int64_t* rp = m.row_ptr.data_ptr<int64_t>();
+  const int64_t* ci = m.col_idx.data_ptr<int64_t>();
+  const int64_t nbt = ceil_div(B, kBatchTile);
+  at::parallel_for(0, nbt * nbr, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task % nbr, bt = task / nbr;
+      const int64_t b_end = std::min(B, (bt + 1) * kBatchTile);
+      for (int64_t b = bt * kBatchTile; b < b_end; ++b) {
+        const T* xr = x + b * C;
+        T* yr = y + b * R;
+        for (int64_t rr0 = 0; rr0 < br; rr0 += RB) {
+          const int nr = BR > 0 ? BR : static_cast<int>(std::min<int64_t>(RB, br - rr0));
+          A acc[RB];
+          for (int rr = 0; rr < nr; ++rr) acc[rr] = A(0);
+          for (int64_t k = rp[i]; k < rp[i + 1]; ++k) {
+            const int64_t* pc = in_perm + ci[k] * bc;
+            const A* v = vt + k * bc * br + rr0;
+            for (int64_t cc = 0; cc < bc; ++cc) {
+              const A s = static_cast<A>(xr[pc[cc]]);
+              const A* vc = v + cc * br;
+#pragma omp simd
+              for (int rr = 0; rr < nr; ++rr) acc[rr] += s * vc[rr];
+            }
+          }
+          const int64_t* dst = inv_out + i * br + rr0;
+          for (int rr = 0; rr < nr; ++rr) {
+            const int64_t col = dst[rr];
+            yr[col] = static_cast<T>(bias ? acc[rr] + static_cast<A>(bias[col]) : acc[rr]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// dx[b, in_perm[j*bc + cc]] = sum_{blocks (i, k) in column j} sum_rr dy[b, inv_out[i*br + rr]] * v[k][rr][cc]
+template <typename T, int BC>
+void block_dx_kernel(const T* dy, int64_t B, const acc_t<T>* v, const BlockMeta& m, const int64_t* in_perm,
+                     const int64_t* inv_out, T* dx) {
+  using A = acc_t<T>;
+  constexpr int CB = BC > 0 ? BC : 64;
+  const int64_t br = m.br, bc = m.bc, R = m.R, C = m.C, nbc = m.nbc;
+  const int64_t* cp = m.col_ptr.data_ptr<int64_t>();
+  const int64_t* ri = m.row_idx_t.data_ptr<int64_t>();
+  const int64_t* bt_idx = m.blk_t.data_ptr<int64_t>();
+  const int64_t nbt = ceil_div(B, kBatchTile);
+  at::parallel_for(0, nbt * nbc, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j = task % nbc, bt = task / nbc;
+      const int64_t b_end = std::min(B, (bt + 1) * kBatchTile);
+      for (int64_t b = bt * kBatchTile; b < b_end; ++b) {
+        const T* dyr = dy + b * R;
+        T* dxr = dx + b * C;
+        for (int64_t cc0 = 0; cc0 < bc; cc0 += CB) {
+          const int nc = BC > 0 ? BC : static_cast<int>(std::min<int64_t>(CB, bc - cc0));
+          A acc[CB];
+          for (int cc = 0; cc < nc; ++cc) acc[cc] = A(0);
+          for (int64_t p = cp[j]; p < cp[j + 1]; ++p) {
+            const int64_t* src = inv_out + ri[p] * br;
+            const A* vk = v + bt_idx[p] * br * bc + cc0;
+            for (int64_t rr = 0; rr < br; ++rr) {
+              const A s = static_cast<A>(dyr[src[rr]]);
+              const A* vr = vk + rr * bc;
+#pragma omp simd
+              for (int cc = 0; cc < nc; ++cc) acc[cc] += s * vr[cc];
+            }
+          }
+          const int64_t* dst = in_perm + j * bc + cc0;
+          for (int cc = 0; cc < nc; ++cc) dxr[dst[cc]] = static_cast<T>(acc[cc]);
+        }
+      }
+    }
+  });
+}
+
+// dv[k][rr][cc] = sum_b dy[b, inv_out[i*br + rr]] * x[b, in_perm[j*bc + cc]] for each active block k = (i, j)
+template <typename T, int BC>
+void block_sddmm_kernel(const T* dy, const T* x, int64_t B, const BlockMeta& m, const int64_t* in_perm,
+                        const int64_t* inv_out, T* dv) {
+  using A = acc_t<T>;
+  constexpr int64_t TB = 64;
+  constexpr int CB = BC > 0 ? BC : 64;
+  const int64_t br = m.br, bc = m.bc, R = m.R, C = m.C;
+  const int64_t* ci = m.col_idx.data_ptr<int64_t>();
+  const int64_t* brow = m.blk_row.data_ptr<int64_t>();
+  at::parallel_for(0, m.nnzb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> dzT(br * TB), xg(TB * bc), acc(br * bc);
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t* rows = inv_out + brow[k] * br;
+      const int64_t* cols = in_perm + ci[k] * bc;
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t b0 = 0; b0 < B; b0 += TB) {
+        const int64_t tb = std::min(TB, B - b0);
+        for (int64_t t = 0; t < tb; ++t) {
+          const T* dyr = dy + (b0 + t) * R;
+          const T* xr = x + (b0 + t) * C;
+          for (int64_t rr = 0; rr < br; ++rr) dzT[rr * TB + t] = static_cast<A>(dyr[rows[rr]]);
+          for (int64_t cc = 0; cc < bc; ++cc) xg[t * bc + cc] = static_cast<A>(xr[cols[cc]]);
+        }
+        for (int64_t rr = 0; rr < br; ++rr) {
+          A* accr = acc.data() + rr * bc;
+          const A* d = dzT.data() + rr * TB;
+          for (int64_t cc0 = 0; cc0 < bc; cc0 += CB) {
+            const int nc = BC > 0 ? BC : static_cast<int>(std::min<int64_t>(CB, bc - cc0));
+            A a[CB];
+            for (int cc = 0; cc < nc; ++cc) a[cc] = accr[cc0 + cc];
+            for (int64_t t = 0; t < tb; ++t) {
+              const A s = d[t];
+              const A* xt = xg.data() + t * bc + cc0;
+#pragma omp simd
+              for (int cc = 0; cc < nc; ++cc) a[cc] += s * xt[cc];
+            }
+            for (int cc = 0; cc < nc; ++cc) accr[cc0 + cc] = a[cc];
+          }
+        }
+      }
+      T* out = dv + k * br * bc;
+      for (int64_t e = 0; e < br * bc; ++e) out[e] = static_cast<T>(acc[e]);
+    }
+  });
+}
+
+BlockMeta block_setup(const char* op, const at::Tensor& ref, int64_t br, int64_t bc, const at::Tensor& row_ptr,
+                      const at::Tensor& col_idx, int64_t C) {
+  check_index_tensor(op, "row_ptr", row_ptr, 1);
+  TORCH_CHECK_VALUE(row_ptr.size(0) >= 1, op, ": row_ptr must have at least one entry");
+  return check_block_csr(op, row_ptr, col_idx, br, bc, (row_ptr.size(0) - 1) * br, C, ref);
+}
+
+void check_values(const char* op, const at::Tensor& values, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(values.dim() == 3, op, ": values must be 3-D [nnz_blocks, block_rows, block_cols], got shape ",
+                    values.sizes());
+  check_same_dtype(op, "values", values, ref);
+  check_same_device(op, "values", values, ref);
+}
+
+at::Tensor block_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                        const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
+                        const at::Tensor& blk_t, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
+  const char* op = "padst::block_mm";
+  check_matrix(op, "x", x);
+  check_cpu(op, "x", x);
+  check_values(op, values, x);
+  BlockMeta m = block_setup(op, x, values.size(1), values.size(2), row_ptr, col_idx, x.size(1));
+  check_block_csc(op, m, col_ptr, row_idx_t, blk_t);
+  TORCH_CHECK_VALUE(values.size(0) == m.nnzb, op, ": values holds ", values.size(0), " blocks but col_idx has ",
+                    m.nnzb);
+  check_bias(op, bias, x, m.R);
+  const Perm pin = check_perm(op, "in_perm", in_perm, m.C, x);
+  const Perm pout = check_perm(op, "out_perm", out_perm, m.R, x);
+  auto xc = x.contiguous();
+  auto y = at::empty({x.size(0), m.R}, x.options());
+  std::optional<at::Tensor> bc_ = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  PADST_DISPATCH_FLOATS(x.scalar_type(), "block_mm_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    // Pre-transpose each block to [bc][br] so the inner loop runs along contiguous output rows.
+    auto vt = values.transpose(1, 2).to(c10::CppTypeToScalarType<A>::value).contiguous();
+    dispatch_width(m.br, [&](auto W) {
+      block_fwd_kernel<scalar_t, decltype(W)::value>(xc.data_ptr<scalar_t>(), x.size(0), m.C, vt.data_ptr<A>(), m,
+                                                     bc_ ? bc_->data_ptr<scalar_t>() : nullptr, pin.fwd.data(),
+                                                     pout.inv.data(), y.data_ptr<scalar_t>());
+    });
+  });
+  return y;
+}
+
+at::Tensor block_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
+                          const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
+                          const at::Tensor& blk_t, const std::optional<at::Tensor>& in_perm,
+                          const std::optional<at::Tensor>& out_perm) {
+  const char* op = "padst::block_mm_t";
+  check_matrix(op, "dy", dy);
+  check_cpu(op, "dy", dy);
+  check_values(op, values, dy);
+  check_index_tensor(op, "col_ptr", col_ptr, 1);
+  TORCH_CHECK_VALUE(col_ptr.size(0) >= 1, op, ": col_ptr must have at least one entry");
+  const int64_t br = values.size(1), bc = values.size(2);
+  BlockMeta m = block_setup(op, dy, br, bc, row_ptr, col_idx, (col_ptr.size(0) - 1) * bc);
+  check_block_csc(op, m, col_ptr, row_idx_t, blk_t);
+  TORCH_CHECK_VALUE(values.size(0) == m.nnzb, op, ": values holds ", values.size(0), " blocks but col_idx has ",
+                    m.nnzb);
+  TORCH_CHECK_VALUE(dy.size(1) == m.R, op, ": dy has ", dy.size(1), " columns but the weight has ", m.R, " rows");
+  const Perm pin = check_perm(op, "in_perm", in_perm, m.C, dy);
+  const Perm pout = check_perm(op, "out_perm", out_perm, m.R, dy);
+  auto dyc = dy.contiguous();
+  auto dx = at::empty({dy.size(0), m.C}, dy.options());
+  PADST_DISPATCH_FLOATS(dy.scalar_type(), "block_mm_t_cpu", [&] {
+    auto v = as_acc<scalar_t>(values.contiguous());
+    dispatch_width(m.bc, [&](auto W) {
+      block_dx_kernel<scalar_t, decltype(W)::value>(dyc.data_ptr<scalar_t>(), dy.size(0), v.ptr, m, pin.fwd.data(),
+                                                    pout.inv.data(), dx.data_ptr<scalar_t>());
+    });
+  });
+  return dx;
+}
+
+at::Tensor block_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+                           const at::Tensor& col_idx, int64_t block_rows, int64_t block_cols,
+                           const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
+  const char* op = "padst::block_sddmm";
+  check_matrix(op, "dy", dy);
+  check_matrix(op, "x", x);
+  check_cpu(op, "x", x);
+  check_same_dtype(op, "dy", dy, x);
+  check_same_device(op, "dy", dy, x);
+  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
+  check_index_tensor(op, "row_ptr", row_ptr, 1);
+  BlockMeta m = check_block_csr(op, row_ptr, col_idx, block_rows, block_cols, dy.size(1), x.size(1), x);
+  const Perm pin = check_perm(op, "in_perm", in_perm, m.C, x);
+  const Perm pout = check_perm(op, "out_perm", out_perm, m.R, x);
+  auto dyc = dy.contiguous();
+  auto xc = x.contiguous();
+  auto dv = at::empty({m.nnzb, m.br, m.bc}, x.options());
+  PADST_DISPATCH_FLOATS(x.scalar_type(), "block_sddmm_cpu", [&] {
+    dispatch_width(m.bc, [&](auto W) {
+      block_sddmm_kernel<scalar_t, decltype(W)::value>(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), x.size(0),
+                                                       m, pin.fwd.data(), pout.inv.data(), dv.data_ptr<scalar_t>());
+    });
+  });
+  return dv;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(padst, CPU, m) {
+  m.impl("block_mm", &block_mm_cpu);
+  m.impl("block_mm_t", &block_mm_t_cpu);
+  m.impl("block_sddmm", &block_sddmm_cpu);
+}
+
+}  // namespace padst::cpu

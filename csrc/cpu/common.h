@@ -1,0 +1,62 @@
+// Shared pieces of the CPU kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../checks.h"
+
+namespace padst::cpu {
+
+// float32/float64 compute natively; bfloat16/float16 load, convert and accumulate in float32.
+#define PADST_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Values converted to the accumulation type, or a view of the original when no conversion is needed.
+template <typename T>
+struct AccValues {
+  at::Tensor holder;
+  const acc_t<T>* ptr = nullptr;
+};
+template <typename T>
+AccValues<T> as_acc(const at::Tensor& values_contig) {
+  AccValues<T> r;
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    r.holder = values_contig;
+  } else {
+    r.holder = values_contig.to(c10::CppTypeToScalarType<acc_t<T>>::value);
+  }
+  r.ptr = r.holder.template data_ptr<acc_t<T>>();
+  return r;
+}
+
+// Calls f(std::integral_constant<int, W>) with W the compile-time tile width when `w` is one of the common
+// block sizes, else W = 0 (the kernel then uses the run-time width in chunks of 64).
+template <typename F>
+void dispatch_width(int64_t w, F&& f) {
+  switch (w) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+inline void check_cpu(const char* op, const char* what, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor for the CPU kernel, got ", t.device());
+}
+
+}  // namespace padst::cpu

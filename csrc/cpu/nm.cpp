@@ -1,0 +1,239 @@
+// N:M (condensed, constant fan-in) matmul on the CPU: forward, dx and dW on the pattern.
+//
+// The input permutation is already folded into col_idx (col_idx = perm[logical index]), so a permuted layer
+// runs exactly the same code as an unpermuted one. Batched kernels transpose a tile of x into
+// xT[C][TB] (TB batch rows contiguous) so that each (row, k) term is one broadcast times one contiguous
+// vector; batch 1 is a plain gather-dot.
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace padst::cpu {
+namespace {
+
+constexpr int64_t TB = 16;  // batch rows per tile: one or two SIMD registers of accumulators per output
+
+template <typename T, typename I>
+void nm_fwd_kernel(const T* x, int64_t B, int64_t C, const T* v, const I* idx, int64_t R, int64_t K, const T* bias,
+                   T* y) {
+  using A = acc_t<T>;
+  if (B == 1) {
+    at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* vr = v + r * K;
+        const I* ir = idx + r * K;
+        A acc = bias ? static_cast<A>(bias[r]) : A(0);
+        for (int64_t k = 0; k < K; ++k) acc += static_cast<A>(vr[k]) * static_cast<A>(x[ir[k]]);
+        y[r] = static_cast<T>(acc);
+      }
+    });
+    return;
+  }
+  const int64_t nbt = ceil_div(B, TB);
+  // Split rows too when there are few batch tiles, so both cores get work.
+  const int64_t want = 8 * at::get_num_threads();
+  const int64_t nrc = nbt >= want ? 1 : std::min(ceil_div(want, nbt), ceil_div(R, 16));
+  const int64_t rc = ceil_div(R, nrc);
+  at::parallel_for(0, nbt * nrc, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> xT(C * TB);
+    int64_t packed = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bt = task / nrc, rcid = task % nrc;
+      const int64_t b0 = bt * TB, tb = std::min(TB, B - b0);
+      if (packed != bt) {
+        for (int64_t t = 0; t < TB; ++t) {
+          const T* xr = x + (b0 + t) * C;
+          if (t < tb) {
+            for (int64_t c = 0; c < C; ++c) xT[c * TB + t] = static_cast<A>(xr[c]);
+          } else {
+            for (int64_t c = 0; c < C; ++c) xT[c * TB + t] = A(0);
+          }
+        }
+        packed = bt;
+      }
+      const int64_t r_end = std::min(R, (rcid + 1) * rc);
+      for (int64_t r = rcid * rc; r < r_end; ++r) {
+        const T* vr = v + r * K;
+        const I* ir = idx + r * K;
+        A acc[TB];
+        const A b = bias ? static_cast<A>(bias[r]) : A(0);
+        for (int64_t t = 0; t < TB; ++t) acc[t] = b;
+        for (int64_t k = 0; k < K; ++k) {
+          const A s = static_cast<A>(vr[k]);
+          const A* xc = xT.data() + static_cast<int64_t>(ir[k]) * TB;
+#pragma omp simd
+          for (int64_t t = 0; t < TB; ++t) acc[t] += s * xc[t];
+        }
+        for (int64_t t = 0; t < tb; ++t) y[(b0 + t) * R + r] = static_cast<T>(acc[t]);
+      }
+    }
+  });
+}
+
+// dx[b, idx[r, k]] += dy[b, r] * v[r, k]. Rows scatter into shared columns, so threads split the batch.
+template <typename T, typename I>
+void nm_dx_kernel(const T* dy, int64_t B, const T* v, const I* idx, int64_t R, int64_t K, int64_t C, T* dx) {
+  using A = acc_t<T>;
+  const int64_t nbt = ceil_div(B, TB);
+  at::parallel_for(0, nbt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> dxT(C * TB), dyT(R * TB);
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b0 = bt * TB, tb = std::min(TB, B - b0);
+      std::fill(dxT.begin(), dxT.end(), A(0));
+      for (int64_t t = 0; t < TB; ++t) {
+        const T* dyr = dy + (b0 + t) * R;
+        for (int64_t r = 0; r < R; ++r) dyT[r * TB + t] = t < tb ? static_cast<A>(dyr[r]) : A(0);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const T* vr = v + r * K;
+        const I* ir = idx + r * K;
+        const A* d = dyT.data() + r * TB;
+        for (int64_t k = 0; k < K; ++k) {
+          const A s = static_cast<A>(vr[k]);
+          A* o = dxT.data() + static_cast<int64_t>(ir[k]) * TB;
+#pragma omp simd
+          for (int64_t t = 0; t < TB; ++t) o[t] += s * d[t];
+        }
+      }
+      for (int64_t t = 0; t < tb; ++t) {
+        T* dxr = dx + (b0 + t) * C;
+        for (int64_t c = 0; c < C; ++c) dxr[c] = static_cast<T>(dxT[c * TB + t]);
+      }
+    }
+  });
+}
+
+// dv[r, k] = sum_b dy[b, r] * x[b, idx[r, k]]. Threads split the rows; each packs the batch tiles it needs.
+template <typename T, typename I>
+void nm_sddmm_kernel(const T* dy, const T* x, int64_t B, const I* idx, int64_t R, int64_t K, int64_t C, T* dv) {
+  using A = acc_t<T>;
+  constexpr int64_t SB = 32;  // batch rows per tile: the length of each dot product
+  const int64_t nrc = std::min<int64_t>(R, 4 * at::get_num_threads());
+  const int64_t rc = nrc > 0 ? ceil_div(R, nrc) : 0;
+  at::parallel_for(0, nrc, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> xT(C * SB), dyT(rc * SB), acc(rc * K);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t r0 = chunk * rc, r1 = std::min(R, r0 + rc);
+      if (r0 >= r1) continue;
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t b0 = 0; b0 < B; b0 += SB) {
+        const int64_t tb = std::min(SB, B - b0);
+        for (int64_t t = 0; t < SB; ++t) {
+          const T* xr = x + (b0 + t) * C;
+          const T* dyr = dy + (b0 + t) * R;
+          for (int64_t c = 0; c < C; ++c) xT[c * SB + t] = t < tb ? static_cast<A>(xr[c]) : A(0);
+          for (int64_t r = r0; r < r1; ++r) dyT[(r - r0) * SB + t] = t < tb ? static_cast<A>(dyr[r]) : A(0);
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const A* d = dyT.data() + (r - r0) * SB;
+          const I* ir = idx + r * K;
+          A* ar = acc.data() + (r - r0) * K;
+          for (int64_t k = 0; k < K; ++k) {
+            const A* xc = xT.data() + static_cast<int64_t>(ir[k]) * SB;
+            A s = A(0);
+#pragma omp simd reduction(+ : s)
+            for (int64_t t = 0; t < SB; ++t) s += d[t] * xc[t];
+            ar[k] += s;
+          }
+        }
+      }
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t k = 0; k < K; ++k) dv[r * K + k] = static_cast<T>(acc[(r - r0) * K + k]);
+    }
+  });
+}
+
+template <typename F>
+void dispatch_index(const at::Tensor& idx, F&& f) {
+  if (idx.scalar_type() == at::kInt) {
+    f(int32_t{});
+  } else {
+    f(int64_t{});
+  }
+}
+
+at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m,
+                     const std::optional<at::Tensor>& bias) {
+  check_nm_mm_args(x, values, col_idx, bias, n, m);
+  check_cpu("padst::nm_mm", "x", x);
+  const int64_t R = values.size(0), K = values.size(1), B = x.size(0), C = x.size(1);
+  auto xc = x.contiguous();
+  auto vc = values.contiguous();
+  auto ic = col_idx.contiguous();
+  std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  auto y = at::empty({B, R}, x.options());
+  PADST_DISPATCH_FLOATS(x.scalar_type(), "nm_mm_cpu", [&] {
+    dispatch_index(ic, [&](auto I) {
+      using idx_t = decltype(I);
+      nm_fwd_kernel<scalar_t, idx_t>(xc.data_ptr<scalar_t>(), B, C, vc.data_ptr<scalar_t>(), ic.data_ptr<idx_t>(), R,
+                                     K, bc ? bc->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+    });
+  });
+  return y;
+}
+
+at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_idx, int64_t n,
+                       int64_t m) {
+  const char* op = "padst::nm_mm_t";
+  check_matrix(op, "dy", dy);
+  check_cpu(op, "dy", dy);
+  check_matrix(op, "values", values);
+  check_same_dtype(op, "values", values, dy);
+  check_same_device(op, "values", values, dy);
+  TORCH_CHECK_VALUE(m > 0 && n >= 1 && n < m, op, ": N:M sparsity needs 1 <= N < M, got N=", n, ", M=", m);
+  TORCH_CHECK_VALUE(values.size(1) % n == 0, op, ": values has ", values.size(1),
+                    " columns per row, not a multiple of N=", n);
+  const int64_t R = values.size(0), K = values.size(1), B = dy.size(0), C = K / n * m;
+  check_nm(op, values, col_idx, n, m, R, C, dy);
+  TORCH_CHECK_VALUE(dy.size(1) == R, op, ": dy has ", dy.size(1), " columns but the weight has ", R, " rows");
+  auto dyc = dy.contiguous();
+  auto vc = values.contiguous();
+  auto ic = col_idx.contiguous();
+  auto dx = at::empty({B, C}, dy.options());
+  PADST_DISPATCH_FLOATS(dy.scalar_type(), "nm_mm_t_cpu", [&] {
+    dispatch_index(ic, [&](auto I) {
+      using idx_t = decltype(I);
+      nm_dx_kernel<scalar_t, idx_t>(dyc.data_ptr<scalar_t>(), B, vc.data_ptr<scalar_t>(), ic.data_ptr<idx_t>(), R, K,
+                                    C, dx.data_ptr<scalar_t>());
+    });
+  });
+  return dx;
+}
+
+at::Tensor nm_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& col_idx, int64_t n, int64_t m) {
+  const char* op = "padst::nm_sddmm";
+  check_matrix(op, "dy", dy);
+  check_matrix(op, "x", x);
+  check_cpu(op, "x", x);
+  check_same_dtype(op, "dy", dy, x);
+  check_same_device(op, "dy", dy, x);
+  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
+  const int64_t R = dy.size(1), C = x.size(1), B = x.size(0);
+  // Shape-only stand-in for values: check_nm compares col_idx against [R, C*n/m].
+  TORCH_CHECK_VALUE(m > 0 && n >= 1 && n < m, op, ": N:M sparsity needs 1 <= N < M, got N=", n, ", M=", m);
+  TORCH_CHECK_VALUE(C % m == 0, op, ": M=", m, " does not divide in_features ", C);
+  const int64_t K = C / m * n;
+  check_nm(op, at::empty({R, K}, x.options().device(at::kMeta)), col_idx, n, m, R, C, x);
+  auto dyc = dy.contiguous();
+  auto xc = x.contiguous();
+  auto ic = col_idx.contiguous();
+  auto dv = at::empty({R, K}, x.options());
+  PADST_DISPATCH_FLOATS(x.scalar_type(), "nm_sddmm_cpu", [&] {
+    dispatch_index(ic, [&](auto I) {
+      using idx_t = decltype(I);
+      nm_sddmm_kernel<scalar_t, idx_t>(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), B, ic.data_ptr<idx_t>(), R,
+                                       K, C, dv.data_ptr<scalar_t>());
+    });
+  });
+  return dv;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(padst, CPU, m) {
+  m.impl("nm_mm", &nm_mm_cpu);
+  m.impl("nm_mm_t", &nm_mm_t_cpu);
+  m.impl("nm_sddmm", &nm_sddmm_cpu);
+}
+
+}  // namespace padst::cpu

@@ -1,0 +1,127 @@
+"""Shared test cases: devices, dtypes, tolerances and random instances of each structure."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import pytest
+import torch
+
+import padst_ext
+from padst_ext import formats as F
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"padst::{op}", "CUDA")
+
+
+def devices_for(op: str) -> List:
+    """CPU always; CUDA only when a GPU is present and the op has a CUDA kernel (otherwise a clean skip)."""
+    params = [pytest.param("cpu", id="cpu")]
+    skip = None
+    if not torch.cuda.is_available():
+        skip = "no CUDA device"
+    elif not has_cuda_kernel(op):
+        skip = f"padst::{op} has no CUDA kernel in this build"
+    params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(skip is not None, reason=skip or "")))
+    return params
+
+
+def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: Optional[torch.Tensor] = None,
+                              what: str = "") -> None:
+    """flash-attention's rule: the kernel's error against a float64 reference is at most twice the error of the
+    same computation done by PyTorch in the kernel's precision (plus a few ulps of slack for exact cases)."""
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == (ref_lowp.dtype if ref_lowp is not None else out.dtype)
+    out64 = out.double().cpu()
+    ref64 = ref64.double().cpu()
+    assert torch.isfinite(out64).all(), f"{what}: non-finite output"
+    err = (out64 - ref64).abs().max().item() if out64.numel() else 0.0
+    scale = max(1.0, ref64.abs().max().item() if ref64.numel() else 0.0)
+    eps = torch.finfo(out.dtype).eps
+    torch_err = 0.0
+    if ref_lowp is not None and ref_lowp.numel():
+        torch_err = (ref_lowp.double().cpu() - ref64).abs().max().item()
+    tol = 2 * torch_err + 8 * eps * scale
+    assert err <= tol, f"{what}: max error {err:.3e} > tolerance {tol:.3e} (torch's own error {torch_err:.3e})"
+
+
+def random_perm(n: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=gen)
+
+
+def balanced_block_mask(nbr: int, nbc: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """Every block-row holds the same number of blocks (at least one)."""
+    k = max(1, round(density * nbc))
+    scores = torch.rand(nbr, nbc, generator=gen)
+    idx = scores.topk(k, dim=1).indices
+    return torch.zeros(nbr, nbc, dtype=torch.bool).scatter_(1, idx, True)
+
+
+def random_nm_mask(R: int, C: int, n: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    scores = torch.rand(R, C // m, m, generator=gen)
+    idx = scores.topk(n, dim=-1).indices
+    return torch.zeros(R, C // m, m, dtype=torch.bool).scatter_(-1, idx, True).reshape(R, C)
+
+
+def random_offsets(R: int, C: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
+    L = min(R, C)
+    K = max(1, math.ceil((1 - sparsity) * R * C / L))
+    return torch.randperm(max(R, C), generator=gen)[:K].sort().values
+
+
+@dataclass
+class Case:
+    """One random layer of a given structure, with everything needed to call the op and the reference."""
+
+    structure: str
+    B: int
+    C: int
+    R: int
+    dtype: torch.dtype
+    device: str
+    in_perm: Optional[torch.Tensor]
+    out_perm: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    weight: object  # BlockSparse / NMSparse / DiagSparse
+    x: torch.Tensor
+    extra: Dict = field(default_factory=dict)
+
+    def id(self) -> str:
+        return f"{self.structure}-B{self.B}-C{self.C}-R{self.R}"
+
+
+def make_case(structure: str, B: int, C: int, R: int, *, sparsity: float = 0.9, block=(16, 16), nm=(1, 10),
+              perm: str = "both", bias: bool = True, dtype=torch.float32, device="cpu", seed: int = 0) -> Case:
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(R, C, generator=gen, dtype=torch.float64)
+    x = torch.randn(B, C, generator=gen, dtype=torch.float64)
+    in_perm = random_perm(C, gen) if perm in ("in", "both") else None
+    out_perm = random_perm(R, gen) if perm in ("out", "both") and structure != "nm" else None
+    b = torch.randn(R, generator=gen, dtype=torch.float64) if bias else None
+    extra = {}
+    if structure == "block":
+        br, bc = block
+        mask = balanced_block_mask(R // br, C // bc, 1 - sparsity, gen)
+        w = F.block_from_dense(dense, mask, block)
+    elif structure == "nm":
+        n, m = nm
+        mask = random_nm_mask(R, C, n, m, gen)
+        w = F.nm_from_dense(dense, mask, n, m, perm=in_perm)
+        extra["logical_mask"] = mask
+    elif structure == "diag":
+        w = F.diag_from_dense(dense, random_offsets(R, C, sparsity, gen))
+    else:
+        raise ValueError(structure)
+
+    def conv(t):
+        if t is None:
+            return None
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    w = type(w)(*(conv(f) if isinstance(f, torch.Tensor) else f for f in w))
+    return Case(structure, B, C, R, dtype, device, conv(in_perm), conv(out_perm), conv(b), w, conv(x), extra)

@@ -1,0 +1,292 @@
+"""Bad input: every op rejects it with a clear Python exception naming the bad value, never a crash and
+never a silent wrong answer. The hypothesis fuzz tests feed random malformed metadata."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from padst_ext import formats as F
+from padst_ext import ops
+from padst_ext import reference as ref
+
+from cases import make_case
+
+CLEAR = (ValueError, TypeError, IndexError)
+
+
+def _block():
+    return make_case("block", 4, 64, 32, perm="both", block=(16, 16), sparsity=0.5)
+
+
+def _nm():
+    return make_case("nm", 4, 40, 16, nm=(2, 10), perm="in")
+
+
+def _diag():
+    return make_case("diag", 4, 24, 40, perm="both", sparsity=0.5)
+
+
+def _block_call(case, **over):
+    w = case.weight
+    kw = dict(x=case.x, values=w.values, row_ptr=w.row_ptr, col_idx=w.col_idx, col_ptr=w.col_ptr,
+              row_idx_t=w.row_idx_t, blk_t=w.blk_t, bias=case.bias, in_perm=case.in_perm, out_perm=case.out_perm)
+    kw.update(over)
+    return ops.block_mm(**kw)
+
+
+def _block_t_call(case, **over):
+    w = case.weight
+    kw = dict(dy=torch.randn(case.B, case.R), values=w.values, row_ptr=w.row_ptr, col_idx=w.col_idx,
+              col_ptr=w.col_ptr, row_idx_t=w.row_idx_t, blk_t=w.blk_t, in_perm=case.in_perm, out_perm=case.out_perm)
+    kw.update(over)
+    return ops.block_mm_t(**kw)
+
+
+def _block_dw_call(case, **over):
+    w = case.weight
+    kw = dict(dy=torch.randn(case.B, case.R), x=case.x, row_ptr=w.row_ptr, col_idx=w.col_idx, block_rows=16,
+              block_cols=16, in_perm=case.in_perm, out_perm=case.out_perm)
+    kw.update(over)
+    return ops.block_sddmm(**kw)
+
+
+def _nm_call(case, fn="mm", **over):
+    w = case.weight
+    if fn == "mm":
+        kw = dict(x=case.x, values=w.values, col_idx=w.col_idx, n=w.n, m=w.m, bias=case.bias)
+        kw.update(over)
+        return ops.nm_mm(**kw)
+    if fn == "t":
+        kw = dict(dy=torch.randn(case.B, case.R), values=w.values, col_idx=w.col_idx, n=w.n, m=w.m)
+        kw.update(over)
+        return ops.nm_mm_t(**kw)
+    kw = dict(dy=torch.randn(case.B, case.R), x=case.x, col_idx=w.col_idx, n=w.n, m=w.m)
+    kw.update(over)
+    return ops.nm_sddmm(**kw)
+
+
+def _diag_call(case, fn="mm", **over):
+    w = case.weight
+    if fn == "mm":
+        kw = dict(x=case.x, values=w.values, offsets=w.offsets, out_features=case.R, bias=case.bias,
+                  in_perm=case.in_perm, out_perm=case.out_perm)
+        kw.update(over)
+        return ops.diag_mm(**kw)
+    if fn == "t":
+        kw = dict(dy=torch.randn(case.B, case.R), values=w.values, offsets=w.offsets, in_features=case.C,
+                  in_perm=case.in_perm, out_perm=case.out_perm)
+        kw.update(over)
+        return ops.diag_mm_t(**kw)
+    kw = dict(dy=torch.randn(case.B, case.R), x=case.x, offsets=w.offsets, in_perm=case.in_perm,
+              out_perm=case.out_perm)
+    kw.update(over)
+    return ops.diag_sddmm(**kw)
+
+
+def _dup_perm(n):
+    p = torch.arange(n)
+    p[3] = 5
+    return p
+
+
+B, N, D = _block(), _nm(), _diag()
+w = B.weight
+bad_col = w.col_idx.clone()
+bad_col[0] = 99
+unsorted = w.col_idx.clone()
+unsorted[0], unsorted[1] = int(w.col_idx[1]), int(w.col_idx[0])
+neg_col = w.col_idx.clone()
+neg_col[2] = -1
+bad_rowptr = w.row_ptr.clone()
+bad_rowptr[1] = 7
+
+CASES = [
+    # block
+    ("block out-of-range col_idx", lambda: _block_call(B, col_idx=bad_col), ValueError, r"col_idx\[0\] = 99"),
+    ("block negative col_idx", lambda: _block_call(B, col_idx=neg_col), ValueError, r"col_idx\[2\] = -1"),
+    ("block unsorted col_idx", lambda: _block_call(B, col_idx=unsorted), ValueError, r"strictly increasing"),
+    ("block bad row_ptr", lambda: _block_call(B, row_ptr=bad_rowptr), ValueError, r"row_ptr"),
+    ("block row_ptr length", lambda: _block_call(B, row_ptr=w.row_ptr[:-1]), ValueError, r"row_ptr\[-1\]"),
+    ("block perm not bijection", lambda: _block_call(B, in_perm=_dup_perm(64)), ValueError,
+     r"in_perm is not a permutation of 0..63: value 5"),
+    ("block perm out of range", lambda: _block_call(B, out_perm=torch.arange(32) + 1), ValueError,
+     r"out_perm is not a permutation of 0..31: entry 31 is 32"),
+    ("block perm length", lambda: _block_call(B, in_perm=torch.arange(63)), ValueError,
+     r"in_perm must have length 64, got length 63"),
+    ("block perm dtype", lambda: _block_call(B, in_perm=torch.arange(64.0)), TypeError, r"in_perm must be an int32"),
+    ("block block size does not divide C", lambda: _block_call(B, x=torch.randn(4, 72)), ValueError,
+     r"do not divide in_features 72"),
+    ("block dtype mismatch", lambda: _block_call(B, x=B.x.double()), TypeError, r"values has dtype"),
+    ("block int x", lambda: _block_call(B, x=B.x.long()), TypeError, r"x must be float32"),
+    ("block rank of x", lambda: _block_call(B, x=B.x[None]), ValueError, r"x must be 2-D"),
+    ("block rank of values", lambda: _block_call(B, values=w.values[0]), ValueError, r"values must be 3-D"),
+    ("block values count", lambda: _block_call(B, values=w.values[1:]), ValueError, r"values holds"),
+    ("block bias shape", lambda: _block_call(B, bias=torch.zeros(31)), ValueError, r"bias must have shape \[32\]"),
+    ("block stale transpose", lambda: _block_call(B, blk_t=w.blk_t.flip(0)), ValueError,
+     r"transpose metadata does not match"),
+    ("block_t bad perm", lambda: _block_t_call(B, out_perm=_dup_perm(32)), ValueError, r"out_perm is not a perm"),
+    ("block_t dy width", lambda: _block_t_call(B, dy=torch.randn(4, 48)), ValueError,
+     r"dy has 48 columns but the weight has 32 rows"),
+    ("block_t stale transpose", lambda: _block_t_call(B, row_idx_t=w.row_idx_t.flip(0)), ValueError,
+     r"transpose metadata"),
+    ("block_sddmm block size does not divide", lambda: _block_dw_call(B, block_rows=24), ValueError,
+     r"block rows 24 do not divide out_features 32"),
+    ("block_sddmm batch mismatch", lambda: _block_dw_call(B, x=torch.randn(5, 64)), ValueError,
+     r"dy has 4 rows but x has 5"),
+    ("block_sddmm bad col", lambda: _block_dw_call(B, col_idx=bad_col), ValueError, r"col_idx\[0\] = 99"),
+    # N:M
+    ("nm N >= M", lambda: _nm_call(N, n=10, m=10), ValueError, r"1 <= N < M, got N=10, M=10"),
+    ("nm M does not divide C", lambda: _nm_call(N, n=1, m=3), ValueError, r"M=3 does not divide in_features 40"),
+    ("nm index out of range", lambda: _nm_call(N, col_idx=N.weight.col_idx + 40), ValueError,
+     r"outside the valid range \[0, 40\)"),
+    ("nm negative index", lambda: _nm_call(N, col_idx=N.weight.col_idx - 100), ValueError, r"outside the valid"),
+    ("nm index dtype", lambda: _nm_call(N, col_idx=N.weight.col_idx.float()), TypeError, r"col_idx must be an int32"),
+    ("nm values width", lambda: _nm_call(N, n=1), ValueError, r"values must have shape"),
+    ("nm dtype mismatch", lambda: _nm_call(N, values=N.weight.values.double()), TypeError, r"values has dtype"),
+    ("nm rank", lambda: _nm_call(N, x=N.x[0]), ValueError, r"x must be 2-D"),
+    ("nm bias", lambda: _nm_call(N, bias=torch.zeros(3)), ValueError, r"bias must have shape \[16\]"),
+    ("nm_t N >= M", lambda: _nm_call(N, "t", n=4, m=2), ValueError, r"1 <= N < M"),
+    ("nm_t index", lambda: _nm_call(N, "t", col_idx=N.weight.col_idx + 40), ValueError, r"outside the valid"),
+    ("nm_t dy width", lambda: _nm_call(N, "t", dy=torch.randn(4, 3)), ValueError, r"dy has 3 columns"),
+    ("nm_sddmm index", lambda: _nm_call(N, "dw", col_idx=N.weight.col_idx - 41), ValueError, r"outside the valid"),
+    ("nm_sddmm M divides", lambda: _nm_call(N, "dw", m=7, n=1), ValueError, r"M=7 does not divide"),
+    # diagonal
+    ("diag offset out of range", lambda: _diag_call(D, offsets=D.weight.offsets + 40), ValueError,
+     r"offsets\[0\] = \d+ is outside \[0, max\(R, C\)\) = \[0, 40\)"),
+    ("diag negative offset", lambda: _diag_call(D, offsets=D.weight.offsets - 100), ValueError, r"is outside"),
+    ("diag values width", lambda: _diag_call(D, values=D.weight.values[:, 1:]), ValueError,
+     r"min\(R, C\) = 24 entries"),
+    ("diag offsets count", lambda: _diag_call(D, offsets=D.weight.offsets[1:]), ValueError, r"one per diagonal"),
+    ("diag perm", lambda: _diag_call(D, in_perm=_dup_perm(24)), ValueError, r"in_perm is not a permutation"),
+    ("diag perm length", lambda: _diag_call(D, out_perm=torch.arange(24)), ValueError, r"out_perm must have length 40"),
+    ("diag dtype", lambda: _diag_call(D, values=D.weight.values.half()), TypeError, r"values has dtype"),
+    ("diag_t perm", lambda: _diag_call(D, "t", out_perm=_dup_perm(40)), ValueError, r"out_perm is not a perm"),
+    ("diag_t offsets", lambda: _diag_call(D, "t", offsets=D.weight.offsets * 0 + 40), ValueError, r"is outside"),
+    ("diag_sddmm batch", lambda: _diag_call(D, "dw", x=torch.randn(3, 24)), ValueError, r"dy has 4 rows but x"),
+    ("diag_sddmm offsets dtype", lambda: _diag_call(D, "dw", offsets=D.weight.offsets.float()), TypeError,
+     r"offsets must be an int32"),
+    # dense grad
+    ("dense_grad perm", lambda: ops.dense_grad(torch.randn(4, 8), torch.randn(4, 6), in_perm=_dup_perm(6)),
+     ValueError, r"in_perm is not a permutation of 0..5"),
+    ("dense_grad batch", lambda: ops.dense_grad(torch.randn(4, 8), torch.randn(3, 6)), ValueError, r"rows but x"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,pattern", CASES, ids=[c[0] for c in CASES])
+def test_rejects_bad_input(name, call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_format_conversions_reject_bad_input():
+    with pytest.raises(ValueError, match=r"block size 16x16 must divide the weight shape 40x32"):
+        F.block_from_dense(torch.randn(40, 32), torch.ones(2, 2, dtype=torch.bool), (16, 16))
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"mask is not 2:4: row 0, group 0 .* holds 4"):
+        F.nm_from_dense(torch.randn(4, 8), mask, 2, 4)
+    with pytest.raises(ValueError, match=r"1 <= N < M, got N=4, M=4"):
+        F.check_nm_mask(mask, 4, 4)
+    with pytest.raises(ValueError, match=r"value 1 appears 2 times"):
+        F.check_permutation(torch.tensor([0, 1, 1]), 3)
+    with pytest.raises(ValueError, match=r"offsets must lie in \[0, max\(R, C\)\) = \[0, 8\)"):
+        F.diag_from_dense(torch.randn(8, 4), torch.tensor([8]))
+
+
+# --- fuzz --------------------------------------------------------------------------------------------------
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _outcome(call, reference):
+    """Either a clear exception, or the same answer as the reference. A crash would kill the test process."""
+    try:
+        out = call()
+    except CLEAR:
+        return "rejected"
+    torch.testing.assert_close(out, reference())
+    return "accepted"
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_block_metadata(data):
+    nbr, nbc, br, bc = 3, 4, 8, 8
+    R, C = nbr * br, nbc * bc
+    ints = st.integers(min_value=-3, max_value=8)
+    row_ptr = torch.tensor(data.draw(st.lists(ints, min_size=nbr + 1, max_size=nbr + 1)))
+    nnzb = max(0, int(row_ptr[-1])) if data.draw(st.booleans()) else data.draw(st.integers(0, 8))
+    col_idx = torch.tensor(data.draw(st.lists(ints, min_size=nnzb, max_size=nnzb)), dtype=torch.long)
+    values = torch.randn(nnzb, br, bc, dtype=torch.float64)
+    if data.draw(st.booleans()):
+        col_ptr = torch.tensor(data.draw(st.lists(ints, min_size=nbc + 1, max_size=nbc + 1)))
+        row_idx_t = torch.tensor(data.draw(st.lists(ints, min_size=nnzb, max_size=nnzb)), dtype=torch.long)
+        blk_t = torch.tensor(data.draw(st.lists(ints, min_size=nnzb, max_size=nnzb)), dtype=torch.long)
+    else:  # consistent transpose of whatever CSR was drawn (if the CSR is valid the op must accept it)
+        try:
+            col_ptr, row_idx_t, blk_t = F.block_transpose_meta(row_ptr.clamp(0, nnzb), col_idx.clamp(0, nbc - 1), nbc)
+        except ValueError:
+            return
+    perm_kind = data.draw(st.sampled_from(["none", "ok", "bad"]))
+    in_perm = None
+    if perm_kind == "ok":
+        in_perm = torch.randperm(C)
+    elif perm_kind == "bad":
+        in_perm = torch.tensor(data.draw(st.lists(st.integers(-2, C + 1), min_size=C, max_size=C)))
+    x = torch.randn(5, C, dtype=torch.float64)
+    meta = (row_ptr, col_idx, col_ptr, row_idx_t, blk_t)
+    _outcome(lambda: ops.block_mm(x, values, *meta, in_perm=in_perm),
+             lambda: ref.block_mm(x, values, *meta, in_perm=in_perm))
+    dy = torch.randn(5, R, dtype=torch.float64)
+    _outcome(lambda: ops.block_mm_t(dy, values, *meta, in_perm=in_perm),
+             lambda: ref.block_mm_t(dy, values, *meta, in_perm=in_perm))
+    _outcome(lambda: ops.block_sddmm(dy, x, row_ptr, col_idx, br, bc, in_perm=in_perm),
+             lambda: ref.block_sddmm(dy, x, row_ptr, col_idx, br, bc, in_perm=in_perm))
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_nm_metadata(data):
+    R = data.draw(st.integers(1, 6))
+    C = data.draw(st.sampled_from([4, 8, 12]))
+    n = data.draw(st.integers(-1, 5))
+    m = data.draw(st.integers(0, 6))
+    K = data.draw(st.integers(0, 6))
+    col_idx = torch.tensor(data.draw(st.lists(st.integers(-2, C + 1), min_size=R * K, max_size=R * K)),
+                           dtype=data.draw(st.sampled_from([torch.int32, torch.int64]))).reshape(R, K)
+    values = torch.randn(R, K, dtype=torch.float64)
+    x = torch.randn(3, C, dtype=torch.float64)
+    dy = torch.randn(3, R, dtype=torch.float64)
+    _outcome(lambda: ops.nm_mm(x, values, col_idx, n, m), lambda: ref.nm_mm(x, values, col_idx, n, m))
+    _outcome(lambda: ops.nm_mm_t(dy, values, col_idx, n, m), lambda: ref.nm_mm_t(dy, values, col_idx, n, m))
+    _outcome(lambda: ops.nm_sddmm(dy, x, col_idx, n, m), lambda: ref.nm_sddmm(dy, x, col_idx, n, m))
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_diag_metadata(data):
+    R = data.draw(st.integers(1, 9))
+    C = data.draw(st.integers(1, 9))
+    K = data.draw(st.integers(0, 4))
+    L = data.draw(st.sampled_from([min(R, C), max(R, C), 1]))
+    offsets = torch.tensor(data.draw(st.lists(st.integers(-2, max(R, C) + 1), min_size=K, max_size=K)),
+                           dtype=torch.long)
+    values = torch.randn(K, L, dtype=torch.float64)
+    perm_kind = data.draw(st.sampled_from(["none", "ok", "bad"]))
+    out_perm = None
+    if perm_kind == "ok":
+        out_perm = torch.randperm(R)
+    elif perm_kind == "bad":
+        out_perm = torch.tensor(data.draw(st.lists(st.integers(-1, R), min_size=R, max_size=R)))
+    x = torch.randn(4, C, dtype=torch.float64)
+    dy = torch.randn(4, R, dtype=torch.float64)
+    _outcome(lambda: ops.diag_mm(x, values, offsets, R, out_perm=out_perm),
+             lambda: ref.diag_mm(x, values, offsets, R, out_perm=out_perm))
+    _outcome(lambda: ops.diag_mm_t(dy, values, offsets, C, out_perm=out_perm),
+             lambda: ref.diag_mm_t(dy, values, offsets, C, out_perm=out_perm))
+    _outcome(lambda: ops.diag_sddmm(dy, x, offsets, out_perm=out_perm),
+             lambda: ref.diag_sddmm(dy, x, offsets, out_perm=out_perm))

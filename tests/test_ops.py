@@ -1,0 +1,313 @@
+"""Every kernel against its plain-PyTorch reference: forward, dx, sampled dW and autograd, permuted and not,
+over shapes (square, R<C, R>C, batch 1, batch past the tile sizes), sparsities and dtypes; plus gradcheck,
+opcheck and torch.compile."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import padst_ext
+from padst_ext import formats as F
+from padst_ext import ops
+from padst_ext import reference as ref
+
+from cases import DTYPES, assert_close_to_reference, devices_for, make_case
+
+# (structure, B, C, R, kwargs): non-square both ways, batch 1, batches beyond the kernels' tiles,
+# block widths with compile-time (16, 32, 8) and run-time (12, 20) tiles, sparsities 50-95%.
+SHAPES = [
+    ("block", 1, 64, 32, dict(block=(16, 16), sparsity=0.5)),
+    ("block", 7, 64, 128, dict(block=(16, 16), sparsity=0.75)),
+    ("block", 33, 128, 64, dict(block=(32, 32), sparsity=0.5)),
+    ("block", 70, 64, 96, dict(block=(32, 8), sparsity=0.9)),
+    ("block", 5, 80, 48, dict(block=(12, 20), sparsity=0.75)),
+    ("block", 3, 320, 64, dict(block=(16, 16), sparsity=0.95)),
+    ("nm", 1, 80, 32, dict(nm=(1, 10))),
+    ("nm", 17, 160, 96, dict(nm=(1, 20))),
+    ("nm", 5, 64, 128, dict(nm=(2, 4))),
+    ("nm", 70, 48, 24, dict(nm=(3, 8))),
+    ("diag", 1, 64, 32, dict(sparsity=0.5)),
+    ("diag", 9, 32, 96, dict(sparsity=0.75)),
+    ("diag", 17, 80, 80, dict(sparsity=0.9)),
+    ("diag", 70, 48, 24, dict(sparsity=0.5)),
+    ("diag", 3, 200, 100, dict(sparsity=0.95)),
+]
+PERMS = ["none", "in", "out", "both"]
+
+
+def _shape_id(s):
+    structure, B, C, R, kw = s
+    return f"{structure}-B{B}-C{C}-R{R}-" + "-".join(f"{k}{v}" for k, v in kw.items()).replace(" ", "")
+
+
+def _cases(structures=("block", "nm", "diag")):
+    for s in SHAPES:
+        if s[0] not in structures:
+            continue
+        for perm in PERMS:
+            if s[0] == "nm" and perm in ("out", "both"):
+                continue  # N:M takes only an input permutation (folded into its indices)
+            yield pytest.param(s, perm, id=f"{_shape_id(s)}-perm_{perm}")
+
+
+# --- structure adapters: the op and the reference, called the same way ----------------------------------
+
+
+def fwd(case, x, values, bias, impl):
+    w = case.weight
+    if case.structure == "block":
+        return impl.block_mm(x, values, *w.meta(), bias, case.in_perm, case.out_perm)
+    if case.structure == "nm":
+        return impl.nm_mm(x, values, w.col_idx, w.n, w.m, bias)
+    return impl.diag_mm(x, values, w.offsets, case.R, bias, case.in_perm, case.out_perm)
+
+
+def dx(case, dy, values, impl):
+    w = case.weight
+    if case.structure == "block":
+        return impl.block_mm_t(dy, values, *w.meta(), case.in_perm, case.out_perm)
+    if case.structure == "nm":
+        return impl.nm_mm_t(dy, values, w.col_idx, w.n, w.m)
+    return impl.diag_mm_t(dy, values, w.offsets, case.C, case.in_perm, case.out_perm)
+
+
+def dw(case, dy, x, impl):
+    w = case.weight
+    if case.structure == "block":
+        br, bc = w.block_size
+        return impl.block_sddmm(dy, x, w.row_ptr, w.col_idx, br, bc, case.in_perm, case.out_perm)
+    if case.structure == "nm":
+        return impl.nm_sddmm(dy, x, w.col_idx, w.n, w.m)
+    return impl.diag_sddmm(dy, x, w.offsets, case.in_perm, case.out_perm)
+
+
+def _make(s, perm, dtype, device, bias=True, seed=0):
+    structure, B, C, R, kw = s
+    return make_case(structure, B, C, R, perm=perm, dtype=dtype, device=device, bias=bias, seed=seed, **kw)
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+# --- forward / dx / dW -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices_for("block_mm"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,perm", list(_cases()))
+def test_forward(shape, perm, dtype, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    case = _make(shape, perm, dtype, device)
+    out = fwd(case, case.x, case.weight.values, case.bias, ops)
+    ref64 = fwd(case, _f64(case.x), _f64(case.weight.values), _f64(case.bias), ref)
+    ref_lp = fwd(case, case.x, case.weight.values, case.bias, ref)
+    assert_close_to_reference(out, ref64, ref_lp, "forward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,perm", list(_cases()))
+def test_backward_ops(shape, perm, dtype):
+    case = _make(shape, perm, dtype, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(case.B, case.R, generator=gen, dtype=torch.float64).to(dtype)
+    values = case.weight.values
+    assert_close_to_reference(dx(case, dy, values, ops), dx(case, _f64(dy), _f64(values), ref),
+                              dx(case, dy, values, ref), "dx")
+    assert_close_to_reference(dw(case, dy, case.x, ops), dw(case, _f64(dy), _f64(case.x), ref),
+                              dw(case, dy, case.x, ref), "dW")
+
+
+@pytest.mark.parametrize("shape,perm", list(_cases()))
+def test_autograd_matches_dense_reference(shape, perm):
+    """Gradients through the registered autograd equal those of a dense masked layer (float64, CPU)."""
+    case = _make(shape, perm, torch.float64, "cpu")
+    x = case.x.clone().requires_grad_()
+    v = case.weight.values.clone().requires_grad_()
+    b = case.bias.clone().requires_grad_()
+    y = fwd(case, x, v, b, ops)
+    dy = torch.randn_like(y)
+    gx, gv, gb = torch.autograd.grad(y, (x, v, b), dy)
+
+    x2 = case.x.clone().requires_grad_()
+    v2 = case.weight.values.clone().requires_grad_()
+    b2 = case.bias.clone().requires_grad_()
+    y2 = fwd(case, x2, v2, b2, ref)  # dense product of the pattern's matrix, built from v2 by index_put
+    rx, rv, rb = torch.autograd.grad(y2, (x2, v2, b2), dy)
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gv, rv)
+    torch.testing.assert_close(gb, rb)
+
+
+@pytest.mark.parametrize("structure", ["block", "nm", "diag"])
+def test_autograd_without_optional_args(structure):
+    """No bias, no permutations: the dispatcher drops trailing defaults; gradients must still flow."""
+    case = make_case(structure, 5, 80, 40, block=(8, 8), nm=(1, 4), perm="none", bias=False, dtype=torch.float64)
+    w = case.weight
+    x = case.x.clone().requires_grad_()
+    v = w.values.clone().requires_grad_()
+    if structure == "block":
+        y = ops.block_mm(x, v, *w.meta())
+    elif structure == "nm":
+        y = ops.nm_mm(x, v, w.col_idx, w.n, w.m)
+    else:
+        y = ops.diag_mm(x, v, w.offsets, case.R)
+    gx, gv = torch.autograd.grad(y.square().sum(), (x, v))
+    x2 = case.x.clone().requires_grad_()
+    v2 = w.values.clone().requires_grad_()
+    y2 = fwd(case, x2, v2, None, ref)
+    rx, rv = torch.autograd.grad(y2.square().sum(), (x2, v2))
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gv, rv)
+
+
+def test_permuted_equals_explicit_gather():
+    """The fused permutation equals materialising x[:, perm] and calling the unpermuted kernel."""
+    case = make_case("block", 9, 64, 64, perm="in", bias=False)
+    w = case.weight
+    fused = ops.block_mm(case.x, w.values, *w.meta(), in_perm=case.in_perm)
+    explicit = ops.block_mm(case.x[:, case.in_perm], w.values, *w.meta())
+    torch.testing.assert_close(fused, explicit)
+    # and the permutation matters: a different answer without it
+    assert not torch.allclose(fused, ops.block_mm(case.x, w.values, *w.meta()))
+
+
+def test_nm_folded_permutation_equals_gather():
+    case = make_case("nm", 6, 80, 40, perm="in", bias=False, nm=(2, 10))
+    mask = case.extra["logical_mask"]
+    dense = F.nm_to_dense(case.weight.values, case.weight.col_idx, 80)  # effective S P
+    plain = F.nm_from_dense(dense[:, case.in_perm], mask, 2, 10)  # logical S, no permutation
+    y_folded = ops.nm_linear(case.x, case.weight)
+    y_gather = ops.nm_linear(case.x[:, case.in_perm], plain)
+    torch.testing.assert_close(y_folded, y_gather)
+
+
+@pytest.mark.parametrize("structure", ["block", "diag"])
+def test_dense_grad(structure):
+    case = make_case(structure, 11, 64, 32, perm="both")
+    dy = torch.randn(11, 32)
+    got = ops.dense_grad(dy, case.x, case.in_perm, case.out_perm)
+    torch.testing.assert_close(got, ref.dense_grad(dy, case.x, case.in_perm, case.out_perm))
+    # The sampled gradients are the dense gradient read on the pattern.
+    sampled = dw(case, dy, case.x, ops)
+    if structure == "diag":
+        rows, cols = F.diag_coords(case.weight.offsets, (32, 64))
+        torch.testing.assert_close(sampled, got[rows, cols])
+    else:
+        w = case.weight
+        mask = F.block_to_dense(torch.ones_like(w.values), w.row_ptr, w.col_idx, w.shape).bool()
+        torch.testing.assert_close(F.block_to_dense(sampled, w.row_ptr, w.col_idx, w.shape), got * mask)
+
+
+def test_batched_leading_dims():
+    case = make_case("diag", 12, 48, 24, perm="both")
+    x3 = case.x.reshape(3, 4, 48)
+    y3 = ops.diag_linear(x3, case.weight, case.bias, case.in_perm, case.out_perm)
+    assert y3.shape == (3, 4, 24)
+    torch.testing.assert_close(y3.reshape(12, 24), ops.diag_linear(case.x, case.weight, case.bias, case.in_perm,
+                                                                   case.out_perm))
+
+
+def test_empty_batch_and_empty_pattern():
+    case = make_case("block", 4, 32, 32, perm="both")
+    w = case.weight
+    y = ops.block_mm(case.x[:0], w.values, *w.meta(), case.bias, case.in_perm, case.out_perm)
+    assert y.shape == (0, 32)
+    empty = F.block_from_dense(torch.randn(32, 32), torch.zeros(2, 2, dtype=torch.bool), (16, 16))
+    y = ops.block_mm(case.x, empty.values, *empty.meta(), case.bias, case.in_perm, case.out_perm)
+    torch.testing.assert_close(y, case.bias.expand(4, 32))
+
+
+# --- gradcheck, opcheck, compile ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure,perm", [("block", "none"), ("block", "both"), ("nm", "none"), ("nm", "in"),
+                                            ("diag", "none"), ("diag", "both"), ("diag_wide", "both")])
+def test_gradcheck(structure, perm):
+    if structure == "diag_wide":
+        case = make_case("diag", 3, 24, 8, sparsity=0.5, perm=perm, dtype=torch.float64)
+    elif structure == "block":
+        case = make_case("block", 3, 16, 24, block=(8, 8), sparsity=0.5, perm=perm, dtype=torch.float64)
+    elif structure == "nm":
+        case = make_case("nm", 3, 16, 12, nm=(1, 4), perm=perm, dtype=torch.float64)
+    else:
+        case = make_case("diag", 3, 12, 20, sparsity=0.5, perm=perm, dtype=torch.float64)
+    x = case.x.clone().requires_grad_()
+    v = case.weight.values.clone().requires_grad_()
+    b = case.bias.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, v, b: fwd(case, x, v, b, ops), (x, v, b))
+
+
+def _opcheck_samples():
+    for s, perm in [(SHAPES[1], "both"), (SHAPES[4], "none"), (SHAPES[7], "in"), (SHAPES[11], "both"),
+                    (SHAPES[13], "in")]:
+        yield pytest.param(s, perm, id=f"{_shape_id(s)}-perm_{perm}")
+
+
+@pytest.mark.parametrize("shape,perm", list(_opcheck_samples()))
+def test_opcheck(shape, perm):
+    case = _make(shape, perm, torch.float32, "cpu")
+    w = case.weight
+    dy = torch.randn(case.B, case.R)
+    x = case.x.clone().requires_grad_()
+    v = w.values.clone().requires_grad_()
+    b = case.bias.clone().requires_grad_()
+    if case.structure == "block":
+        br, bc = w.block_size
+        meta = list(w.meta())
+        torch.library.opcheck(torch.ops.padst.block_mm.default, (x, v, *meta, b, case.in_perm, case.out_perm))
+        torch.library.opcheck(torch.ops.padst.block_mm.default, (case.x, w.values, *meta, None, None, None))
+        torch.library.opcheck(torch.ops.padst.block_mm_t.default, (dy, w.values, *meta, case.in_perm, case.out_perm))
+        torch.library.opcheck(torch.ops.padst.block_sddmm.default,
+                              (dy, case.x, w.row_ptr, w.col_idx, br, bc, case.in_perm, case.out_perm))
+    elif case.structure == "nm":
+        torch.library.opcheck(torch.ops.padst.nm_mm.default, (x, v, w.col_idx, w.n, w.m, b))
+        torch.library.opcheck(torch.ops.padst.nm_mm_t.default, (dy, w.values, w.col_idx, w.n, w.m))
+        torch.library.opcheck(torch.ops.padst.nm_sddmm.default, (dy, case.x, w.col_idx, w.n, w.m))
+    else:
+        torch.library.opcheck(torch.ops.padst.diag_mm.default,
+                              (x, v, w.offsets, case.R, b, case.in_perm, case.out_perm))
+        torch.library.opcheck(torch.ops.padst.diag_mm_t.default,
+                              (dy, w.values, w.offsets, case.C, case.in_perm, case.out_perm))
+        torch.library.opcheck(torch.ops.padst.diag_sddmm.default,
+                              (dy, case.x, w.offsets, case.in_perm, case.out_perm))
+    torch.library.opcheck(torch.ops.padst.dense_grad.default, (dy, case.x, case.in_perm, case.out_perm))
+
+
+def test_torch_compile_smoke():
+    """All three structures inside one compiled function, forward and backward, no graph breaks."""
+    torch._dynamo.reset()
+    cb = make_case("block", 8, 64, 32, perm="both")
+    cn = make_case("nm", 8, 32, 64, nm=(2, 8), perm="in", seed=1)
+    cd = make_case("diag", 8, 64, 64, perm="both", seed=2)
+
+    def model(x, vb, vn, vd):
+        h = ops.block_mm(x, vb, *cb.weight.meta(), cb.bias, cb.in_perm, cb.out_perm)
+        h = ops.nm_mm(torch.relu(h), vn, cn.weight.col_idx, 2, 8, cn.bias)
+        return ops.diag_mm(h, vd, cd.weight.offsets, 64, cd.bias, cd.in_perm, cd.out_perm).square().sum()
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    args = [cb.x, cb.weight.values, cn.weight.values, cd.weight.values]
+    a1 = [a.clone().requires_grad_() for a in args]
+    a2 = [a.clone().requires_grad_() for a in args]
+    out_c = compiled(*a1)
+    out_e = model(*a2)
+    torch.testing.assert_close(out_c, out_e)
+    for g1, g2 in zip(torch.autograd.grad(out_c, a1), torch.autograd.grad(out_e, a2)):
+        torch.testing.assert_close(g1, g2)
+
+
+def test_torch_compile_inductor():
+    torch._dynamo.reset()
+    case = make_case("block", 8, 64, 32, perm="both")
+    w = case.weight
+
+    def f(x):
+        return torch.relu(ops.block_mm(x, w.values, *w.meta(), case.bias, case.in_perm, case.out_perm)) * 2
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(case.x), f(case.x))
