@@ -29,7 +29,7 @@ setup() {
   fi
   echo "[run.sh] building padst_ext (incremental)"
   # the venv's cmake/ninja first on PATH; --no-build-isolation builds against the torch installed above
-  PATH="${ROOT}/${VENV}/bin:${PATH}" "${PY}" -m pip install -q --no-build-isolation -e .
+  PATH="${ROOT}/${VENV}/bin:${PATH}" "${PY}" -m pip install --no-build-isolation -e .
 }
 
 cmd=${1:-}
