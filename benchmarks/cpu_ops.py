@@ -7,7 +7,7 @@ For each ViT-B MLP shape (x 1024x768 -> 3072 and 1024x3072 -> 768), each structu
              unfused alternative: materialise x[:, perm] then call the unpermuted kernel
 and prints ratios (dense time / time, so > 1 is faster than dense). Writes JSON to benchmarks/results/.
 
-    python benchmarks/cpu_ops.py [--threads 2] [--batch 1024] [--reps 7] [--quick]
+    python benchmarks/cpu_ops.py [--threads 2] [--batch 1024] [--reps 9] [--quick]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,14 +35,22 @@ HERE = Path(__file__).resolve().parent
 
 def bench(fn, reps: int, warmup: int = 2) -> float:
     """Median wall time in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return bench_group({"t": fn}, reps, warmup)["t"]
+
+
+def bench_group(fns: dict, reps: int, warmup: int = 2) -> dict:
+    """Median wall time (ms) of each callable, measured round-robin so that drift (clock, cache, other load)
+    hits all of them alike; the ratios between them are what the table reports."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def make_weight(structure, R, C, sparsity, gen, perm):
@@ -75,9 +84,10 @@ def call(structure, w, x, in_perm, out_perm):
     return ops.diag_mm(x, w.values, w.offsets, w.shape[0], None, in_perm, out_perm)
 
 
-def run_case(structure, B, C, R, sparsity, reps, dense_times):
+def run_case(structure, B, C, R, sparsity, reps):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(B, C, generator=gen)
+    Wd = torch.randn(R, C, generator=gen)
     in_perm = torch.randperm(C, generator=gen)
     ident = None
     w_perm, mask = make_weight(structure, R, C, sparsity, gen, in_perm)
@@ -85,30 +95,31 @@ def run_case(structure, B, C, R, sparsity, reps, dense_times):
     w_id = F.nm_from_dense(w_perm.to_dense()[:, in_perm], mask, w_perm.n, w_perm.m) if structure == "nm" else w_perm
     density = w_perm.values.numel() / (R * C)
     row = dict(structure=structure, B=B, C=C, R=R, sparsity=sparsity, density=round(density, 4))
-    row.update(dense_times)
-    row["padst_fwd_perm_ms"] = bench(lambda: call(structure, w_perm, x, in_perm, None), reps)
-    row["padst_fwd_ident_ms"] = bench(lambda: call(structure, w_id, x, ident, None), reps)
-    if structure != "nm":
-        row["padst_fwd_gather_then_ident_ms"] = bench(lambda: call(structure, w_id, x[:, in_perm], ident, None), reps)
-
-    xr = x.clone().requires_grad_()
-    vr = w_perm.values.clone().requires_grad_()
-    dy = torch.randn(B, R, generator=gen)
-    wv = w_perm._replace(values=vr)
-
-    def fwd_bwd():
-        y = call(structure, wv, xr, in_perm, None)
-        torch.autograd.grad(y, (xr, vr), dy)
-
-    row["padst_fwdbwd_perm_ms"] = bench(fwd_bwd, max(3, reps // 2))
 
     W = w_perm.to_dense()
     csr = W.to_sparse_csr()
-    row["torch_csr_fwd_ms"] = bench(lambda: (csr @ x.T).T, reps)
+    fwd = {"dense_fwd_ms": lambda: Fn.linear(x, Wd),
+           "padst_fwd_perm_ms": lambda: call(structure, w_perm, x, in_perm, None),
+           "padst_fwd_ident_ms": lambda: call(structure, w_id, x, ident, None),
+           "torch_csr_fwd_ms": lambda: (csr @ x.T).T}
+    if structure != "nm":
+        fwd["padst_fwd_gather_then_ident_ms"] = lambda: call(structure, w_id, x[:, in_perm], ident, None)
     if structure.startswith("block"):
         bs = int(structure[5:])
         bsr = W.to_sparse_bsr((bs, bs))
-        row["torch_bsr_fwd_ms"] = bench(lambda: (bsr @ x.T).T, reps)
+        fwd["torch_bsr_fwd_ms"] = lambda: (bsr @ x.T).T
+    row.update(bench_group(fwd, reps))
+
+    xr = x.clone().requires_grad_()
+    vr = w_perm.values.clone().requires_grad_()
+    Wr = Wd.clone().requires_grad_()
+    dy = torch.randn(B, R, generator=gen)
+    wv = w_perm._replace(values=vr)
+    row.update(bench_group({
+        "dense_fwdbwd_ms": lambda: torch.autograd.grad(Fn.linear(xr, Wr), (xr, Wr), dy),
+        "padst_fwdbwd_perm_ms": lambda: torch.autograd.grad(call(structure, wv, xr, in_perm, None), (xr, vr), dy),
+    }, max(3, reps // 2)))
+
     # correctness guard for the figures: the timed kernel computes the right thing
     ref = (x[:, in_perm] @ w_perm.to_dense().T) if structure != "nm" else x @ W.T
     got = call(structure, w_perm, x, in_perm, None)
@@ -120,10 +131,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=9)
     p.add_argument("--quick", action="store_true", help="one shape, one sparsity, few reps (smoke test)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "cpu_ops.json")
     args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
     torch.set_num_threads(args.threads)
     shapes = [(768, 3072), (3072, 768)]  # (C, R): fc1, fc2 of ViT-B
     sparsities = [0.9, 0.95]
@@ -134,19 +146,9 @@ def main(argv=None):
 
     rows = []
     for C, R in shapes:
-        gen = torch.Generator().manual_seed(1)
-        x = torch.randn(B, C, generator=gen)
-        W = torch.randn(R, C, generator=gen)
-        xg = x.clone().requires_grad_()
-        Wg = W.clone().requires_grad_()
-        dy = torch.randn(B, R, generator=gen)
-        dense = dict(dense_fwd_ms=bench(lambda: Fn.linear(x, W), reps),
-                     dense_fwdbwd_ms=bench(lambda: torch.autograd.grad(Fn.linear(xg, Wg), (xg, Wg), dy),
-                                           max(3, reps // 2)))
         for s in sparsities:
             for st in structures:
-                row = run_case(st, B, C, R, s, reps, dense)
-                rows.append(row)
+                rows.append(run_case(st, B, C, R, s, reps))
                 print(".", end="", flush=True, file=sys.stderr)
     print(file=sys.stderr)
 
@@ -157,7 +159,7 @@ def main(argv=None):
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        d = r["dense_fwd_ms"]
+        d = r["dense_fwd_ms"]  # measured round-robin with this row's kernels
         g = r.get("padst_fwd_gather_then_ident_ms")
         bsr = r.get("torch_bsr_fwd_ms")
         print(f"{r['structure']:<8} {r['B']}x{r['C']}->{r['R']:<8} {r['density']:>6.3f} {d:>9.2f} "

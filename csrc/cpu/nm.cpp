@@ -42,8 +42,8 @@ void nm_fwd_kernel(const T* x, int64_t B, int64_t C, const T* v, const I* idx, i
       const int64_t b0 = bt * TB, tb = std::min(TB, B - b0);
       if (packed != bt) {
         for (int64_t t = 0; t < TB; ++t) {
-          const T* xr = x + (b0 + t) * C;
           if (t < tb) {
+            const T* xr = x + (b0 + t) * C;
             for (int64_t c = 0; c < C; ++c) xT[c * TB + t] = static_cast<A>(xr[c]);
           } else {
             for (int64_t c = 0; c < C; ++c) xT[c * TB + t] = A(0);
@@ -81,8 +81,12 @@ void nm_dx_kernel(const T* dy, int64_t B, const T* v, const I* idx, int64_t R, i
       const int64_t b0 = bt * TB, tb = std::min(TB, B - b0);
       std::fill(dxT.begin(), dxT.end(), A(0));
       for (int64_t t = 0; t < TB; ++t) {
-        const T* dyr = dy + (b0 + t) * R;
-        for (int64_t r = 0; r < R; ++r) dyT[r * TB + t] = t < tb ? static_cast<A>(dyr[r]) : A(0);
+        if (t < tb) {
+          const T* dyr = dy + (b0 + t) * R;
+          for (int64_t r = 0; r < R; ++r) dyT[r * TB + t] = static_cast<A>(dyr[r]);
+        } else {
+          for (int64_t r = 0; r < R; ++r) dyT[r * TB + t] = A(0);
+        }
       }
       for (int64_t r = 0; r < R; ++r) {
         const T* vr = v + r * K;
@@ -119,10 +123,15 @@ void nm_sddmm_kernel(const T* dy, const T* x, int64_t B, const I* idx, int64_t R
       for (int64_t b0 = 0; b0 < B; b0 += SB) {
         const int64_t tb = std::min(SB, B - b0);
         for (int64_t t = 0; t < SB; ++t) {
-          const T* xr = x + (b0 + t) * C;
-          const T* dyr = dy + (b0 + t) * R;
-          for (int64_t c = 0; c < C; ++c) xT[c * SB + t] = t < tb ? static_cast<A>(xr[c]) : A(0);
-          for (int64_t r = r0; r < r1; ++r) dyT[(r - r0) * SB + t] = t < tb ? static_cast<A>(dyr[r]) : A(0);
+          if (t < tb) {
+            const T* xr = x + (b0 + t) * C;
+            const T* dyr = dy + (b0 + t) * R;
+            for (int64_t c = 0; c < C; ++c) xT[c * SB + t] = static_cast<A>(xr[c]);
+            for (int64_t r = r0; r < r1; ++r) dyT[(r - r0) * SB + t] = static_cast<A>(dyr[r]);
+          } else {
+            for (int64_t c = 0; c < C; ++c) xT[c * SB + t] = A(0);
+            for (int64_t r = r0; r < r1; ++r) dyT[(r - r0) * SB + t] = A(0);
+          }
         }
         for (int64_t r = r0; r < r1; ++r) {
           const A* d = dyT.data() + (r - r0) * SB;

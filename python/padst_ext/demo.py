@@ -98,6 +98,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # the dense layers' initialisation
     xtr, ytr, xte, yte = load_digits(args.seed)
     print(f"digits: {len(ytr)} train / {len(yte)} test, 64 features, 10 classes")
 

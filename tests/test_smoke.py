@@ -1,0 +1,33 @@
+"""Smoke tests of the demo and the benchmark script (their full runs are not part of the suite)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("structure", ["block", "nm", "diag"])
+def test_demo_learns(structure):
+    pytest.importorskip("sklearn")
+    from padst_ext import demo
+
+    acc_sparse, acc_dense = demo.main(["--structure", structure, "--epochs", "3", "--hidden", "128"])
+    assert acc_sparse > 0.8 and acc_dense > 0.8  # 10 classes: chance is 0.1
+
+
+def test_cpu_benchmark_quick(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import cpu_ops
+
+    out = tmp_path / "cpu_ops.json"
+    cpu_ops.main(["--quick", "--threads", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert {r["structure"] for r in data["rows"]} == {"block32", "block16", "nm", "diag"}
+    for r in data["rows"]:
+        assert r["max_abs_err"] < 1e-3, r
+        assert r["padst_fwd_perm_ms"] > 0 and r["dense_fwd_ms"] > 0
