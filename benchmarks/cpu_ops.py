@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -26,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as Fn
 
-import padst_ext
 from padst_ext import formats as F
 from padst_ext import ops
 

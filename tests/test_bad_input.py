@@ -3,7 +3,6 @@ never a silent wrong answer. The hypothesis fuzz tests feed random malformed met
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch

@@ -4,17 +4,15 @@ opcheck and torch.compile."""
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
 
-import padst_ext
 from padst_ext import formats as F
 from padst_ext import ops
 from padst_ext import reference as ref
 
-from cases import DTYPES, assert_close_to_reference, devices_for, make_case
+from cases import DEVICES, DTYPES, assert_close_to_reference, has_cuda_kernel, make_case
 
 # (structure, B, C, R, kwargs): non-square both ways, batch 1, batches beyond the kernels' tiles,
 # block widths with compile-time (16, 32, 8) and run-time (12, 20) tiles, sparsities 50-95%.
@@ -96,12 +94,15 @@ def _f64(t):
 # --- forward / dx / dW -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", devices_for("block_mm"))
+FORWARD_OP = {"block": "block_mm", "nm": "nm_mm", "diag": "diag_mm"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,perm", list(_cases()))
 def test_forward(shape, perm, dtype, device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    if device == "cuda" and not has_cuda_kernel(FORWARD_OP[shape[0]]):
+        pytest.skip(f"padst::{FORWARD_OP[shape[0]]} has no CUDA kernel in this build")
     case = _make(shape, perm, dtype, device)
     out = fwd(case, case.x, case.weight.values, case.bias, ops)
     ref64 = fwd(case, _f64(case.x), _f64(case.weight.values), _f64(case.bias), ref)

@@ -3,7 +3,7 @@ indexing. Slow and obviously correct; the tests compare every kernel with these.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
