@@ -189,9 +189,14 @@ at::Tensor check_diag_offsets(const char* op, const at::Tensor& offsets, int64_t
   auto oc = as_cpu_long(offsets);
   const int64_t* o = oc.data_ptr<int64_t>();
   const int64_t hi = std::max(R, C);
+  // A repeated offset would store one diagonal twice: a different matrix than the pattern describes.
+  std::vector<int64_t> first(hi, -1);
   for (int64_t k = 0; k < oc.size(0); ++k) {
     TORCH_CHECK_VALUE(o[k] >= 0 && o[k] < hi, op, ": offsets[", k, "] = ", o[k], " is outside [0, max(R, C)) = [0, ",
                       hi, ")");
+    TORCH_CHECK_VALUE(first[o[k]] < 0, op, ": offsets must be distinct, but offset ", o[k], " appears at positions ",
+                      first[o[k]], " and ", k);
+    first[o[k]] = k;
   }
   return oc;
 }

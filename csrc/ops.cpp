@@ -18,6 +18,8 @@ TORCH_LIBRARY(padst, m) {
   m.def(
       "block_mm_t(Tensor dy, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor col_ptr, Tensor row_idx_t, "
       "Tensor blk_t, Tensor? in_perm=None, Tensor? out_perm=None) -> Tensor");
+  // CSC metadata (col_ptr, row_idx_t, blk_t) of a CSR block pattern, rebuilt only when the pattern changes.
+  m.def("block_transpose_meta(Tensor row_ptr, Tensor col_idx, int num_block_cols) -> (Tensor, Tensor, Tensor)");
   m.def(
       "block_sddmm(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, int block_rows, int block_cols, "
       "Tensor? in_perm=None, Tensor? out_perm=None) -> Tensor");

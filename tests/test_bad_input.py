@@ -133,6 +133,12 @@ CASES = [
      r"dy has 48 columns but the weight has 32 rows"),
     ("block_t stale transpose", lambda: _block_t_call(B, row_idx_t=w.row_idx_t.flip(0)), ValueError,
      r"transpose metadata"),
+    ("transpose meta unsorted", lambda: ops.block_transpose_meta(w.row_ptr, unsorted, 4), ValueError,
+     r"padst::block_transpose_meta: col_idx must be strictly increasing"),
+    ("transpose meta range", lambda: ops.block_transpose_meta(w.row_ptr, w.col_idx, 2), ValueError,
+     r"out of range for 2 block columns"),
+    ("transpose meta row_ptr", lambda: ops.block_transpose_meta(bad_rowptr, w.col_idx, 4), ValueError,
+     r"row_ptr must be non-decreasing"),
     ("block_sddmm block size does not divide", lambda: _block_dw_call(B, block_rows=24), ValueError,
      r"block rows 24 do not divide out_features 32"),
     ("block_sddmm batch mismatch", lambda: _block_dw_call(B, x=torch.randn(5, 64)), ValueError,
@@ -157,6 +163,8 @@ CASES = [
     # diagonal
     ("diag offset out of range", lambda: _diag_call(D, offsets=D.weight.offsets + 40), ValueError,
      r"offsets\[0\] = \d+ is outside \[0, max\(R, C\)\) = \[0, 40\)"),
+    ("diag duplicate offsets", lambda: _diag_call(D, offsets=D.weight.offsets[[0, 0]], values=D.weight.values[:2]),
+     ValueError, r"offsets must be distinct, but offset \d+ appears at positions 0 and 1"),
     ("diag negative offset", lambda: _diag_call(D, offsets=D.weight.offsets - 100), ValueError, r"is outside"),
     ("diag values width", lambda: _diag_call(D, values=D.weight.values[:, 1:]), ValueError,
      r"min\(R, C\) = 24 entries"),
@@ -201,14 +209,30 @@ def test_format_conversions_reject_bad_input():
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _outcome(call, reference):
-    """Either a clear exception, or the same answer as the reference. A crash would kill the test process."""
+def _outcome(call, reference, valid=None):
+    """Either a clear exception, or the same answer as the reference. A crash would kill the test process.
+    When the metadata is known to be valid, the op must accept it (no over-rejection)."""
     try:
         out = call()
     except CLEAR:
+        assert not valid, "the op rejected valid metadata"
         return "rejected"
+    assert valid is not False, "the op accepted invalid metadata"
     torch.testing.assert_close(out, reference())
     return "accepted"
+
+
+def _valid_block(row_ptr, col_idx, nnzb, nbc):
+    rp, ci = row_ptr.tolist(), col_idx.tolist()
+    if rp[0] != 0 or rp[-1] != nnzb or len(ci) != nnzb or any(a > b for a, b in zip(rp, rp[1:])):
+        return False
+    if any(not 0 <= c < nbc for c in ci):
+        return False
+    return all(all(a < b for a, b in zip(ci[lo:hi], ci[lo + 1:hi])) for lo, hi in zip(rp, rp[1:]))
+
+
+def _valid_perm(perm, n):
+    return perm is None or sorted(perm.tolist()) == list(range(n))
 
 
 @FUZZ
@@ -221,6 +245,7 @@ def test_fuzz_block_metadata(data):
     nnzb = max(0, int(row_ptr[-1])) if data.draw(st.booleans()) else data.draw(st.integers(0, 8))
     col_idx = torch.tensor(data.draw(st.lists(ints, min_size=nnzb, max_size=nnzb)), dtype=torch.long)
     values = torch.randn(nnzb, br, bc, dtype=torch.float64)
+    consistent = None  # drawn transpose metadata: validity not known in advance
     if data.draw(st.booleans()):
         col_ptr = torch.tensor(data.draw(st.lists(ints, min_size=nbc + 1, max_size=nbc + 1)))
         row_idx_t = torch.tensor(data.draw(st.lists(ints, min_size=nnzb, max_size=nnzb)), dtype=torch.long)
@@ -230,6 +255,7 @@ def test_fuzz_block_metadata(data):
             col_ptr, row_idx_t, blk_t = F.block_transpose_meta(row_ptr.clamp(0, nnzb), col_idx.clamp(0, nbc - 1), nbc)
         except ValueError:
             return
+        consistent = True
     perm_kind = data.draw(st.sampled_from(["none", "ok", "bad"]))
     in_perm = None
     if perm_kind == "ok":
@@ -238,13 +264,15 @@ def test_fuzz_block_metadata(data):
         in_perm = torch.tensor(data.draw(st.lists(st.integers(-2, C + 1), min_size=C, max_size=C)))
     x = torch.randn(5, C, dtype=torch.float64)
     meta = (row_ptr, col_idx, col_ptr, row_idx_t, blk_t)
+    csr_ok = _valid_block(row_ptr, col_idx, nnzb, nbc) and _valid_perm(in_perm, C)
+    valid = csr_ok if consistent else (None if csr_ok else False)
     _outcome(lambda: ops.block_mm(x, values, *meta, in_perm=in_perm),
-             lambda: ref.block_mm(x, values, *meta, in_perm=in_perm))
+             lambda: ref.block_mm(x, values, *meta, in_perm=in_perm), valid)
     dy = torch.randn(5, R, dtype=torch.float64)
     _outcome(lambda: ops.block_mm_t(dy, values, *meta, in_perm=in_perm),
-             lambda: ref.block_mm_t(dy, values, *meta, in_perm=in_perm))
+             lambda: ref.block_mm_t(dy, values, *meta, in_perm=in_perm), valid)
     _outcome(lambda: ops.block_sddmm(dy, x, row_ptr, col_idx, br, bc, in_perm=in_perm),
-             lambda: ref.block_sddmm(dy, x, row_ptr, col_idx, br, bc, in_perm=in_perm))
+             lambda: ref.block_sddmm(dy, x, row_ptr, col_idx, br, bc, in_perm=in_perm), csr_ok)
 
 
 @FUZZ
@@ -260,9 +288,14 @@ def test_fuzz_nm_metadata(data):
     values = torch.randn(R, K, dtype=torch.float64)
     x = torch.randn(3, C, dtype=torch.float64)
     dy = torch.randn(3, R, dtype=torch.float64)
-    _outcome(lambda: ops.nm_mm(x, values, col_idx, n, m), lambda: ref.nm_mm(x, values, col_idx, n, m))
-    _outcome(lambda: ops.nm_mm_t(dy, values, col_idx, n, m), lambda: ref.nm_mm_t(dy, values, col_idx, n, m))
-    _outcome(lambda: ops.nm_sddmm(dy, x, col_idx, n, m), lambda: ref.nm_sddmm(dy, x, col_idx, n, m))
+    valid = (1 <= n < m and C % m == 0 and K == C // m * n
+             and bool(((col_idx >= 0) & (col_idx < C)).all()))
+    _outcome(lambda: ops.nm_mm(x, values, col_idx, n, m), lambda: ref.nm_mm(x, values, col_idx, n, m), valid)
+    # nm_mm_t has no in_features argument: its contract is C = K * m / n
+    C_t = K // n * m if n >= 1 and K % n == 0 else -1
+    valid_t = 1 <= n < m and C_t >= 0 and bool(((col_idx >= 0) & (col_idx < C_t)).all())
+    _outcome(lambda: ops.nm_mm_t(dy, values, col_idx, n, m), lambda: ref.nm_mm_t(dy, values, col_idx, n, m), valid_t)
+    _outcome(lambda: ops.nm_sddmm(dy, x, col_idx, n, m), lambda: ref.nm_sddmm(dy, x, col_idx, n, m), valid)
 
 
 @FUZZ
@@ -283,9 +316,12 @@ def test_fuzz_diag_metadata(data):
         out_perm = torch.tensor(data.draw(st.lists(st.integers(-1, R), min_size=R, max_size=R)))
     x = torch.randn(4, C, dtype=torch.float64)
     dy = torch.randn(4, R, dtype=torch.float64)
+    offsets_ok = (bool(((offsets >= 0) & (offsets < max(R, C))).all())
+                  and offsets.unique().numel() == offsets.numel() and _valid_perm(out_perm, R))
+    valid = offsets_ok and L == min(R, C)
     _outcome(lambda: ops.diag_mm(x, values, offsets, R, out_perm=out_perm),
-             lambda: ref.diag_mm(x, values, offsets, R, out_perm=out_perm))
+             lambda: ref.diag_mm(x, values, offsets, R, out_perm=out_perm), valid)
     _outcome(lambda: ops.diag_mm_t(dy, values, offsets, C, out_perm=out_perm),
-             lambda: ref.diag_mm_t(dy, values, offsets, C, out_perm=out_perm))
+             lambda: ref.diag_mm_t(dy, values, offsets, C, out_perm=out_perm), valid)
     _outcome(lambda: ops.diag_sddmm(dy, x, offsets, out_perm=out_perm),
-             lambda: ref.diag_sddmm(dy, x, offsets, out_perm=out_perm))
+             lambda: ref.diag_sddmm(dy, x, offsets, out_perm=out_perm), offsets_ok)

@@ -8,7 +8,7 @@ import torch
 import padst_ext
 from padst_ext import _extension
 
-OPS = ["block_mm", "block_mm_t", "block_sddmm", "nm_mm", "nm_mm_t", "nm_sddmm", "diag_mm", "diag_mm_t",
+OPS = ["block_mm", "block_mm_t", "block_sddmm", "block_transpose_meta", "nm_mm", "nm_mm_t", "nm_sddmm", "diag_mm", "diag_mm_t",
        "diag_sddmm", "dense_grad"]
 # The CUDA kernels this build provides so far (the full CUDA set is a separate issue).
 CUDA_OPS = ["nm_mm", "dense_grad"]

@@ -4,6 +4,7 @@ opcheck and torch.compile."""
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -167,6 +168,17 @@ def test_autograd_without_optional_args(structure):
     torch.testing.assert_close(gv, rv)
 
 
+@pytest.mark.parametrize("nbr,nbc,density", [(1, 1, 1.0), (4, 6, 0.5), (16, 3, 0.3), (5, 40, 0.1), (3, 4, 0.0)])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_block_transpose_meta(nbr, nbc, density, index_dtype):
+    g = torch.Generator().manual_seed(nbr * 100 + nbc)
+    mask = torch.rand(nbr, nbc, generator=g) < density
+    w = F.block_from_dense(torch.randn(nbr * 2, nbc * 2), mask, (2, 2))
+    got = ops.block_transpose_meta(w.row_ptr.to(index_dtype), w.col_idx.to(index_dtype), nbc)
+    for a, b in zip(got, ref.block_transpose_meta(w.row_ptr, w.col_idx, nbc)):
+        assert a.dtype == torch.int64 and torch.equal(a, b)
+
+
 def test_permuted_equals_explicit_gather():
     """The fused permutation equals materialising x[:, perm] and calling the unpermuted kernel."""
     case = make_case("block", 9, 64, 64, perm="in", bias=False)
@@ -244,6 +256,90 @@ def test_gradcheck(structure, perm):
     assert torch.autograd.gradcheck(lambda x, v, b: fwd(case, x, v, b, ops), (x, v, b))
 
 
+@pytest.mark.parametrize("structure,perm", [("block", "both"), ("nm", "in"), ("diag", "both"), ("diag_wide", "in")])
+def test_gradgradcheck(structure, perm):
+    """The backward ops have autograd too: second derivatives are exact, not silently zero."""
+    if structure == "diag_wide":
+        case = make_case("diag", 3, 24, 8, sparsity=0.5, perm=perm, dtype=torch.float64)
+    elif structure == "block":
+        case = make_case("block", 3, 16, 24, block=(8, 8), sparsity=0.5, perm=perm, dtype=torch.float64)
+    elif structure == "nm":
+        case = make_case("nm", 3, 16, 12, nm=(1, 4), perm=perm, dtype=torch.float64)
+    else:
+        case = make_case("diag", 3, 12, 20, sparsity=0.5, perm=perm, dtype=torch.float64)
+    x = case.x.clone().requires_grad_()
+    v = case.weight.values.clone().requires_grad_()
+    b = case.bias.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, v, b: fwd(case, x, v, b, ops), (x, v, b))
+    # and the dense grow-score helper
+    dy = torch.randn(3, case.R, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda dy, x: ops.dense_grad(dy, x, case.in_perm, case.out_perm), (dy, x))
+
+
+@pytest.mark.parametrize("structure", ["block", "nm", "diag"])
+@pytest.mark.parametrize("which", ["x", "values", "bias"])
+def test_partial_requires_grad(structure, which):
+    case = make_case(structure, 6, 32, 48, block=(16, 16), nm=(1, 4), perm="both", dtype=torch.float64)
+    args = {"x": case.x.clone(), "values": case.weight.values.clone(), "bias": case.bias.clone()}
+    args[which].requires_grad_()
+    y = fwd(case, args["x"], args["values"], args["bias"], ops)
+    (g,) = torch.autograd.grad(y.square().sum(), args[which])
+    ref_args = {k: v.detach().clone().requires_grad_(k == which) for k, v in args.items()}
+    y2 = fwd(case, ref_args["x"], ref_args["values"], ref_args["bias"], ref)
+    (g2,) = torch.autograd.grad(y2.square().sum(), ref_args[which])
+    torch.testing.assert_close(g, g2)
+
+
+@pytest.mark.parametrize("structure", ["block", "nm", "diag"])
+def test_empty_batch(structure):
+    case = make_case(structure, 4, 32, 48, block=(16, 16), nm=(1, 4), perm="both")
+    x = case.x[:0].clone().requires_grad_()
+    v = case.weight.values.clone().requires_grad_()
+    y = fwd(case, x, v, case.bias, ops)
+    assert y.shape == (0, 48)
+    gx, gv = torch.autograd.grad(y.sum(), (x, v))
+    assert gx.shape == (0, 32) and torch.equal(gv, torch.zeros_like(gv))
+
+
+def test_zero_output_features():
+    x = torch.randn(5, 32)
+    empty_block = F.block_from_dense(torch.randn(0, 32), torch.zeros(0, 2, dtype=torch.bool), (16, 16))
+    assert ops.block_linear(x, empty_block).shape == (5, 0)
+    nm = F.nm_from_dense(torch.randn(0, 32), torch.zeros(0, 32, dtype=torch.bool), 1, 4)
+    assert ops.nm_linear(x, nm).shape == (5, 0)
+    assert ops.nm_mm_t(torch.randn(5, 0), nm.values, nm.col_idx, 1, 4).abs().sum() == 0
+
+
+@pytest.mark.parametrize("structure", ["block", "nm", "diag"])
+def test_non_contiguous_inputs_and_int32_indices(structure):
+    case = make_case(structure, 7, 32, 48, block=(16, 16), nm=(1, 4), perm="both", dtype=torch.float64)
+    xt = case.x.T.contiguous().T  # same values, transposed strides
+    assert not xt.is_contiguous()
+    c32 = copy.copy(case)
+    c32.in_perm = None if case.in_perm is None else case.in_perm.int()
+    c32.out_perm = None if case.out_perm is None else case.out_perm.int()
+    w = case.weight
+    c32.weight = type(w)(*(f.int() if isinstance(f, torch.Tensor) and not f.is_floating_point() else f for f in w))
+    torch.testing.assert_close(fwd(c32, xt, w.values, case.bias, ops), fwd(case, case.x, w.values, case.bias, ref))
+    dy = torch.randn(48, 7, dtype=torch.float64).T
+    torch.testing.assert_close(dx(c32, dy, w.values, ops), dx(case, dy, w.values, ref))
+    torch.testing.assert_close(dw(c32, dy, xt, ops), dw(case, dy, case.x, ref))
+
+
+def test_diagonal_layout_by_hand():
+    """design.md: entry t of diagonal k sits at ((t + o_k) mod R, t) if R >= C, else (t, (t + o_k) mod C)."""
+    tall = F.diag_to_dense(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([2]), (5, 3))
+    expect_tall = torch.zeros(5, 3)
+    expect_tall[2, 0], expect_tall[3, 1], expect_tall[4, 2] = 1.0, 2.0, 3.0
+    assert torch.equal(tall, expect_tall)
+    wide = F.diag_to_dense(torch.tensor([[1.0, 2.0]]), torch.tensor([3]), (2, 4))
+    expect_wide = torch.zeros(2, 4)
+    expect_wide[0, 3], expect_wide[1, 0] = 1.0, 2.0  # (0, 3) and (1, (1+3) mod 4 = 0): the wrap
+    assert torch.equal(wide, expect_wide)
+    x = torch.arange(12.0).reshape(3, 4)
+    torch.testing.assert_close(ops.diag_mm(x, torch.tensor([[1.0, 2.0]]), torch.tensor([3]), 2), x @ expect_wide.T)
+
+
 def _opcheck_samples():
     for s, perm in [(SHAPES[1], "both"), (SHAPES[4], "none"), (SHAPES[7], "in"), (SHAPES[11], "both"),
                     (SHAPES[13], "in")]:
@@ -254,7 +350,7 @@ def _opcheck_samples():
 def test_opcheck(shape, perm):
     case = _make(shape, perm, torch.float32, "cpu")
     w = case.weight
-    dy = torch.randn(case.B, case.R)
+    dy = torch.randn(case.B, case.R, requires_grad=True)  # the backward ops are differentiable too
     x = case.x.clone().requires_grad_()
     v = w.values.clone().requires_grad_()
     b = case.bias.clone().requires_grad_()
@@ -263,21 +359,22 @@ def test_opcheck(shape, perm):
         meta = list(w.meta())
         torch.library.opcheck(torch.ops.padst.block_mm.default, (x, v, *meta, b, case.in_perm, case.out_perm))
         torch.library.opcheck(torch.ops.padst.block_mm.default, (case.x, w.values, *meta, None, None, None))
-        torch.library.opcheck(torch.ops.padst.block_mm_t.default, (dy, w.values, *meta, case.in_perm, case.out_perm))
+        torch.library.opcheck(torch.ops.padst.block_mm_t.default, (dy, v, *meta, case.in_perm, case.out_perm))
+        torch.library.opcheck(torch.ops.padst.block_transpose_meta.default, (w.row_ptr, w.col_idx, case.C // bc))
         torch.library.opcheck(torch.ops.padst.block_sddmm.default,
-                              (dy, case.x, w.row_ptr, w.col_idx, br, bc, case.in_perm, case.out_perm))
+                              (dy, x, w.row_ptr, w.col_idx, br, bc, case.in_perm, case.out_perm))
     elif case.structure == "nm":
         torch.library.opcheck(torch.ops.padst.nm_mm.default, (x, v, w.col_idx, w.n, w.m, b))
-        torch.library.opcheck(torch.ops.padst.nm_mm_t.default, (dy, w.values, w.col_idx, w.n, w.m))
-        torch.library.opcheck(torch.ops.padst.nm_sddmm.default, (dy, case.x, w.col_idx, w.n, w.m))
+        torch.library.opcheck(torch.ops.padst.nm_mm_t.default, (dy, v, w.col_idx, w.n, w.m))
+        torch.library.opcheck(torch.ops.padst.nm_sddmm.default, (dy, x, w.col_idx, w.n, w.m))
     else:
         torch.library.opcheck(torch.ops.padst.diag_mm.default,
                               (x, v, w.offsets, case.R, b, case.in_perm, case.out_perm))
         torch.library.opcheck(torch.ops.padst.diag_mm_t.default,
-                              (dy, w.values, w.offsets, case.C, case.in_perm, case.out_perm))
+                              (dy, v, w.offsets, case.C, case.in_perm, case.out_perm))
         torch.library.opcheck(torch.ops.padst.diag_sddmm.default,
-                              (dy, case.x, w.offsets, case.in_perm, case.out_perm))
-    torch.library.opcheck(torch.ops.padst.dense_grad.default, (dy, case.x, case.in_perm, case.out_perm))
+                              (dy, x, w.offsets, case.in_perm, case.out_perm))
+    torch.library.opcheck(torch.ops.padst.dense_grad.default, (dy, x, case.in_perm, case.out_perm))
 
 
 def test_torch_compile_smoke():

@@ -258,9 +258,41 @@ at::Tensor block_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::
   return dv;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_transpose_meta_cpu(const at::Tensor& row_ptr,
+                                                                         const at::Tensor& col_idx,
+                                                                         int64_t num_block_cols) {
+  const char* op = "padst::block_transpose_meta";
+  check_index_tensor(op, "row_ptr", row_ptr, 1);
+  check_cpu(op, "row_ptr", row_ptr);
+  TORCH_CHECK_VALUE(row_ptr.size(0) >= 1, op, ": row_ptr must have at least one entry");
+  TORCH_CHECK_VALUE(num_block_cols >= 0, op, ": num_block_cols must be non-negative, got ", num_block_cols);
+  // 1x1 "blocks": validates row_ptr and col_idx (range, sorted) exactly as the matmul ops do.
+  const BlockMeta m = check_block_csr(op, row_ptr, col_idx, 1, 1, row_ptr.size(0) - 1, num_block_cols, row_ptr);
+  auto opts = m.row_ptr.options();
+  auto col_ptr = at::zeros({m.nbc + 1}, opts);
+  auto row_idx_t = at::empty({m.nnzb}, opts);
+  auto blk_t = at::empty({m.nnzb}, opts);
+  int64_t* cp = col_ptr.data_ptr<int64_t>();
+  const int64_t* ci = m.col_idx.data_ptr<int64_t>();
+  const int64_t* brow = m.blk_row.data_ptr<int64_t>();
+  for (int64_t k = 0; k < m.nnzb; ++k) ++cp[ci[k] + 1];
+  for (int64_t j = 0; j < m.nbc; ++j) cp[j + 1] += cp[j];
+  // Counting sort in CSR order: within each column the block-rows come out ascending.
+  std::vector<int64_t> next(cp, cp + m.nbc);
+  int64_t* ri = row_idx_t.data_ptr<int64_t>();
+  int64_t* bt = blk_t.data_ptr<int64_t>();
+  for (int64_t k = 0; k < m.nnzb; ++k) {
+    const int64_t p = next[ci[k]]++;
+    ri[p] = brow[k];
+    bt[p] = k;
+  }
+  return {col_ptr, row_idx_t, blk_t};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(padst, CPU, m) {
+  m.impl("block_transpose_meta", &block_transpose_meta_cpu);
   m.impl("block_mm", &block_mm_cpu);
   m.impl("block_mm_t", &block_mm_t_cpu);
   m.impl("block_sddmm", &block_sddmm_cpu);

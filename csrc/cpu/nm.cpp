@@ -171,6 +171,7 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
   auto ic = col_idx.contiguous();
   std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   auto y = at::empty({B, R}, x.options());
+  if (y.numel() == 0) return y;  // also keeps the tiling arithmetic below free of divisions by zero
   PADST_DISPATCH_FLOATS(x.scalar_type(), "nm_mm_cpu", [&] {
     dispatch_index(ic, [&](auto I) {
       using idx_t = decltype(I);
@@ -199,6 +200,8 @@ at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at:
   auto vc = values.contiguous();
   auto ic = col_idx.contiguous();
   auto dx = at::empty({B, C}, dy.options());
+  if (B == 0) return dx;
+  if (R == 0) return dx.zero_();
   PADST_DISPATCH_FLOATS(dy.scalar_type(), "nm_mm_t_cpu", [&] {
     dispatch_index(ic, [&](auto I) {
       using idx_t = decltype(I);
@@ -227,6 +230,8 @@ at::Tensor nm_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   auto xc = x.contiguous();
   auto ic = col_idx.contiguous();
   auto dv = at::empty({R, K}, x.options());
+  if (dv.numel() == 0) return dv;
+  if (B == 0) return dv.zero_();
   PADST_DISPATCH_FLOATS(x.scalar_type(), "nm_sddmm_cpu", [&] {
     dispatch_index(ic, [&](auto I) {
       using idx_t = decltype(I);

@@ -103,25 +103,14 @@ class BlockSparse(NamedTuple):
 
 
 def block_transpose_meta(row_ptr: Tensor, col_idx: Tensor, num_block_cols: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """CSC metadata (col_ptr, row_idx_t, blk_t) of a CSR block pattern; computed once per pattern change."""
-    row_ptr = row_ptr.long()
-    col_idx = col_idx.long()
-    nbr = row_ptr.numel() - 1
-    if row_ptr.dim() != 1 or nbr < 0 or col_idx.dim() != 1:
-        raise ValueError(f"row_ptr and col_idx must be 1-D, got shapes {tuple(row_ptr.shape)}, {tuple(col_idx.shape)}")
-    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != col_idx.numel() or bool((row_ptr.diff() < 0).any()):
-        raise ValueError(f"row_ptr must rise from 0 to len(col_idx) = {col_idx.numel()} without decreasing, "
-                         f"got {row_ptr.tolist()}")
-    if col_idx.numel() and (int(col_idx.min()) < 0 or int(col_idx.max()) >= num_block_cols):
-        raise ValueError(f"col_idx must lie in [0, {num_block_cols}), got values in "
-                         f"[{int(col_idx.min())}, {int(col_idx.max())}]")
-    rows = torch.repeat_interleave(torch.arange(nbr, device=row_ptr.device), row_ptr.diff())
-    # Stable sort by column keeps rows ascending within each column.
-    order = torch.sort(col_idx, stable=True).indices
-    counts = torch.bincount(col_idx, minlength=num_block_cols)
-    col_ptr = torch.zeros(num_block_cols + 1, dtype=torch.long, device=row_ptr.device)
-    col_ptr[1:] = torch.cumsum(counts, 0)
-    return col_ptr, rows[order].contiguous(), order.contiguous()
+    """CSC metadata (col_ptr, row_idx_t, blk_t) of a CSR block pattern; computed once per pattern change.
+
+    Runs the ``padst::block_transpose_meta`` op (validated like the matmul ops: ValueError on malformed input)."""
+    from . import ops
+
+    device = row_ptr.device
+    out = ops.block_transpose_meta(row_ptr.cpu(), col_idx.cpu(), int(num_block_cols))
+    return tuple(t.to(device) for t in out)
 
 
 def block_from_dense(dense: Tensor, block_mask: Tensor, block_size: Tuple[int, int]) -> BlockSparse:
@@ -276,6 +265,10 @@ def _check_offsets(offsets: Tensor, shape: Tuple[int, int]) -> None:
     if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) >= max(R, C)):
         raise ValueError(f"offsets must lie in [0, max(R, C)) = [0, {max(R, C)}), got values in "
                          f"[{int(offsets.min())}, {int(offsets.max())}]")
+    if offsets.unique().numel() != offsets.numel():
+        vals, counts = offsets.unique(return_counts=True)
+        raise ValueError(f"offsets must be distinct, but offset {int(vals[counts > 1][0])} appears "
+                         f"{int(counts.max())} times")
 
 
 def diag_mask(offsets: Tensor, shape: Tuple[int, int]) -> Tensor:
@@ -298,7 +291,7 @@ def diag_from_dense(dense: Tensor, offsets: Tensor) -> DiagSparse:
 
 
 def diag_to_dense(values: Tensor, offsets: Tensor, shape: Tuple[int, int]) -> Tensor:
-    """Dense ``[R, C]`` matrix of a diagonal layer (duplicate diagonals are summed)."""
+    """Dense ``[R, C]`` matrix of a diagonal layer."""
     rows, cols = diag_coords(offsets.to(values.device), shape)
     dense = values.new_zeros(shape)
     dense.index_put_((rows.reshape(-1), cols.reshape(-1)), values.reshape(-1), accumulate=True)

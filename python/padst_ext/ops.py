@@ -26,6 +26,7 @@ __all__ = [
     "block_mm",
     "block_mm_t",
     "block_sddmm",
+    "block_transpose_meta",
     "nm_mm",
     "nm_mm_t",
     "nm_sddmm",
@@ -65,6 +66,12 @@ def block_sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, block_r
                 in_perm: Optional[Tensor] = None, out_perm: Optional[Tensor] = None) -> Tensor:
     """dW on the active blocks: ``dy [B, R]``, ``x [B, C]`` -> ``[nnzb, br, bc]``."""
     return _ops.block_sddmm.default(dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm, out_perm)
+
+
+def block_transpose_meta(row_ptr: Tensor, col_idx: Tensor, num_block_cols: int):
+    """CSC metadata ``(col_ptr [nbc+1], row_idx_t [nnzb], blk_t [nnzb])`` of the CSR block pattern: within each
+    block-column, the block-rows ascending and ``blk_t`` the index of each block in ``values``."""
+    return _ops.block_transpose_meta.default(row_ptr, col_idx, num_block_cols)
 
 
 def nm_mm(x: Tensor, values: Tensor, col_idx: Tensor, n: int, m: int, bias: Optional[Tensor] = None) -> Tensor:
@@ -169,6 +176,13 @@ def _(dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm=None, out
 def _(dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm=None, out_perm=None):
     _fake_common("padst::block_sddmm", dy, x)
     return x.new_empty((col_idx.shape[0], block_rows, block_cols))
+
+
+@torch.library.register_fake("padst::block_transpose_meta")
+def _(row_ptr, col_idx, num_block_cols):
+    nnzb = col_idx.shape[0]
+    return (row_ptr.new_empty((num_block_cols + 1,), dtype=torch.long), row_ptr.new_empty((nnzb,), dtype=torch.long),
+            row_ptr.new_empty((nnzb,), dtype=torch.long))
 
 
 @torch.library.register_fake("padst::nm_mm")
@@ -293,3 +307,115 @@ def _diag_backward(ctx, dy):
 torch.library.register_autograd("padst::block_mm", _block_backward, setup_context=_block_setup)
 torch.library.register_autograd("padst::nm_mm", _nm_backward, setup_context=_nm_setup)
 torch.library.register_autograd("padst::diag_mm", _diag_backward, setup_context=_diag_setup)
+
+
+# The backward ops are bilinear in their two tensor operands, so their own gradients are again padst ops:
+# this makes every op differentiable to any order (double backward, gradgradcheck, Hessian-vector products).
+
+def _block_t_setup(ctx, inputs, output):
+    ctx.save_for_backward(*_full(inputs, 9))
+
+
+def _block_t_backward(ctx, g):
+    dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm, out_perm = ctx.saved_tensors
+    d_dy = d_v = None
+    if _needs(ctx, 0):
+        d_dy = _ops.block_mm.default(g, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, None, in_perm, out_perm)
+    if _needs(ctx, 1):
+        d_v = _ops.block_sddmm.default(dy, g, row_ptr, col_idx, values.shape[1], values.shape[2], in_perm, out_perm)
+    return _grads(ctx, d_dy, d_v, None, None, None, None, None, None, None)
+
+
+def _block_dw_setup(ctx, inputs, output):
+    dy, x, row_ptr, col_idx, br, bc, in_perm, out_perm = _full(inputs, 8)
+    ctx.br, ctx.bc = br, bc
+    ctx.save_for_backward(dy, x, row_ptr, col_idx, in_perm, out_perm)
+
+
+def _block_dw_backward(ctx, g):
+    dy, x, row_ptr, col_idx, in_perm, out_perm = ctx.saved_tensors
+    meta = (row_ptr, col_idx, *_ops.block_transpose_meta.default(row_ptr, col_idx, x.shape[1] // ctx.bc))
+    d_dy = d_x = None
+    if _needs(ctx, 0):
+        d_dy = _ops.block_mm.default(x, g, *meta, None, in_perm, out_perm)
+    if _needs(ctx, 1):
+        d_x = _ops.block_mm_t.default(dy, g, *meta, in_perm, out_perm)
+    return _grads(ctx, d_dy, d_x, None, None, None, None, None, None)
+
+
+def _nm_t_setup(ctx, inputs, output):
+    dy, values, col_idx, n, m = inputs
+    ctx.n, ctx.m = n, m
+    ctx.save_for_backward(dy, values, col_idx)
+
+
+def _nm_t_backward(ctx, g):
+    dy, values, col_idx = ctx.saved_tensors
+    d_dy = _ops.nm_mm.default(g, values, col_idx, ctx.n, ctx.m, None) if _needs(ctx, 0) else None
+    d_v = _ops.nm_sddmm.default(dy, g, col_idx, ctx.n, ctx.m) if _needs(ctx, 1) else None
+    return _grads(ctx, d_dy, d_v, None, None, None)
+
+
+def _nm_dw_setup(ctx, inputs, output):
+    dy, x, col_idx, n, m = inputs
+    ctx.n, ctx.m = n, m
+    ctx.save_for_backward(dy, x, col_idx)
+
+
+def _nm_dw_backward(ctx, g):
+    dy, x, col_idx = ctx.saved_tensors
+    d_dy = _ops.nm_mm.default(x, g, col_idx, ctx.n, ctx.m, None) if _needs(ctx, 0) else None
+    d_x = _ops.nm_mm_t.default(dy, g, col_idx, ctx.n, ctx.m) if _needs(ctx, 1) else None
+    return _grads(ctx, d_dy, d_x, None, None, None)
+
+
+def _diag_t_setup(ctx, inputs, output):
+    dy, values, offsets, in_features, in_perm, out_perm = _full(inputs, 6)
+    ctx.save_for_backward(dy, values, offsets, in_perm, out_perm)
+
+
+def _diag_t_backward(ctx, g):
+    dy, values, offsets, in_perm, out_perm = ctx.saved_tensors
+    d_dy = d_v = None
+    if _needs(ctx, 0):
+        d_dy = _ops.diag_mm.default(g, values, offsets, dy.shape[1], None, in_perm, out_perm)
+    if _needs(ctx, 1):
+        d_v = _ops.diag_sddmm.default(dy, g, offsets, in_perm, out_perm)
+    return _grads(ctx, d_dy, d_v, None, None, None, None)
+
+
+def _diag_dw_setup(ctx, inputs, output):
+    ctx.save_for_backward(*_full(inputs, 5))
+
+
+def _diag_dw_backward(ctx, g):
+    dy, x, offsets, in_perm, out_perm = ctx.saved_tensors
+    d_dy = d_x = None
+    if _needs(ctx, 0):
+        d_dy = _ops.diag_mm.default(x, g, offsets, dy.shape[1], None, in_perm, out_perm)
+    if _needs(ctx, 1):
+        d_x = _ops.diag_mm_t.default(dy, g, offsets, x.shape[1], in_perm, out_perm)
+    return _grads(ctx, d_dy, d_x, None, None, None)
+
+
+def _dense_grad_setup(ctx, inputs, output):
+    ctx.save_for_backward(*_full(inputs, 4))
+
+
+def _dense_grad_backward(ctx, g):
+    from . import reference
+
+    dy, x, in_perm, out_perm = ctx.saved_tensors
+    # dense_grad = dz.T @ x_p: its gradients are the dense layer's forward and dx with weight g
+    d_dy = reference.linear(x, g, None, in_perm, out_perm) if _needs(ctx, 0) else None
+    d_x = reference.linear_t(dy, g, in_perm, out_perm) if _needs(ctx, 1) else None
+    return _grads(ctx, d_dy, d_x, None, None)
+
+
+torch.library.register_autograd("padst::block_mm_t", _block_t_backward, setup_context=_block_t_setup)
+torch.library.register_autograd("padst::block_sddmm", _block_dw_backward, setup_context=_block_dw_setup)
+torch.library.register_autograd("padst::nm_mm_t", _nm_t_backward, setup_context=_nm_t_setup)
+torch.library.register_autograd("padst::nm_sddmm", _nm_dw_backward, setup_context=_nm_dw_setup)
+torch.library.register_autograd("padst::diag_mm_t", _diag_t_backward, setup_context=_diag_t_setup)
+torch.library.register_autograd("padst::diag_sddmm", _diag_dw_backward, setup_context=_diag_dw_setup)
+torch.library.register_autograd("padst::dense_grad", _dense_grad_backward, setup_context=_dense_grad_setup)

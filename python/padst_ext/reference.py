@@ -18,6 +18,7 @@ __all__ = [
     "block_mm",
     "block_mm_t",
     "block_sddmm",
+    "block_transpose_meta",
     "nm_mm",
     "nm_mm_t",
     "nm_sddmm",
@@ -82,6 +83,16 @@ def block_sddmm(dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm=None, o
     blocks = G.reshape(R // block_rows, block_rows, C // block_cols, block_cols).transpose(1, 2)
     rows = torch.repeat_interleave(torch.arange(R // block_rows, device=G.device), row_ptr.long().diff())
     return blocks[rows, col_idx.long()].contiguous()
+
+
+def block_transpose_meta(row_ptr, col_idx, num_block_cols):
+    """CSC order by a stable sort of the blocks on their column."""
+    row_ptr, col_idx = row_ptr.long(), col_idx.long()
+    rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1), row_ptr.diff())
+    order = torch.sort(col_idx, stable=True).indices
+    col_ptr = torch.zeros(num_block_cols + 1, dtype=torch.long)
+    col_ptr[1:] = torch.cumsum(torch.bincount(col_idx, minlength=num_block_cols), 0)
+    return col_ptr, rows[order], order
 
 
 # --- N:M -------------------------------------------------------------------------------------------------
