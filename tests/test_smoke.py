@@ -30,3 +30,22 @@ def test_cpu_benchmark_quick(tmp_path, monkeypatch):
     for r in data["rows"]:
         assert r["max_abs_err"] < 1e-3, r
         assert r["padst_fwd_perm_ms"] > 0 and r["dense_fwd_ms"] > 0
+
+
+def test_perm_synthetic_permuted_beats_unpermuted(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import perm_synthetic
+
+    res = perm_synthetic.main(["--structures", "block", "--dim", "32", "--steps", "400", "--threads", "1",
+                               "--out", str(tmp_path / "p.json")])
+    r = res["block"]
+    assert r["permuted"]["phase"] == "hard"
+    assert r["permuted"]["mse"] < 0.5 * r["unpermuted"]["mse"]
+
+
+def test_layer_cost_quick(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import layer_cost
+
+    rows = layer_cost.main(["--quick", "--threads", "1", "--out", str(tmp_path / "l.json")])
+    assert {r["layer"] for r in rows} >= {"block soft", "block hard", "nm hard", "diagonal none"}
