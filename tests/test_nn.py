@@ -67,6 +67,22 @@ def test_layer_gradients_match_dense_reference(structure, side):
     torch.testing.assert_close(gb, dy.sum(0))
 
 
+@pytest.mark.parametrize("structure", ["block", "nm", "diagonal"])
+def test_bfloat16_layer(structure):
+    layer = SparseLinear(64, 96, structure=structure, sparsity=0.75, block_size=16, seed=0, dtype=torch.bfloat16)
+    assert layer.values.dtype == torch.bfloat16 and layer.soft.logits.dtype == torch.float32
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref64 = x.double() @ layer.dense_weight().double().T + layer.bias.double()
+    assert (y.double() - ref64).abs().max() < 0.1 * ref64.abs().max()
+    y.float().sum().backward()
+    assert layer.values.grad.dtype == torch.bfloat16 and layer.soft.logits.grad is not None
+    layer.harden()
+    torch.testing.assert_close(layer(x).double(), x.double() @ layer.dense_weight().double().T
+                               + layer.bias.double(), atol=0.05, rtol=0.02)
+
+
 def test_soft_phase_trains_the_permutation():
     layer = _layer("block", "input", "soft")
     x = torch.randn(5, 64)

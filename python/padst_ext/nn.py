@@ -84,7 +84,7 @@ class SparseLinear(nn.Module):
         if permute:
             self.phase = "soft"
             self.soft = P.SoftPermutation(self.perm_dim, init=perm_init, n_iters=self.sinkhorn_iters,
-                                          generator=gen, **factory)
+                                          generator=gen, **self._soft_factory(factory["device"], factory["dtype"]))
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -134,6 +134,12 @@ class SparseLinear(nn.Module):
         self.register_buffer("perm", perm.to(self.values.device))
         self._refresh_folded()
         return perm
+
+    @staticmethod
+    def _soft_factory(device, dtype):
+        """Sinkhorn in log space needs range and precision: the soft matrix is float32 (float64 for float64
+        layers) whatever the layer's dtype, and is cast to the input's dtype where it is applied."""
+        return dict(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
     def _drop_soft(self) -> None:
         self._modules.pop("soft", None)
@@ -193,7 +199,7 @@ class SparseLinear(nn.Module):
         if self.phase == "none":
             return S
         if self.phase == "soft":
-            M = self.soft.matrix().to(S.dtype)
+            M = self.soft.matrix().to(S.dtype)  # float32 soft matrix applied in the layer's dtype
             return S @ M if self.perm_side == "input" else M @ S
         if self.perm_side == "input":
             return S[:, torch.argsort(self.perm)]
@@ -254,7 +260,8 @@ class SparseLinear(nn.Module):
         if "perm" in self._buffers:
             del self._buffers["perm"]
         if phase == "soft":
-            self.soft = P.SoftPermutation(self.perm_dim, init=self.perm_init, n_iters=self.sinkhorn_iters, **factory)
+            self.soft = P.SoftPermutation(self.perm_dim, init=self.perm_init, n_iters=self.sinkhorn_iters,
+                                          **self._soft_factory(factory["device"], factory["dtype"]))
         elif phase == "hard":
             self.register_buffer("perm", torch.arange(self.perm_dim, device=factory["device"]))
         self.phase = phase
