@@ -66,6 +66,7 @@ class SparseLinear(nn.Module):
         self.perm_init, self.sinkhorn_iters = perm_init, int(sinkhorn_iters)
         self.perm_lambda, self.perm_delta = float(perm_lambda), float(perm_delta)
         self.harden_step = harden_step
+        self._dst_capture: Optional[list] = None  # set by DST on its update steps
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         factory = dict(device=device, dtype=dtype or torch.get_default_dtype())
 
@@ -105,12 +106,50 @@ class SparseLinear(nn.Module):
     def _set_pattern(self, dense: Tensor, mask: Tensor) -> None:
         values, buffers = self.structure.pack(dense, mask)
         if "values" in self._parameters:
-            self.values.data = values.detach().clone()  # same Parameter object: optimizers keep tracking it
+            # same Parameter object (optimizers and DDP keep tracking it), in place when the shape allows
+            if self.values.shape == values.shape:
+                self.values.data.copy_(values)
+            else:
+                self.values.data = values.detach().clone()
         else:
             self.values = nn.Parameter(values.detach().clone())
         for name, buf in buffers.items():
-            self.register_buffer(name, buf.clone())
+            old = self._buffers.get(name)
+            if old is not None and old.shape == buf.shape and old.dtype == buf.dtype:
+                old.copy_(buf)
+            else:
+                self.register_buffer(name, buf.clone())
         self._refresh_folded()
+
+    def pattern_mask(self) -> Tensor:
+        """Boolean ``[out, in]`` mask of the structured weight's pattern (logical frame)."""
+        ones = torch.ones_like(self.values, dtype=torch.float32)
+        return self.structure.unpack(ones, self._buffers_dict()) != 0
+
+    def set_mask(self, mask: Tensor) -> None:
+        """Move to a new pattern of the same structure: kept weights keep their values, new ones start at 0."""
+        with torch.no_grad():
+            self._set_pattern(self.sparse_weight().detach(), mask)
+
+    def transport(self, tensor: Tensor, old_buffers: dict, new_mask: Tensor) -> Tensor:
+        """Re-lay a tensor shaped like ``values`` (e.g. an optimizer moment) from the old pattern to ``new_mask``:
+        entries of kept units move with them, grown units get 0, dropped units vanish."""
+        dense = self.structure.unpack(tensor, old_buffers)
+        packed, _ = self.structure.pack(dense * new_mask.to(dense.dtype), new_mask)
+        return packed
+
+    def set_density(self, density: float) -> None:
+        """Re-allocate this layer to another density (e.g. ERK), with a fresh random pattern of that density.
+        Only meaningful before training: the weights under the new pattern are the old ones where kept."""
+        cfg = self.structure.config()
+        kw = {k: cfg[k] for k in ("block_size",) if k in cfg}
+        if self.structure.name == "nm":
+            m = cfg["m"]
+            kw.update(n=max(1, min(m - 1, round(density * m))), m=m)
+        self.structure = make_structure(self.structure.name, self.out_features, self.in_features, 1.0 - density, **kw)
+        dense = self.sparse_weight().detach()
+        with torch.no_grad():
+            self._set_pattern(dense, self.structure.random_mask(device=dense.device))
 
     # -- permutation state --------------------------------------------------------------------------------
     @property
@@ -170,6 +209,8 @@ class SparseLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         bufs = self._buffers_dict()
+        if self._dst_capture is not None and torch.is_grad_enabled():
+            return self._forward_capturing(x2, bufs).reshape(*lead, self.out_features)
         if self.phase == "hard":
             if isinstance(self.structure, NMStructure):
                 bufs = dict(bufs, col_idx=self.col_idx_folded)
@@ -187,6 +228,42 @@ class SparseLinear(nn.Module):
         else:
             y = self.structure.mm(x2, self.values, bufs, self.bias, None, None)
         return y.reshape(*lead, self.out_features)
+
+    def _forward_capturing(self, x2: Tensor, bufs) -> Tensor:
+        """Forward that records the sparse product's input and output gradient, so that DST can form the dense
+        weight gradient dz.T @ x_p (RigL's grow score) on the update steps only."""
+        in_perm = out_perm = None
+        if self.phase == "hard":
+            if isinstance(self.structure, NMStructure):
+                in_perm = self.perm
+            elif self.perm_side == "input":
+                in_perm = self.perm
+            else:
+                out_perm = self.perm
+        x_in = self.soft(x2) if (self.phase == "soft" and self.perm_side == "input") else x2
+        soft_out = self.phase == "soft" and self.perm_side == "output"
+        z = self.structure.mm(x_in, self.values, bufs, None if soft_out else self.bias, in_perm, out_perm)
+        record = {"x": x_in.detach(), "in_perm": in_perm, "out_perm": out_perm}
+        self._dst_capture.append(record)
+        if z.requires_grad:
+            z.register_hook(lambda g: record.__setitem__("dz", g.detach()))
+        if soft_out:
+            z = self.soft(z)
+            if self.bias is not None:
+                z = z + self.bias
+        return z
+
+    def dense_grad_from_capture(self) -> Optional[Tensor]:
+        """Sum over the recorded forwards of ``dz.T @ x_p`` in the logical frame, ``[out, in]``."""
+        from . import ops
+
+        total = None
+        for rec in self._dst_capture or ():
+            if "dz" not in rec:
+                continue
+            g = ops.dense_grad(rec["dz"].to(rec["x"].dtype), rec["x"], rec["in_perm"], rec["out_perm"])
+            total = g if total is None else total + g
+        return total
 
     # -- introspection ------------------------------------------------------------------------------------
     def sparse_weight(self) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import formats as F
 from . import ops
 
-__all__ = ["Structure", "BlockStructure", "NMStructure", "DiagonalStructure", "UnstructuredStructure",
+__all__ = ["drop_grow", "row_counts", "Structure", "BlockStructure", "NMStructure", "DiagonalStructure", "UnstructuredStructure",
            "make_structure", "STRUCTURES"]
 
 
@@ -70,9 +70,44 @@ class Structure:
     def random_mask(self, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
         return self.make_mask(torch.rand(self.R, self.C, generator=generator).to(device))
 
+    def update_mask(self, mask: Tensor, w_abs: Tensor, g_score: Tensor, fraction: float) -> Tensor:
+        """DST: the new ``[R, C]`` mask after dropping ``fraction`` of the active units (lowest ``w_abs``) and
+        growing as many (highest ``g_score``: |dense gradient| for RigL, random for SET), at the structure's unit
+        (block, diagonal, element within its N:M group, element) and with the exact same count per row/group."""
+        raise NotImplementedError
+
     def check_mask(self, mask: Tensor) -> None:
         if mask.shape != (self.R, self.C):
             raise ValueError(f"mask must have shape {(self.R, self.C)}, got {tuple(mask.shape)}")
+
+
+def drop_grow(active: Tensor, w_score: Tensor, g_score: Tensor, k: Tensor) -> Tensor:
+    """One DST update on rows of units: in each row drop the ``k`` active units of lowest ``w_score`` and grow
+    as many of highest ``g_score`` among the units that were inactive (a dropped unit is not regrown), so every
+    row keeps its count exactly. ``active``/``w_score``/``g_score``: ``[rows, U]``; ``k``: ``[rows]``."""
+    inactive = ~active
+    k = torch.minimum(k, torch.minimum(active.sum(1), inactive.sum(1)))  # cannot move more than either side
+    big = torch.finfo(torch.float32).max
+    w = torch.where(active, w_score.float(), torch.full_like(w_score, big, dtype=torch.float32))
+    g = torch.where(inactive, g_score.float(), torch.full_like(g_score, -big, dtype=torch.float32))
+    drop_rank = torch.argsort(torch.argsort(w, dim=1, stable=True), dim=1, stable=True)
+    grow_rank = torch.argsort(torch.argsort(-g, dim=1, stable=True), dim=1, stable=True)
+    drop = active & (drop_rank < k[:, None])
+    grow = inactive & (grow_rank < k[:, None])
+    return (active & ~drop) | grow
+
+
+def row_counts(active_per_row: Tensor, fraction: float) -> Tensor:
+    """How many units each row moves: ``round(fraction * total)`` in all, spread over the rows in proportion to
+    their active counts (floor each, the remainder to the largest fractional parts; ties by row index), so that
+    small per-row counts still move (rounding each row alone would round 0.5 down to 0 everywhere)."""
+    quota = fraction * active_per_row.double()
+    k = quota.floor().long()
+    deficit = int(round(fraction * float(active_per_row.sum()))) - int(k.sum())
+    if deficit > 0:
+        order = torch.argsort(-(quota - k), stable=True)
+        k[order[:deficit]] += 1
+    return k
 
 
 class BlockStructure(Structure):
@@ -112,6 +147,15 @@ class BlockStructure(Structure):
         keep = torch.arange(self.nbc, device=scores.device)[None, :] < per_row[:, None]
         bmask = torch.zeros_like(keep).scatter_(1, order, keep)
         return F.block_mask_to_dense(bmask, (self.br, self.bc))
+
+    def _blocks(self, t: Tensor) -> Tensor:
+        return t.reshape(self.nbr, self.br, self.nbc, self.bc).sum((1, 3))
+
+    def update_mask(self, mask, w_abs, g_score, fraction):
+        active = self._blocks(mask.float()) > 0
+        k = row_counts(active.sum(1), fraction)  # per block-row: rows stay balanced
+        new = drop_grow(active, self._blocks(w_abs.float()), self._blocks(g_score.float()), k)
+        return F.block_mask_to_dense(new, (self.br, self.bc))
 
     def pack(self, dense, mask):
         self.check_mask(mask)
@@ -176,6 +220,26 @@ class NMStructure(Structure):
         idx = s.topk(self.n, dim=-1).indices
         return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True).reshape(self.R, self.C)
 
+    def update_mask(self, mask, w_abs, g_score, fraction):
+        R, G, m = self.R, self.C // self.m, self.m
+        active = mask.bool()
+        big = torch.finfo(torch.float32).max
+        # drop per row (constant fan-in), the k smallest active weights of the row
+        k = row_counts(active.sum(1), fraction)
+        w = torch.where(active, w_abs.float(), torch.full_like(w_abs, big, dtype=torch.float32))
+        drop = active & (torch.argsort(torch.argsort(w, dim=1, stable=True), dim=1, stable=True) < k[:, None])
+        # regrow inside each group as many as it lost, so every group keeps exactly N: best gradient among the
+        # originally inactive, then (only if a group runs out of those, m - n < dropped) the dropped ones
+        kept = (active & ~drop).reshape(R, G, m)
+        lost = drop.reshape(R, G, m).sum(-1)
+        score = torch.where(active.reshape(R, G, m), torch.full((R, G, m), -big),
+                            g_score.float().reshape(R, G, m))
+        score = torch.where(drop.reshape(R, G, m), torch.full((R, G, m), -big / 2), score)
+        score = torch.where(kept, torch.full((R, G, m), float("-inf")), score)
+        rank = torch.argsort(torch.argsort(-score, dim=-1, stable=True), dim=-1, stable=True)
+        grow = (rank < lost[..., None]) & ~kept
+        return (kept | grow).reshape(R, self.C)
+
     def pack(self, dense, mask):
         self.check_mask(mask)
         w = F.nm_from_dense(dense, mask, self.n, self.m)
@@ -214,6 +278,14 @@ class DiagonalStructure(Structure):
         per_diag = scores.abs()[rows, cols].sum(1)
         return F.diag_mask(per_diag.topk(self.K).indices, (self.R, self.C))
 
+    def update_mask(self, mask, w_abs, g_score, fraction):
+        all_offsets = torch.arange(self.num_offsets, device=mask.device)
+        rows, cols = F.diag_coords(all_offsets, (self.R, self.C))
+        active = mask[rows, cols].all(1)[None]
+        k = row_counts(active.sum(1), fraction)
+        new = drop_grow(active, w_abs.float()[rows, cols].sum(1)[None], g_score.float()[rows, cols].sum(1)[None], k)
+        return F.diag_mask(all_offsets[new[0]], (self.R, self.C))
+
     def offsets_of(self, mask: Tensor) -> Tensor:
         all_offsets = torch.arange(self.num_offsets, device=mask.device)
         rows, cols = F.diag_coords(all_offsets, (self.R, self.C))
@@ -249,6 +321,11 @@ class UnstructuredStructure(Structure):
         flat = torch.zeros(self.R * self.C, dtype=torch.bool, device=scores.device)
         flat[scores.abs().reshape(-1).topk(self.nnz).indices] = True
         return flat.reshape(self.R, self.C)
+
+    def update_mask(self, mask, w_abs, g_score, fraction):
+        active = mask.bool().reshape(1, -1)
+        k = row_counts(active.sum(1), fraction)
+        return drop_grow(active, w_abs.reshape(1, -1), g_score.reshape(1, -1), k).reshape(self.R, self.C)
 
     def pack(self, dense, mask):
         self.check_mask(mask)

@@ -1,0 +1,230 @@
+"""Dynamic sparse training: RigL and SET for every structure, as an optimizer wrapper.
+
+``DST(model, optimizer, ...)`` attaches to the optimizer with ``register_step_pre_hook`` /
+``register_step_post_hook``; the training loop stays ``loss.backward(); optimizer.step()``. Every
+``update_interval`` steps until ``end`` it drops the ``fraction`` of each layer's active units with the smallest
+weights and grows as many (RigL: largest dense-gradient norm, computed on that step only; SET: at random),
+unit by unit of the structure (block, diagonal, element of an N:M group, element), so the structure and the
+count stay exact. Grown weights start at zero; the optimizer state moves with the kept units and is zero for
+grown ones. Soft permutations get their penalty gradient in the pre-hook (no change to the user's loss) and
+harden on their own schedule in the post-hook.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .nn import SparseLinear
+
+__all__ = ["DST", "erk_densities"]
+
+ALGORITHMS = ("rigl", "set", "static")
+SCHEDULES = ("cosine", "constant", "linear")
+
+
+def erk_densities(shapes: List[Tuple[int, int]], density: float, erk_power: float = 1.0) -> List[float]:
+    """Erdős–Rényi(-Kernel) allocation for linear layers ``[(out, in), ...]``: density of layer l proportional to
+    ``((out + in) / (out * in)) ** erk_power``, scaled so that the total number of non-zeros is ``density`` times
+    the total size; layers that would exceed 1 are made dense and the rest re-scaled."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    sizes = [o * i for o, i in shapes]
+    raw = [((o + i) / (o * i)) ** erk_power for o, i in shapes]
+    dense = set()
+    while True:
+        budget = density * sum(sizes) - sum(sizes[j] for j in dense)
+        denom = sum(raw[j] * sizes[j] for j in range(len(shapes)) if j not in dense)
+        if denom <= 0:
+            return [1.0] * len(shapes)
+        eps = budget / denom
+        over = [j for j in range(len(shapes)) if j not in dense and eps * raw[j] > 1]
+        if not over:
+            return [1.0 if j in dense else eps * raw[j] for j in range(len(shapes))]
+        dense.update(over)
+
+
+class DST:
+    """RigL / SET / static sparse training for the :class:`~padst_ext.nn.SparseLinear` layers of ``model``.
+
+    Args:
+        algorithm: ``"rigl"`` (grow by dense-gradient magnitude), ``"set"`` (grow at random) or ``"static"``.
+        update_interval: steps between updates (ΔT).
+        drop_fraction: initial fraction of active units replaced per update (α), decayed by ``drop_schedule``.
+        end: last update step, as a fraction of ``total_steps`` (< 1) or an absolute step (>= 1).
+        distribution: ``"uniform"`` keeps each layer's density; ``"erk"`` re-allocates the layers' total density
+            across layers (at construction, before training).
+        add_permutation_penalty: add ``perm_lambda * dP/dlogits`` to the soft permutations' gradients in the
+            pre-hook (set False if the loss already includes :func:`padst_ext.nn.permutation_penalty`).
+        process_group: under torch.distributed, the group over which grow scores are averaged so that every rank
+            makes the identical update (default: the world group when initialised).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, algorithm: str = "rigl",
+                 update_interval: int = 100, drop_fraction: float = 0.3, drop_schedule: str = "cosine",
+                 end: float = 0.75, total_steps: Optional[int] = None, distribution: str = "uniform",
+                 dense_first_last: bool = True, seed: int = 0, add_permutation_penalty: bool = True,
+                 harden: bool = True, process_group=None):
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        if drop_schedule not in SCHEDULES:
+            raise ValueError(f"drop_schedule must be one of {SCHEDULES}, got {drop_schedule!r}")
+        if distribution not in ("uniform", "erk"):
+            raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}")
+        if update_interval < 1:
+            raise ValueError(f"update_interval must be >= 1, got {update_interval}")
+        if not 0 <= drop_fraction < 1:
+            raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
+        if total_steps is None and end < 1:
+            raise ValueError("end is a fraction of total_steps: pass total_steps (or an absolute end step >= 1)")
+        self.model, self.optimizer = model, optimizer
+        self.algorithm, self.update_interval = algorithm, int(update_interval)
+        self.drop_fraction, self.drop_schedule = float(drop_fraction), drop_schedule
+        self.total_steps = total_steps
+        self.end_step = int(end * total_steps) if end < 1 else int(end)
+        self.distribution, self.dense_first_last = distribution, dense_first_last
+        self.add_permutation_penalty, self.harden = add_permutation_penalty, harden
+        self.process_group = process_group
+        self.layers: List[Tuple[str, SparseLinear]] = [(n, m) for n, m in model.named_modules()
+                                                       if isinstance(m, SparseLinear)]
+        if not self.layers:
+            raise ValueError("the model has no SparseLinear layers (use padst_ext.sparsify first)")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0  # optimizer steps completed
+        self.history: List[Dict] = []
+        if distribution == "erk":
+            self._apply_erk()
+        self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
+                       optimizer.register_step_post_hook(self._post_step)]
+        self._arm(self.step)
+
+    # -- schedule ---------------------------------------------------------------------------------------------
+    def is_update_step(self, step: int) -> bool:
+        """Whether the update runs after optimizer step number ``step`` (0-based)."""
+        t = step + 1
+        return self.algorithm != "static" and t % self.update_interval == 0 and t <= self.end_step
+
+    def fraction(self, step: int) -> float:
+        t = step + 1
+        if self.drop_schedule == "constant":
+            return self.drop_fraction
+        progress = min(1.0, t / max(1, self.end_step))
+        if self.drop_schedule == "linear":
+            return self.drop_fraction * (1 - progress)
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * progress))
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+    def _arm(self, step: int) -> None:
+        rigl = self.algorithm == "rigl" and self.is_update_step(step)
+        for _, layer in self.layers:
+            layer._dst_capture = [] if rigl else None
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if self.add_permutation_penalty:
+            for _, layer in self.layers:
+                if layer.phase == "soft":
+                    logits = layer.soft.logits
+                    with torch.enable_grad():
+                        (g,) = torch.autograd.grad(layer.permutation_penalty(), logits)
+                    logits.grad = g if logits.grad is None else logits.grad + g
+        if self.is_update_step(self.step):
+            self._grow_scores = self._compute_grow_scores()
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        step = self.step
+        if self.is_update_step(step):
+            self._update(step, self._grow_scores)
+            self._grow_scores = None
+        if self.harden:
+            for _, layer in self.layers:
+                if layer.phase == "soft":
+                    layer.maybe_harden(step + 1)
+        self.step += 1
+        self._arm(self.step)
+
+    # -- the update -------------------------------------------------------------------------------------------
+    def _distributed(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def _compute_grow_scores(self) -> List[Tensor]:
+        scores = []
+        for name, layer in self.layers:
+            shape = (layer.out_features, layer.in_features)
+            if self.algorithm == "rigl":
+                g = layer.dense_grad_from_capture()
+                if g is None:
+                    raise RuntimeError(f"DST: no gradient was recorded for layer {name!r} on update step "
+                                       f"{self.step}; call loss.backward() before optimizer.step()")
+                g = g.abs().float()
+                if self._distributed():
+                    torch.distributed.all_reduce(g, group=self.process_group)
+            else:  # SET: the same seeded draw on every rank
+                g = torch.rand(shape, generator=self.generator).to(layer.values.device)
+            scores.append(g)
+        return scores
+
+    @torch.no_grad()
+    def _update(self, step: int, grow_scores: List[Tensor]) -> None:
+        frac = self.fraction(step)
+        record = {"step": step + 1, "fraction": frac, "layers": {}}
+        for (name, layer), g in zip(self.layers, grow_scores):
+            old_mask = layer.pattern_mask()
+            w_abs = layer.sparse_weight().abs().float()
+            new_mask = layer.structure.update_mask(old_mask, w_abs, g.to(w_abs.device), frac)
+            old_buffers = {k: v.clone() for k, v in layer._buffers_dict().items()}
+            state = self.optimizer.state.get(layer.values, {})
+            moved = {k: layer.transport(v, old_buffers, new_mask) for k, v in state.items()
+                     if isinstance(v, Tensor) and v.shape == layer.values.shape}
+            layer.set_mask(new_mask)
+            for k, v in moved.items():
+                state[k].copy_(v)
+            changed = int((new_mask & ~old_mask).sum())
+            record["layers"][name] = {"grown": changed, "density": layer.density}
+        self.history.append(record)
+        for _, layer in self.layers:
+            layer._dst_capture = None
+
+    def _apply_erk(self) -> None:
+        shapes = [(m.out_features, m.in_features) for _, m in self.layers]
+        total = sum(o * i for o, i in shapes)
+        density = sum(m.density * m.out_features * m.in_features for _, m in self.layers) / total
+        for (_, layer), d in zip(self.layers, erk_densities(shapes, density)):
+            layer.set_density(min(d, 1.0))
+
+    # -- introspection and checkpoints --------------------------------------------------------------------------
+    def regularization(self) -> Tensor:
+        """Current total permutation penalty (``sum perm_lambda * P(M)`` over soft layers), for logging."""
+        with torch.no_grad():
+            vals = [layer.permutation_penalty() for _, layer in self.layers if layer.phase == "soft"]
+        return torch.stack(vals).sum() if vals else torch.zeros(())
+
+    def densities(self) -> Dict[str, float]:
+        return {name: layer.density for name, layer in self.layers}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "generator": self.generator.get_state(), "history": list(self.history),
+                "config": self._config()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("config") != self._config():
+            raise ValueError(f"DST state was saved with config {state.get('config')} but this DST has "
+                             f"{self._config()}")
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.history = list(state["history"])
+        self._arm(self.step)
+
+    def _config(self) -> dict:
+        return dict(algorithm=self.algorithm, update_interval=self.update_interval, drop_fraction=self.drop_fraction,
+                    drop_schedule=self.drop_schedule, end_step=self.end_step,
+                    layers=[n for n, _ in self.layers])
+
+    def remove(self) -> None:
+        """Detach from the optimizer."""
+        for h in self._hooks:
+            h.remove()
+        for _, layer in self.layers:
+            layer._dst_capture = None

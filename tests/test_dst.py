@@ -1,0 +1,232 @@
+"""DST: RigL / SET updates per structure, exact sparsity, optimizer-state handling, schedules, resume, ERK."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import padst_ext
+from padst_ext import DST, SparseLinear, sparsify
+from padst_ext import ops
+from padst_ext.dst import erk_densities
+from padst_ext.structures import make_structure
+
+STRUCTS = [("block", dict(block_size=8)), ("nm", dict(n=2, m=8)), ("diagonal", {}), ("unstructured", {})]
+
+
+def _model(structure, kw, permute=True, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32),
+                          nn.ReLU(), nn.Linear(32, 4))
+    sparsify(model, structure, sparsity=0.75, permute=permute, from_weights=False, **kw)
+    return model
+
+
+def _train(model, opt, steps, seed=1, start=0):
+    g = torch.Generator().manual_seed(seed)
+    for s in range(start + steps):
+        x = torch.randn(32, 16, generator=g)
+        y = torch.randint(0, 4, (32,), generator=g)
+        if s < start:
+            continue
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, SparseLinear)]
+
+
+@pytest.mark.parametrize("structure,kw", STRUCTS, ids=[s for s, _ in STRUCTS])
+@pytest.mark.parametrize("algorithm", ["rigl", "set"])
+def test_updates_keep_structure_and_exact_density(structure, kw, algorithm):
+    model = _model(structure, kw)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    layers = _layers(model)
+    before = [(m.pattern_mask().clone(), m.density) for m in layers]
+    dst = DST(model, opt, algorithm=algorithm, update_interval=5, drop_fraction=0.3, total_steps=40)
+    _train(model, opt, 20)
+    assert len(dst.history) == 4
+    moved = 0
+    for m, (mask0, dens0) in zip(layers, before):
+        mask = m.pattern_mask()
+        assert m.density == dens0  # exact, after every update
+        assert int(mask.sum()) == int(mask0.sum())
+        moved += int((mask & ~mask0).sum())
+        if structure == "nm":
+            assert (mask.reshape(mask.shape[0], -1, 8).sum(-1) == 2).all()  # every group keeps exactly N
+        if structure == "block":
+            per_row = mask[::8].reshape(-1, mask.shape[1] // 8, 8).any(-1).sum(-1)
+            assert per_row.max() - per_row.min() <= 1
+        if structure == "diagonal":
+            assert m.values.shape[0] == m.structure.K
+    assert moved > 0, "no unit was ever regrown"
+
+
+@pytest.mark.parametrize("structure,kw", STRUCTS, ids=[s for s, _ in STRUCTS])
+def test_update_rule_drops_smallest_grows_largest(structure, kw):
+    R, C = 32, 64
+    st = make_structure(structure, R, C, 0.75, **kw) if structure != "nm" else make_structure("nm", R, C, None, **kw)
+    g = torch.Generator().manual_seed(0)
+    mask = st.random_mask(g)
+    w = torch.rand(R, C, generator=g) * mask
+    grad = torch.rand(R, C, generator=g)
+    new = st.update_mask(mask, w, grad, 0.25)
+    assert int(new.sum()) == int(mask.sum())
+    dropped, grown = mask & ~new, new & ~mask
+    assert dropped.any() and int(dropped.sum()) == int(grown.sum())
+    if structure == "unstructured":
+        assert w[dropped].max() <= w[mask & new].min()  # the smallest went
+        assert grad[grown].min() >= grad[~mask & ~new].max()  # the best inactive came in
+    if structure == "nm":
+        assert (new.reshape(R, -1, 8).sum(-1) == 2).all()
+    # no unit is dropped and regrown in the same update unless its group had no other candidate
+    assert not (dropped & new).any()
+
+
+def test_grown_weights_zero_and_optimizer_state_moved():
+    model = _model("block", dict(block_size=8), permute=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dst = DST(model, opt, algorithm="rigl", update_interval=3, drop_fraction=0.5, total_steps=30)
+    layer = _layers(model)[0]
+    _train(model, opt, 2)
+    mask0 = layer.pattern_mask()
+    dense_avg = layer.structure.unpack(opt.state[layer.values]["exp_avg"], layer._buffers_dict()).clone()
+    w_before = layer.sparse_weight().detach().clone()
+    _train(model, opt, 1, start=2)  # step 3: Adam step, then the update
+    mask1 = layer.pattern_mask()
+    grown, kept = mask1 & ~mask0, mask1 & mask0
+    assert grown.any()
+    S = layer.sparse_weight().detach()
+    assert (S[grown] == 0).all()  # grown weights start at zero
+    avg = layer.structure.unpack(opt.state[layer.values]["exp_avg"], layer._buffers_dict())
+    assert (avg[grown] == 0).all() and (avg[~mask1] == 0).all()
+    assert (avg[kept] != 0).any() and not torch.equal(avg[kept], dense_avg[kept])  # moved with the units
+    assert (S[kept] != w_before[kept]).any()  # kept weights still trained by that step
+
+
+def test_dense_gradient_only_on_update_steps(monkeypatch):
+    model = _model("diagonal", {}, permute=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    calls = []
+    real = ops.dense_grad
+    monkeypatch.setattr(ops, "dense_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    DST(model, opt, algorithm="rigl", update_interval=4, total_steps=100)
+    _train(model, opt, 3)
+    assert calls == [] and all(m._dst_capture is not None for m in _layers(model))  # armed for step 4
+    _train(model, opt, 1, start=3)
+    assert len(calls) == len(_layers(model))
+    assert all(m._dst_capture is None for m in _layers(model))
+
+
+def test_hooks_not_monkeypatching_step():
+    model = _model("nm", dict(n=2, m=8))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    dst = DST(model, opt, total_steps=10)
+    assert "step" not in vars(opt)  # optimizer.step is never reassigned on the instance
+    assert len(opt._optimizer_step_pre_hooks) == 1 and len(opt._optimizer_step_post_hooks) == 1
+    dst.remove()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_soft_permutations_get_penalty_and_harden_on_schedule():
+    model = _model("block", dict(block_size=8), permute=True)
+    for m in _layers(model):
+        m.harden_step = 6
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dst = DST(model, opt, algorithm="set", update_interval=3, total_steps=12)
+    assert dst.regularization().item() > 0
+    layer = _layers(model)[0]
+    # the penalty gradient is added in the pre-hook: compare with an optimizer step without DST
+    x = torch.randn(8, 16)
+    model(x).sum().backward()
+    g_loss = layer.soft.logits.grad.clone()
+    dst._pre_step(opt, (), {})
+    (g_pen,) = torch.autograd.grad(layer.permutation_penalty(), layer.soft.logits)
+    torch.testing.assert_close(layer.soft.logits.grad, g_loss + g_pen)
+    opt.zero_grad()
+    _train(model, opt, 6)
+    assert all(m.phase == "hard" for m in _layers(model))
+    assert dst.regularization().item() == 0
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("structure,kw", STRUCTS[:3], ids=[s for s, _ in STRUCTS[:3]])
+def test_resume_is_bit_exact(structure, kw):
+    n, k = 14, 6
+
+    def fresh():
+        model = _model(structure, kw, permute=True)
+        for m in _layers(model):
+            m.harden_step = 8
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        dst = DST(model, opt, algorithm="set" if structure == "diagonal" else "rigl", update_interval=3,
+                  total_steps=n, seed=3)
+        return model, opt, dst
+
+    model, opt, dst = fresh()
+    _train(model, opt, n)
+    straight = _snapshot(model)
+
+    model, opt, dst = fresh()
+    _train(model, opt, k)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "dst": dst.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    model, opt, dst = fresh()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    dst.load_state_dict(ckpt["dst"])
+    _train(model, opt, n - k, start=k)
+    resumed = _snapshot(model)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_erk_allocation_sums_to_global_density():
+    shapes = [(64, 16), (64, 64), (256, 64), (32, 256)]
+    d = erk_densities(shapes, 0.2)
+    total = sum(o * i for o, i in shapes)
+    assert abs(sum(di * o * i for di, (o, i) in zip(d, shapes)) - 0.2 * total) < 1e-6
+    assert d[0] > d[2]  # small layers denser
+    assert all(0 < x <= 1 for x in erk_densities([(4, 4), (1024, 1024)], 0.5))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 256), nn.Linear(256, 32),
+                          nn.Linear(32, 4))
+    sparsify(model, "unstructured", 0.8, permute=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sizes = {n: m.in_features * m.out_features for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    DST(model, opt, distribution="erk", total_steps=10)
+    dens = {n: m.density for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    realised = sum(dens[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    assert abs(realised - 0.2) < 1e-3 and len(set(round(v, 3) for v in dens.values())) > 1
+
+
+def test_bad_arguments():
+    model = _model("block", dict(block_size=8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        DST(model, opt, algorithm="rig", total_steps=10)
+    with pytest.raises(ValueError, match="pass total_steps"):
+        DST(model, opt)
+    with pytest.raises(ValueError, match="no SparseLinear layers"):
+        DST(nn.Linear(3, 3), opt, total_steps=10)
+    dst = DST(model, opt, total_steps=10)
+    with pytest.raises(ValueError, match="DST state was saved with config"):
+        DST(model, opt, total_steps=10, update_interval=7).load_state_dict(dst.state_dict())
+
+
+def test_package_exports():
+    assert padst_ext.DST is DST
