@@ -140,20 +140,23 @@ def test_soft_permutations_get_penalty_and_harden_on_schedule():
     for m in _layers(model):
         m.harden_step = 6
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    dst = DST(model, opt, algorithm="set", update_interval=3, total_steps=12)
-    assert dst.regularization().item() > 0
     layer = _layers(model)[0]
-    # the penalty gradient is added in the pre-hook: compare with an optimizer step without DST
     x = torch.randn(8, 16)
     model(x).sum().backward()
     g_loss = layer.soft.logits.grad.clone()
-    dst._pre_step(opt, (), {})
     (g_pen,) = torch.autograd.grad(layer.permutation_penalty(), layer.soft.logits)
+    opt.zero_grad()
+    dst = DST(model, opt, algorithm="set", update_interval=3, total_steps=12)
+    assert dst.regularization().item() > 0
+    # the penalty's gradient now comes with the layer's own backward: no change to the user's loss
+    model(x).sum().backward()
     torch.testing.assert_close(layer.soft.logits.grad, g_loss + g_pen)
     opt.zero_grad()
     _train(model, opt, 6)
     assert all(m.phase == "hard" for m in _layers(model))
     assert dst.regularization().item() == 0
+    dst.remove()
+    assert not any(m.penalty_in_backward for m in _layers(model))
 
 
 def _snapshot(model):

@@ -37,10 +37,11 @@ def test_perm_synthetic_permuted_beats_unpermuted(tmp_path, monkeypatch):
     import perm_synthetic
 
     res = perm_synthetic.main(["--structures", "block", "--dim", "32", "--steps", "400", "--threads", "1",
+                               "--inits", "uniform",
                                "--out", str(tmp_path / "p.json")])
     r = res["block"]
-    assert r["permuted"]["phase"] == "hard"
-    assert r["permuted"]["mse"] < 0.5 * r["unpermuted"]["mse"]
+    assert r["permuted (uniform init)"]["phase"] == "hard"
+    assert r["permuted (uniform init)"]["mse"] < 0.5 * r["unpermuted"]["mse"]
 
 
 def test_layer_cost_quick(tmp_path, monkeypatch):
@@ -49,3 +50,14 @@ def test_layer_cost_quick(tmp_path, monkeypatch):
 
     rows = layer_cost.main(["--quick", "--threads", "1", "--out", str(tmp_path / "l.json")])
     assert {r["layer"] for r in rows} >= {"block soft", "block hard", "nm hard", "diagonal none"}
+
+
+def test_dst_digits_quick(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import dst_digits
+
+    rows = dst_digits.main(["--epochs", "3", "--seeds", "1", "--threads", "1", "--configs", "1", "4",
+                            "--out", str(tmp_path / "d.json")])
+    assert [r["name"] for r in rows] == ["unstructured rigl", "block rigl +perm"]
+    assert all(r["acc_mean"] > 0.5 and r["updates"] > 0 for r in rows)

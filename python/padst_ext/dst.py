@@ -6,8 +6,8 @@
 weights and grows as many (RigL: largest dense-gradient norm, computed on that step only; SET: at random),
 unit by unit of the structure (block, diagonal, element of an N:M group, element), so the structure and the
 count stay exact. Grown weights start at zero; the optimizer state moves with the kept units and is zero for
-grown ones. Soft permutations get their penalty gradient in the pre-hook (no change to the user's loss) and
-harden on their own schedule in the post-hook.
+grown ones. Soft permutations get their penalty gradient in their own backward pass (no change to the user's
+loss) and harden on their own schedule in the post-hook.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ class DST:
         end: last update step, as a fraction of ``total_steps`` (< 1) or an absolute step (>= 1).
         distribution: ``"uniform"`` keeps each layer's density; ``"erk"`` re-allocates the layers' total density
             across layers (at construction, before training).
-        add_permutation_penalty: add ``perm_lambda * dP/dlogits`` to the soft permutations' gradients in the
-            pre-hook (set False if the loss already includes :func:`padst_ext.nn.permutation_penalty`).
+        add_permutation_penalty: the soft permutations' backward adds ``perm_lambda * dP/dlogits`` to their
+            gradients (once per forward, as if the penalty were in each forward's loss); set False if the loss
+            already includes :func:`padst_ext.nn.permutation_penalty`.
         process_group: under torch.distributed, the group over which grow scores are averaged so that every rank
             makes the identical update (default: the world group when initialised).
     """
@@ -97,6 +98,9 @@ class DST:
         self.history: List[Dict] = []
         if distribution == "erk":
             self._apply_erk()
+        # The penalty's gradient is added by each soft layer's backward (no second Sinkhorn pass per step).
+        for _, layer in self.layers:
+            layer.penalty_in_backward = add_permutation_penalty
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         self._arm(self.step)
@@ -123,13 +127,6 @@ class DST:
             layer._dst_capture = [] if rigl else None
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
-        if self.add_permutation_penalty:
-            for _, layer in self.layers:
-                if layer.phase == "soft":
-                    logits = layer.soft.logits
-                    with torch.enable_grad():
-                        (g,) = torch.autograd.grad(layer.permutation_penalty(), logits)
-                    logits.grad = g if logits.grad is None else logits.grad + g
         if self.is_update_step(self.step):
             self._grow_scores = self._compute_grow_scores()
 
@@ -228,3 +225,4 @@ class DST:
             h.remove()
         for _, layer in self.layers:
             layer._dst_capture = None
+            layer.penalty_in_backward = False

