@@ -226,6 +226,10 @@ def test_bad_arguments():
         DST(model, opt)
     with pytest.raises(ValueError, match="no SparseLinear layers"):
         DST(nn.Linear(3, 3), opt, total_steps=10)
+    all_sparse = nn.Sequential(SparseLinear(16, 32, structure="diagonal"), SparseLinear(32, 8, structure="diagonal"))
+    with pytest.raises(ValueError, match="first or last linear layer and is sparse"):
+        DST(all_sparse, torch.optim.SGD(all_sparse.parameters(), lr=0.1), total_steps=10)
+    DST(all_sparse, torch.optim.SGD(all_sparse.parameters(), lr=0.1), total_steps=10, dense_first_last=False)
     dst = DST(model, opt, total_steps=10)
     with pytest.raises(ValueError, match="DST state was saved with config"):
         DST(model, opt, total_steps=10, update_interval=7).load_state_dict(dst.state_dict())

@@ -62,3 +62,13 @@ def test_dst_digits_quick(tmp_path, monkeypatch):
     assert [r["name"] for r in rows] == ["unstructured rigl", "block rigl +perm"]
     assert all(r["updates"] > 0 for r in rows)
     assert rows[0]["acc_mean"] > 0.6 and rows[1]["acc_mean"] > 0.25  # 10 classes: chance is 0.1; 3 epochs only
+
+
+def test_dst_overhead_quick(tmp_path, monkeypatch):
+    pytest.importorskip("timm")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import dst_overhead
+
+    res = dst_overhead.main(["--depth", "1", "--batch", "4", "--reps", "2", "--threads", "1",
+                             "--out", str(tmp_path / "o.json")])
+    assert res["sparse_layers"] >= 2 and res["update_step_ms"] > 0 and res["soft_step_ms"] > 0

@@ -57,6 +57,7 @@ class DST:
         end: last update step, as a fraction of ``total_steps`` (< 1) or an absolute step (>= 1).
         distribution: ``"uniform"`` keeps each layer's density; ``"erk"`` re-allocates the layers' total density
             across layers (at construction, before training).
+        dense_first_last: require the model's first and last linear layers to be dense (ValueError otherwise).
         add_permutation_penalty: the soft permutations' backward adds ``perm_lambda * dP/dlogits`` to their
             gradients (once per forward, as if the penalty were in each forward's loss); set False if the loss
             already includes :func:`padst_ext.nn.permutation_penalty`.
@@ -93,6 +94,15 @@ class DST:
                                                        if isinstance(m, SparseLinear)]
         if not self.layers:
             raise ValueError("the model has no SparseLinear layers (use padst_ext.sparsify first)")
+        if dense_first_last:
+            linear = [(n, m) for n, m in model.named_modules()
+                      if isinstance(m, (nn.Linear, SparseLinear)) or type(m).__name__ == "Conv1D"]
+            for n, m in {linear[0][0]: linear[0][1], linear[-1][0]: linear[-1][1]}.items():
+                if isinstance(m, SparseLinear):
+                    raise ValueError(f"layer {n!r} is the model's first or last linear layer and is sparse, but "
+                                     "dense_first_last=True (the RigL default) keeps those dense: build the model "
+                                     "with padst_ext.sparsify (which leaves them dense) or pass "
+                                     "dense_first_last=False")
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0  # optimizer steps completed
         self.history: List[Dict] = []
