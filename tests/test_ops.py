@@ -239,9 +239,8 @@ def test_empty_batch_and_empty_pattern():
 # --- gradcheck, opcheck, compile ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("structure,perm", [("block", "none"), ("block", "both"), ("nm", "none"), ("nm", "in"),
-                                            ("diag", "none"), ("diag", "both"), ("diag_wide", "both")])
-def test_gradcheck(structure, perm):
+def _small_float64_case(structure, perm):
+    """A small float64 case and fresh leaf tensors (x, values, bias) for gradcheck / gradgradcheck."""
     if structure == "diag_wide":
         case = make_case("diag", 3, 24, 8, sparsity=0.5, perm=perm, dtype=torch.float64)
     elif structure == "block":
@@ -250,27 +249,23 @@ def test_gradcheck(structure, perm):
         case = make_case("nm", 3, 16, 12, nm=(1, 4), perm=perm, dtype=torch.float64)
     else:
         case = make_case("diag", 3, 12, 20, sparsity=0.5, perm=perm, dtype=torch.float64)
-    x = case.x.clone().requires_grad_()
-    v = case.weight.values.clone().requires_grad_()
-    b = case.bias.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, v, b: fwd(case, x, v, b, ops), (x, v, b))
+    leaves = tuple(t.clone().requires_grad_() for t in (case.x, case.weight.values, case.bias))
+    return case, leaves
+
+
+@pytest.mark.parametrize("structure,perm", [("block", "none"), ("block", "both"), ("nm", "none"), ("nm", "in"),
+                                            ("diag", "none"), ("diag", "both"), ("diag_wide", "both")])
+def test_gradcheck(structure, perm):
+    case, leaves = _small_float64_case(structure, perm)
+    assert torch.autograd.gradcheck(lambda x, v, b: fwd(case, x, v, b, ops), leaves)
 
 
 @pytest.mark.parametrize("structure,perm", [("block", "both"), ("nm", "in"), ("diag", "both"), ("diag_wide", "in")])
 def test_gradgradcheck(structure, perm):
     """The backward ops have autograd too: second derivatives are exact, not silently zero."""
-    if structure == "diag_wide":
-        case = make_case("diag", 3, 24, 8, sparsity=0.5, perm=perm, dtype=torch.float64)
-    elif structure == "block":
-        case = make_case("block", 3, 16, 24, block=(8, 8), sparsity=0.5, perm=perm, dtype=torch.float64)
-    elif structure == "nm":
-        case = make_case("nm", 3, 16, 12, nm=(1, 4), perm=perm, dtype=torch.float64)
-    else:
-        case = make_case("diag", 3, 12, 20, sparsity=0.5, perm=perm, dtype=torch.float64)
-    x = case.x.clone().requires_grad_()
-    v = case.weight.values.clone().requires_grad_()
-    b = case.bias.clone().requires_grad_()
-    assert torch.autograd.gradgradcheck(lambda x, v, b: fwd(case, x, v, b, ops), (x, v, b))
+    case, leaves = _small_float64_case(structure, perm)
+    assert torch.autograd.gradgradcheck(lambda x, v, b: fwd(case, x, v, b, ops), leaves)
+    x = leaves[0]
     # and the dense grow-score helper
     dy = torch.randn(3, case.R, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda dy, x: ops.dense_grad(dy, x, case.in_perm, case.out_perm), (dy, x))
