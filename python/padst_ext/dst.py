@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .nn import SparseLinear
 
-__all__ = ["DST", "erk_densities"]
+__all__ = ["DST", "erk_densities", "apply_erk"]
 
 ALGORITHMS = ("rigl", "set", "static")
 SCHEDULES = ("cosine", "constant", "linear")
@@ -47,6 +47,19 @@ def erk_densities(shapes: List[Tuple[int, int]], density: float, erk_power: floa
         dense.update(over)
 
 
+def apply_erk(model: nn.Module, seed: int = 0, generator: Optional[torch.Generator] = None) -> Dict[str, float]:
+    """Re-allocate the total density of ``model``'s SparseLinear layers by ERK (fresh seeded random patterns of the
+    new densities). Call it before training and before wrapping the model in DDP; returns the new densities."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    shapes = [(m.out_features, m.in_features) for _, m in layers]
+    total = sum(o * i for o, i in shapes)
+    density = sum(m.density * m.out_features * m.in_features for _, m in layers) / total
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    for (_, layer), d in zip(layers, erk_densities(shapes, density)):
+        layer.set_density(min(d, 1.0), generator=gen)
+    return {n: m.density for n, m in layers}
+
+
 class DST:
     """RigL / SET / static sparse training for the :class:`~padst_ext.nn.SparseLinear` layers of ``model``.
 
@@ -61,8 +74,10 @@ class DST:
         add_permutation_penalty: the soft permutations' backward adds ``perm_lambda * dP/dlogits`` to their
             gradients (once per forward, as if the penalty were in each forward's loss); set False if the loss
             already includes :func:`padst_ext.nn.permutation_penalty`.
-        process_group: under torch.distributed, the group over which grow scores are averaged so that every rank
-            makes the identical update (default: the world group when initialised).
+        process_group: under torch.distributed, the group over which grow scores are summed so that every rank
+            makes the identical update (default: the world group when initialised). Wrap the model in DDP with
+            ``find_unused_parameters=True`` when it has soft permutations: their logits stop being used once
+            they harden.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, algorithm: str = "rigl",
@@ -165,9 +180,10 @@ class DST:
                 if g is None:
                     raise RuntimeError(f"DST: no gradient was recorded for layer {name!r} on update step "
                                        f"{self.step}; call loss.backward() before optimizer.step()")
-                g = g.abs().float()
-                if self._distributed():
+                g = g.float()
+                if self._distributed():  # the global gradient first, then its magnitude
                     torch.distributed.all_reduce(g, group=self.process_group)
+                g = g.abs()
             else:  # SET: the same seeded draw on every rank
                 g = torch.rand(shape, generator=self.generator).to(layer.values.device)
             scores.append(g)
@@ -195,11 +211,11 @@ class DST:
             layer._dst_capture = None
 
     def _apply_erk(self) -> None:
-        shapes = [(m.out_features, m.in_features) for _, m in self.layers]
-        total = sum(o * i for o, i in shapes)
-        density = sum(m.density * m.out_features * m.in_features for _, m in self.layers) / total
-        for (_, layer), d in zip(self.layers, erk_densities(shapes, density)):
-            layer.set_density(min(d, 1.0))
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            raise ValueError("distribution='erk' changes the layers' sizes, which a DistributedDataParallel "
+                             "wrapper cannot follow: call padst_ext.dst.apply_erk(model, seed=...) before wrapping "
+                             "the model, then DST(ddp_model, ...) with the default distribution")
+        apply_erk(self.model, generator=self.generator)
 
     # -- introspection and checkpoints --------------------------------------------------------------------------
     def regularization(self) -> Tensor:
@@ -227,7 +243,7 @@ class DST:
     def _config(self) -> dict:
         return dict(algorithm=self.algorithm, update_interval=self.update_interval, drop_fraction=self.drop_fraction,
                     drop_schedule=self.drop_schedule, end_step=self.end_step,
-                    layers=[n for n, _ in self.layers])
+                    layers=[n[len("module."):] if n.startswith("module.") else n for n, _ in self.layers])
 
     def remove(self) -> None:
         """Detach from the optimizer."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -139,7 +140,7 @@ class SparseLinear(nn.Module):
         packed, _ = self.structure.pack(dense * new_mask.to(dense.dtype), new_mask)
         return packed
 
-    def set_density(self, density: float) -> None:
+    def set_density(self, density: float, generator: Optional[torch.Generator] = None) -> None:
         """Re-allocate this layer to another density (e.g. ERK), with a fresh random pattern of that density.
         Only meaningful before training: the weights under the new pattern are the old ones where kept."""
         cfg = self.structure.config()
@@ -150,7 +151,7 @@ class SparseLinear(nn.Module):
         self.structure = make_structure(self.structure.name, self.out_features, self.in_features, 1.0 - density, **kw)
         dense = self.sparse_weight().detach()
         with torch.no_grad():
-            self._set_pattern(dense, self.structure.random_mask(device=dense.device))
+            self._set_pattern(dense, self.structure.random_mask(generator, device=dense.device))
 
     # -- permutation state --------------------------------------------------------------------------------
     @property
@@ -329,7 +330,22 @@ class SparseLinear(nn.Module):
                         self.register_buffer(name, torch.empty_like(src, dtype=cur.dtype, device=cur.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._match_structure_to_values()
         self._refresh_folded()
+
+    def _match_structure_to_values(self) -> None:
+        """After loading a pattern of another density (e.g. ERK): the structure's counts follow the stored one."""
+        cfg = self.structure.config()
+        R, C = self.out_features, self.in_features
+        if cfg["structure"] == "nm":
+            return  # its density is n/m, part of the config that was checked
+        if cfg["structure"] == "unstructured":
+            density = float(self.mask.sum()) / (R * C)
+        else:
+            density = self.values.numel() / (R * C)
+        if abs(density - self.structure.density) > 1e-12:
+            kw = {k: cfg[k] for k in ("block_size",) if k in cfg}
+            self.structure = make_structure(cfg["structure"], R, C, 1.0 - density, **kw)
 
     def _set_phase(self, phase: str) -> None:
         if phase not in _PHASES:
@@ -343,6 +359,9 @@ class SparseLinear(nn.Module):
         if phase == "soft":
             self.soft = P.SoftPermutation(self.perm_dim, init=self.perm_init, n_iters=self.sinkhorn_iters,
                                           **self._soft_factory(factory["device"], factory["dtype"]))
+            warnings.warn("SparseLinear: loading a soft-phase checkpoint into a layer that had no soft matrix "
+                          "created a new soft-permutation parameter; an optimizer built before this load does not "
+                          "track it (build the optimizer after loading the model)", stacklevel=3)
         elif phase == "hard":
             self.register_buffer("perm", torch.arange(self.perm_dim, device=factory["device"]))
         self.phase = phase
@@ -460,6 +479,10 @@ def export(model: nn.Module, inplace: bool = False) -> nn.Module:
     kernels, compressed weights only, gradients off, eval mode."""
     out = model if inplace else copy.deepcopy(model)
     harden_all(out, force=True)
+    for m in out.modules():
+        if isinstance(m, SparseLinear):  # no training-time state on an inference model
+            m._dst_capture = None
+            m.penalty_in_backward = False
     out.eval()
     for p in out.parameters():
         p.requires_grad_(False)

@@ -137,15 +137,14 @@ class SoftPermutation(nn.Module):
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.d, self.init, self.n_iters, self.tau = d, init, n_iters, tau
-        kw = dict(device=device, dtype=dtype or torch.float32)
-        g = generator
+        g = generator  # a CPU generator: draw on the CPU, then move (same numbers on every device)
         if init == "random":
-            logits = random_scale * torch.randn(d, d, generator=g, **kw)
+            logits = random_scale * torch.randn(d, d, generator=g)
         elif init == "identity":
-            logits = identity_scale * torch.eye(d, **kw) + noise * torch.randn(d, d, generator=g, **kw)
+            logits = identity_scale * torch.eye(d) + noise * torch.randn(d, d, generator=g)
         else:
-            logits = noise * torch.randn(d, d, generator=g, **kw)
-        self.logits = nn.Parameter(logits)
+            logits = noise * torch.randn(d, d, generator=g)
+        self.logits = nn.Parameter(logits.to(device=device, dtype=dtype or torch.float32))
 
     def matrix(self) -> Tensor:
         return sinkhorn(self.logits, self.n_iters, self.tau)

@@ -232,10 +232,11 @@ class NMStructure(Structure):
         # originally inactive, then (only if a group runs out of those, m - n < dropped) the dropped ones
         kept = (active & ~drop).reshape(R, G, m)
         lost = drop.reshape(R, G, m).sum(-1)
-        score = torch.where(active.reshape(R, G, m), torch.full((R, G, m), -big),
+        dev = mask.device
+        score = torch.where(active.reshape(R, G, m), torch.full((R, G, m), -big, device=dev),
                             g_score.float().reshape(R, G, m))
-        score = torch.where(drop.reshape(R, G, m), torch.full((R, G, m), -big / 2), score)
-        score = torch.where(kept, torch.full((R, G, m), float("-inf")), score)
+        score = torch.where(drop.reshape(R, G, m), torch.full((R, G, m), -big / 2, device=dev), score)
+        score = torch.where(kept, torch.full((R, G, m), float("-inf"), device=dev), score)
         rank = torch.argsort(torch.argsort(-score, dim=-1, stable=True), dim=-1, stable=True)
         grow = (rank < lost[..., None]) & ~kept
         return (kept | grow).reshape(R, self.C)
