@@ -162,6 +162,23 @@ def test_dense_gradient_only_on_update_steps(monkeypatch):
     assert all(m._dst_capture is None for m in _layers(model))
 
 
+def test_skipped_step_with_inf_gradients_does_not_poison_rigl():
+    """GradScaler skips optimizer.step on inf/NaN gradients, so DST's hooks do not run and that step's records
+    stay; they must not reach the grow scores."""
+    model = _model("block", dict(block_size=8), permute=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    dst = DST(model, opt, algorithm="rigl", update_interval=2, total_steps=20)
+    _train(model, opt, 1)
+    x = torch.randn(8, 16)
+    (model(x).sum() * float("inf")).backward()  # a step GradScaler would skip: no optimizer.step()
+    opt.zero_grad()
+    _train(model, opt, 1, start=1)  # the update step
+    assert len(dst.history) == 1
+    for m in _layers(model):
+        assert torch.isfinite(m.values).all()
+        assert m.density == pytest.approx(0.25, abs=0.01)
+
+
 def test_hooks_not_monkeypatching_step():
     model = _model("nm", dict(n=2, m=8))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)

@@ -264,7 +264,9 @@ class SparseLinear(nn.Module):
 
         total = None
         for rec in self._dst_capture or ():
-            if "dz" not in rec:
+            # a forward without backward, or the inf/NaN gradients of a step that GradScaler skipped (the
+            # optimizer step hooks never ran, so its records are still here): not a grow signal
+            if "dz" not in rec or not bool(torch.isfinite(rec["dz"]).all()):
                 continue
             g = ops.dense_grad(rec["dz"].to(rec["x"].dtype), rec["x"], rec["in_perm"], rec["out_perm"])
             total = g if total is None else total + g
