@@ -312,8 +312,13 @@ torch.library.register_autograd("padst::diag_mm", _diag_backward, setup_context=
 # The backward ops are bilinear in their two tensor operands, so their own gradients are again padst ops:
 # this makes every op differentiable to any order (double backward, gradgradcheck, Hessian-vector products).
 
-def _block_t_setup(ctx, inputs, output):
-    ctx.save_for_backward(*_full(inputs, 9))
+def _save_inputs(n: int):
+    """A setup_context that saves the op's ``n`` inputs (tensors or None) for its backward."""
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*_full(inputs, n))
+
+    return setup
 
 
 def _block_t_backward(ctx, g):
@@ -343,10 +348,11 @@ def _block_dw_backward(ctx, g):
     return _grads(ctx, d_dy, d_x, None, None, None, None, None, None)
 
 
-def _nm_t_setup(ctx, inputs, output):
-    dy, values, col_idx, n, m = inputs
+def _nm_pair_setup(ctx, inputs, output):
+    """nm_mm_t(dy, values, ...) and nm_sddmm(dy, x, ...): two tensors, the indices, then n and m."""
+    a, b, col_idx, n, m = inputs
     ctx.n, ctx.m = n, m
-    ctx.save_for_backward(dy, values, col_idx)
+    ctx.save_for_backward(a, b, col_idx)
 
 
 def _nm_t_backward(ctx, g):
@@ -354,12 +360,6 @@ def _nm_t_backward(ctx, g):
     d_dy = _ops.nm_mm.default(g, values, col_idx, ctx.n, ctx.m, None) if _needs(ctx, 0) else None
     d_v = _ops.nm_sddmm.default(dy, g, col_idx, ctx.n, ctx.m) if _needs(ctx, 1) else None
     return _grads(ctx, d_dy, d_v, None, None, None)
-
-
-def _nm_dw_setup(ctx, inputs, output):
-    dy, x, col_idx, n, m = inputs
-    ctx.n, ctx.m = n, m
-    ctx.save_for_backward(dy, x, col_idx)
 
 
 def _nm_dw_backward(ctx, g):
@@ -384,10 +384,6 @@ def _diag_t_backward(ctx, g):
     return _grads(ctx, d_dy, d_v, None, None, None, None)
 
 
-def _diag_dw_setup(ctx, inputs, output):
-    ctx.save_for_backward(*_full(inputs, 5))
-
-
 def _diag_dw_backward(ctx, g):
     dy, x, offsets, in_perm, out_perm = ctx.saved_tensors
     d_dy = d_x = None
@@ -396,10 +392,6 @@ def _diag_dw_backward(ctx, g):
     if _needs(ctx, 1):
         d_x = _ops.diag_mm_t.default(dy, g, offsets, x.shape[1], in_perm, out_perm)
     return _grads(ctx, d_dy, d_x, None, None, None)
-
-
-def _dense_grad_setup(ctx, inputs, output):
-    ctx.save_for_backward(*_full(inputs, 4))
 
 
 def _dense_grad_backward(ctx, g):
@@ -412,10 +404,10 @@ def _dense_grad_backward(ctx, g):
     return _grads(ctx, d_dy, d_x, None, None)
 
 
-torch.library.register_autograd("padst::block_mm_t", _block_t_backward, setup_context=_block_t_setup)
+torch.library.register_autograd("padst::block_mm_t", _block_t_backward, setup_context=_save_inputs(9))
 torch.library.register_autograd("padst::block_sddmm", _block_dw_backward, setup_context=_block_dw_setup)
-torch.library.register_autograd("padst::nm_mm_t", _nm_t_backward, setup_context=_nm_t_setup)
-torch.library.register_autograd("padst::nm_sddmm", _nm_dw_backward, setup_context=_nm_dw_setup)
+torch.library.register_autograd("padst::nm_mm_t", _nm_t_backward, setup_context=_nm_pair_setup)
+torch.library.register_autograd("padst::nm_sddmm", _nm_dw_backward, setup_context=_nm_pair_setup)
 torch.library.register_autograd("padst::diag_mm_t", _diag_t_backward, setup_context=_diag_t_setup)
-torch.library.register_autograd("padst::diag_sddmm", _diag_dw_backward, setup_context=_diag_dw_setup)
-torch.library.register_autograd("padst::dense_grad", _dense_grad_backward, setup_context=_dense_grad_setup)
+torch.library.register_autograd("padst::diag_sddmm", _diag_dw_backward, setup_context=_save_inputs(5))
+torch.library.register_autograd("padst::dense_grad", _dense_grad_backward, setup_context=_save_inputs(4))
