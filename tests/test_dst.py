@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 
 import pytest
@@ -134,7 +133,6 @@ def test_grown_weights_zero_and_optimizer_state_moved():
     layer = _layers(model)[0]
     _train(model, opt, 2)
     mask0 = layer.pattern_mask()
-    dense_avg = layer.structure.unpack(opt.state[layer.values]["exp_avg"], layer._buffers_dict()).clone()
     w_before = layer.sparse_weight().detach().clone()
     _train(model, opt, 1, start=2)  # step 3: Adam step, then the update
     mask1 = layer.pattern_mask()
@@ -145,6 +143,7 @@ def test_grown_weights_zero_and_optimizer_state_moved():
     avg = layer.structure.unpack(opt.state[layer.values]["exp_avg"], layer._buffers_dict())
     assert (avg[grown] == 0).all() and (avg[~mask1] == 0).all()
     assert (avg[kept] != 0).any()  # kept units keep their moments (moved with them: test_transport_...)
+    assert len(dst.history) == 1
     assert (S[kept] != w_before[kept]).any()  # kept weights still trained by that step
 
 

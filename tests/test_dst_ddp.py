@@ -17,7 +17,6 @@ WORLD = 2
 
 def _worker(rank: int, init_file: str, out_dir: str, structure: str, algorithm: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
-    import padst_ext
     from padst_ext import DST, sparsify
 
     torch.set_num_threads(1)
