@@ -121,6 +121,7 @@ class DST:
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0  # optimizer steps completed
         self.history: List[Dict] = []
+        self._grow_scores: Optional[List[Tensor]] = None  # set in the pre-hook of an update step
         if distribution == "erk":
             self._apply_erk()
         # The penalty's gradient is added by each soft layer's backward (no second Sinkhorn pass per step).

@@ -140,16 +140,21 @@ class SparseLinear(nn.Module):
         packed, _ = self.structure.pack(dense * new_mask.to(dense.dtype), new_mask)
         return packed
 
+    def _structure_at(self, density: float) -> Structure:
+        """This layer's kind of structure (same shape, block size or M) at another density; N:M takes the
+        nearest N for its M."""
+        cfg = self.structure.config()
+        kw = {k: cfg[k] for k in ("block_size",) if k in cfg}
+        if cfg["structure"] == "nm":
+            m = cfg["m"]
+            kw.update(n=max(1, min(m - 1, round(density * m))), m=m)
+        return make_structure(cfg["structure"], self.out_features, self.in_features, 1.0 - density, **kw)
+
     def set_density(self, density: float, generator: Optional[torch.Generator] = None) -> None:
         """Re-allocate this layer to another density (e.g. ERK), with a fresh random pattern of that density.
         Only meaningful before training: the weights under the new pattern are the old ones where kept."""
-        cfg = self.structure.config()
-        kw = {k: cfg[k] for k in ("block_size",) if k in cfg}
-        if self.structure.name == "nm":
-            m = cfg["m"]
-            kw.update(n=max(1, min(m - 1, round(density * m))), m=m)
-        self.structure = make_structure(self.structure.name, self.out_features, self.in_features, 1.0 - density, **kw)
-        dense = self.sparse_weight().detach()
+        dense = self.sparse_weight().detach()  # read under the current structure, before it changes
+        self.structure = self._structure_at(density)
         with torch.no_grad():
             self._set_pattern(dense, self.structure.random_mask(generator, device=dense.device))
 
@@ -346,8 +351,7 @@ class SparseLinear(nn.Module):
         else:
             density = self.values.numel() / (R * C)
         if abs(density - self.structure.density) > 1e-12:
-            kw = {k: cfg[k] for k in ("block_size",) if k in cfg}
-            self.structure = make_structure(cfg["structure"], R, C, 1.0 - density, **kw)
+            self.structure = self._structure_at(density)
 
     def _set_phase(self, phase: str) -> None:
         if phase not in _PHASES:
