@@ -88,9 +88,6 @@ class Case:
     x: torch.Tensor
     extra: Dict = field(default_factory=dict)
 
-    def id(self) -> str:
-        return f"{self.structure}-B{self.B}-C{self.C}-R{self.R}"
-
 
 def make_case(structure: str, B: int, C: int, R: int, *, sparsity: float = 0.9, block=(16, 16), nm=(1, 10),
               perm: str = "both", bias: bool = True, dtype=torch.float32, device="cpu", seed: int = 0) -> Case:
