@@ -201,4 +201,156 @@ at::Tensor check_diag_offsets(const char* op, const at::Tensor& offsets, int64_t
   return oc;
 }
 
+BlockMeta block_setup(const char* op, const at::Tensor& ref, int64_t br, int64_t bc, const at::Tensor& row_ptr,
+                      const at::Tensor& col_idx, int64_t C) {
+  check_index_tensor(op, "row_ptr", row_ptr, 1);
+  TORCH_CHECK_VALUE(row_ptr.size(0) >= 1, op, ": row_ptr must have at least one entry");
+  return check_block_csr(op, row_ptr, col_idx, br, bc, (row_ptr.size(0) - 1) * br, C, ref);
+}
+
+void check_block_values(const char* op, const at::Tensor& values, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(values.dim() == 3, op, ": values must be 3-D [nnz_blocks, block_rows, block_cols], got shape ",
+                    values.sizes());
+  check_same_dtype(op, "values", values, ref);
+  check_same_device(op, "values", values, ref);
+}
+
+void check_diag_values(const char* op, const at::Tensor& values, const at::Tensor& offsets, int64_t R, int64_t C,
+                       const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(values.dim() == 2, op, ": values must be 2-D [num_diagonals, min(R, C)], got shape ",
+                    values.sizes());
+  check_same_dtype(op, "values", values, ref);
+  check_same_device(op, "values", values, ref);
+  TORCH_CHECK_VALUE(values.size(1) == std::min(R, C), op, ": values must have min(R, C) = ", std::min(R, C),
+                    " entries per diagonal, got ", values.size(1));
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == values.size(0), op, ": offsets must have shape [",
+                    values.size(0), "] (one per diagonal), got ", offsets.sizes());
+}
+
+BlockProblem validate_block_mm(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                               const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
+                               const at::Tensor& blk_t, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
+  check_matrix(op, "x", x);
+  check_block_values(op, values, x);
+  BlockProblem p{block_setup(op, x, values.size(1), values.size(2), row_ptr, col_idx, x.size(1)), {}, {}};
+  check_block_csc(op, p.m, col_ptr, row_idx_t, blk_t);
+  TORCH_CHECK_VALUE(values.size(0) == p.m.nnzb, op, ": values holds ", values.size(0), " blocks but col_idx has ",
+                    p.m.nnzb);
+  check_bias(op, bias, x, p.m.R);
+  p.pin = check_perm(op, "in_perm", in_perm, p.m.C, x);
+  p.pout = check_perm(op, "out_perm", out_perm, p.m.R, x);
+  return p;
+}
+
+BlockProblem validate_block_mm_t(const char* op, const at::Tensor& dy, const at::Tensor& values,
+                                 const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
+                                 const at::Tensor& row_idx_t, const at::Tensor& blk_t,
+                                 const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
+  check_matrix(op, "dy", dy);
+  check_block_values(op, values, dy);
+  check_index_tensor(op, "col_ptr", col_ptr, 1);
+  TORCH_CHECK_VALUE(col_ptr.size(0) >= 1, op, ": col_ptr must have at least one entry");
+  const int64_t br = values.size(1), bc = values.size(2);
+  BlockProblem p{block_setup(op, dy, br, bc, row_ptr, col_idx, (col_ptr.size(0) - 1) * bc), {}, {}};
+  check_block_csc(op, p.m, col_ptr, row_idx_t, blk_t);
+  TORCH_CHECK_VALUE(values.size(0) == p.m.nnzb, op, ": values holds ", values.size(0), " blocks but col_idx has ",
+                    p.m.nnzb);
+  TORCH_CHECK_VALUE(dy.size(1) == p.m.R, op, ": dy has ", dy.size(1), " columns but the weight has ", p.m.R, " rows");
+  p.pin = check_perm(op, "in_perm", in_perm, p.m.C, dy);
+  p.pout = check_perm(op, "out_perm", out_perm, p.m.R, dy);
+  return p;
+}
+
+BlockProblem validate_block_sddmm(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+                                  const at::Tensor& col_idx, int64_t block_rows, int64_t block_cols,
+                                  const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
+  check_matrix(op, "dy", dy);
+  check_matrix(op, "x", x);
+  check_same_dtype(op, "dy", dy, x);
+  check_same_device(op, "dy", dy, x);
+  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
+  check_index_tensor(op, "row_ptr", row_ptr, 1);
+  BlockProblem p{check_block_csr(op, row_ptr, col_idx, block_rows, block_cols, dy.size(1), x.size(1), x), {}, {}};
+  p.pin = check_perm(op, "in_perm", in_perm, p.m.C, x);
+  p.pout = check_perm(op, "out_perm", out_perm, p.m.R, x);
+  return p;
+}
+
+NmProblem validate_nm_mm_t(const char* op, const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_idx,
+                           int64_t n, int64_t m) {
+  check_matrix(op, "dy", dy);
+  check_matrix(op, "values", values);
+  check_same_dtype(op, "values", values, dy);
+  check_same_device(op, "values", values, dy);
+  TORCH_CHECK_VALUE(m > 0 && n >= 1 && n < m, op, ": N:M sparsity needs 1 <= N < M, got N=", n, ", M=", m);
+  TORCH_CHECK_VALUE(values.size(1) % n == 0, op, ": values has ", values.size(1),
+                    " columns per row, not a multiple of N=", n);
+  NmProblem p{values.size(0), values.size(1) / n * m, values.size(1)};
+  check_nm(op, values, col_idx, n, m, p.R, p.C, dy);
+  TORCH_CHECK_VALUE(dy.size(1) == p.R, op, ": dy has ", dy.size(1), " columns but the weight has ", p.R, " rows");
+  return p;
+}
+
+NmProblem validate_nm_sddmm(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& col_idx,
+                            int64_t n, int64_t m) {
+  check_matrix(op, "dy", dy);
+  check_matrix(op, "x", x);
+  check_same_dtype(op, "dy", dy, x);
+  check_same_device(op, "dy", dy, x);
+  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
+  const int64_t R = dy.size(1), C = x.size(1);
+  // Shape-only stand-in for values: check_nm compares col_idx against [R, C*n/m].
+  TORCH_CHECK_VALUE(m > 0 && n >= 1 && n < m, op, ": N:M sparsity needs 1 <= N < M, got N=", n, ", M=", m);
+  TORCH_CHECK_VALUE(C % m == 0, op, ": M=", m, " does not divide in_features ", C);
+  NmProblem p{R, C, C / m * n};
+  check_nm(op, at::empty({R, p.K}, x.options().device(at::kMeta)), col_idx, n, m, R, C, x);
+  return p;
+}
+
+DiagProblem validate_diag_mm(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets,
+                             int64_t out_features, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
+  check_matrix(op, "x", x);
+  DiagProblem p;
+  p.R = out_features;
+  p.C = x.size(1);
+  p.off = check_diag_offsets(op, offsets, p.R, p.C, x);
+  check_diag_values(op, values, offsets, p.R, p.C, x);
+  check_bias(op, bias, x, p.R);
+  p.pin = check_perm(op, "in_perm", in_perm, p.C, x);
+  p.pout = check_perm(op, "out_perm", out_perm, p.R, x);
+  return p;
+}
+
+DiagProblem validate_diag_mm_t(const char* op, const at::Tensor& dy, const at::Tensor& values,
+                               const at::Tensor& offsets, int64_t in_features, const std::optional<at::Tensor>& in_perm,
+                               const std::optional<at::Tensor>& out_perm) {
+  check_matrix(op, "dy", dy);
+  DiagProblem p;
+  p.R = dy.size(1);
+  p.C = in_features;
+  p.off = check_diag_offsets(op, offsets, p.R, p.C, dy);
+  check_diag_values(op, values, offsets, p.R, p.C, dy);
+  p.pin = check_perm(op, "in_perm", in_perm, p.C, dy);
+  p.pout = check_perm(op, "out_perm", out_perm, p.R, dy);
+  return p;
+}
+
+DiagProblem validate_diag_sddmm(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
+                                const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
+  check_matrix(op, "dy", dy);
+  check_matrix(op, "x", x);
+  check_same_dtype(op, "dy", dy, x);
+  check_same_device(op, "dy", dy, x);
+  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
+  DiagProblem p;
+  p.R = dy.size(1);
+  p.C = x.size(1);
+  p.off = check_diag_offsets(op, offsets, p.R, p.C, x);
+  p.pin = check_perm(op, "in_perm", in_perm, p.C, x);
+  p.pout = check_perm(op, "out_perm", out_perm, p.R, x);
+  return p;
+}
+
 }  // namespace padst

@@ -59,4 +59,55 @@ void check_nm_mm_args(const at::Tensor& x, const at::Tensor& values, const at::T
 // Diagonal: offsets [K] in [0, max(R, C)); returns them as int64 CPU.
 at::Tensor check_diag_offsets(const char* op, const at::Tensor& offsets, int64_t R, int64_t C, const at::Tensor& ref);
 
+// Block ops: validates row_ptr (1-D, non-empty) and the CSR pattern for blocks br x bc with C input features.
+BlockMeta block_setup(const char* op, const at::Tensor& ref, int64_t br, int64_t bc, const at::Tensor& row_ptr,
+                      const at::Tensor& col_idx, int64_t C);
+// values [nnz_blocks, br, bc] with the dtype and device of ref.
+void check_block_values(const char* op, const at::Tensor& values, const at::Tensor& ref);
+// values [K, min(R, C)] with the dtype and device of ref, one offset per diagonal.
+void check_diag_values(const char* op, const at::Tensor& values, const at::Tensor& offsets, int64_t R, int64_t C,
+                       const at::Tensor& ref);
+
+// ---------------------------------------------------------------------------------------------------------
+// Whole-op validation, shared by every backend (the caller checks the device kind itself). Each returns the
+// validated metadata the kernels need, on the CPU.
+// ---------------------------------------------------------------------------------------------------------
+struct BlockProblem {
+  BlockMeta m;
+  Perm pin, pout;
+};
+BlockProblem validate_block_mm(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                               const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
+                               const at::Tensor& blk_t, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm);
+BlockProblem validate_block_mm_t(const char* op, const at::Tensor& dy, const at::Tensor& values,
+                                 const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
+                                 const at::Tensor& row_idx_t, const at::Tensor& blk_t,
+                                 const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm);
+BlockProblem validate_block_sddmm(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+                                  const at::Tensor& col_idx, int64_t block_rows, int64_t block_cols,
+                                  const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm);
+
+struct NmProblem {
+  int64_t R = 0, C = 0, K = 0;
+};
+NmProblem validate_nm_mm_t(const char* op, const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_idx,
+                           int64_t n, int64_t m);
+NmProblem validate_nm_sddmm(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& col_idx,
+                            int64_t n, int64_t m);
+
+struct DiagProblem {
+  at::Tensor off;  // int64 CPU
+  Perm pin, pout;
+  int64_t R = 0, C = 0;
+};
+DiagProblem validate_diag_mm(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets,
+                             int64_t out_features, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm);
+DiagProblem validate_diag_mm_t(const char* op, const at::Tensor& dy, const at::Tensor& values,
+                               const at::Tensor& offsets, int64_t in_features, const std::optional<at::Tensor>& in_perm,
+                               const std::optional<at::Tensor>& out_perm);
+DiagProblem validate_diag_sddmm(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
+                                const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm);
+
 }  // namespace padst

@@ -157,35 +157,15 @@ void block_sddmm_kernel(const T* dy, const T* x, int64_t B, const BlockMeta& m, 
   });
 }
 
-BlockMeta block_setup(const char* op, const at::Tensor& ref, int64_t br, int64_t bc, const at::Tensor& row_ptr,
-                      const at::Tensor& col_idx, int64_t C) {
-  check_index_tensor(op, "row_ptr", row_ptr, 1);
-  TORCH_CHECK_VALUE(row_ptr.size(0) >= 1, op, ": row_ptr must have at least one entry");
-  return check_block_csr(op, row_ptr, col_idx, br, bc, (row_ptr.size(0) - 1) * br, C, ref);
-}
-
-void check_values(const char* op, const at::Tensor& values, const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(values.dim() == 3, op, ": values must be 3-D [nnz_blocks, block_rows, block_cols], got shape ",
-                    values.sizes());
-  check_same_dtype(op, "values", values, ref);
-  check_same_device(op, "values", values, ref);
-}
-
 at::Tensor block_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                         const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
                         const at::Tensor& blk_t, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::block_mm";
-  check_matrix(op, "x", x);
   check_cpu(op, "x", x);
-  check_values(op, values, x);
-  BlockMeta m = block_setup(op, x, values.size(1), values.size(2), row_ptr, col_idx, x.size(1));
-  check_block_csc(op, m, col_ptr, row_idx_t, blk_t);
-  TORCH_CHECK_VALUE(values.size(0) == m.nnzb, op, ": values holds ", values.size(0), " blocks but col_idx has ",
-                    m.nnzb);
-  check_bias(op, bias, x, m.R);
-  const Perm pin = check_perm(op, "in_perm", in_perm, m.C, x);
-  const Perm pout = check_perm(op, "out_perm", out_perm, m.R, x);
+  const BlockProblem p =
+      validate_block_mm(op, x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias, in_perm, out_perm);
+  const BlockMeta& m = p.m;
   auto xc = x.contiguous();
   auto y = at::empty({x.size(0), m.R}, x.options());
   std::optional<at::Tensor> bc_ = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
@@ -195,8 +175,8 @@ at::Tensor block_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at:
     auto vt = values.transpose(1, 2).to(c10::CppTypeToScalarType<A>::value).contiguous();
     dispatch_width(m.br, [&](auto W) {
       block_fwd_kernel<scalar_t, decltype(W)::value>(xc.data_ptr<scalar_t>(), x.size(0), m.C, vt.data_ptr<A>(), m,
-                                                     bc_ ? bc_->data_ptr<scalar_t>() : nullptr, pin.fwd.data(),
-                                                     pout.inv.data(), y.data_ptr<scalar_t>());
+                                                     bc_ ? bc_->data_ptr<scalar_t>() : nullptr, p.pin.fwd.data(),
+                                                     p.pout.inv.data(), y.data_ptr<scalar_t>());
     });
   });
   return y;
@@ -207,26 +187,17 @@ at::Tensor block_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const 
                           const at::Tensor& blk_t, const std::optional<at::Tensor>& in_perm,
                           const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::block_mm_t";
-  check_matrix(op, "dy", dy);
   check_cpu(op, "dy", dy);
-  check_values(op, values, dy);
-  check_index_tensor(op, "col_ptr", col_ptr, 1);
-  TORCH_CHECK_VALUE(col_ptr.size(0) >= 1, op, ": col_ptr must have at least one entry");
-  const int64_t br = values.size(1), bc = values.size(2);
-  BlockMeta m = block_setup(op, dy, br, bc, row_ptr, col_idx, (col_ptr.size(0) - 1) * bc);
-  check_block_csc(op, m, col_ptr, row_idx_t, blk_t);
-  TORCH_CHECK_VALUE(values.size(0) == m.nnzb, op, ": values holds ", values.size(0), " blocks but col_idx has ",
-                    m.nnzb);
-  TORCH_CHECK_VALUE(dy.size(1) == m.R, op, ": dy has ", dy.size(1), " columns but the weight has ", m.R, " rows");
-  const Perm pin = check_perm(op, "in_perm", in_perm, m.C, dy);
-  const Perm pout = check_perm(op, "out_perm", out_perm, m.R, dy);
+  const BlockProblem p =
+      validate_block_mm_t(op, dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm, out_perm);
+  const BlockMeta& m = p.m;
   auto dyc = dy.contiguous();
   auto dx = at::empty({dy.size(0), m.C}, dy.options());
   PADST_DISPATCH_FLOATS(dy.scalar_type(), "block_mm_t_cpu", [&] {
     auto v = as_acc<scalar_t>(values.contiguous());
     dispatch_width(m.bc, [&](auto W) {
-      block_dx_kernel<scalar_t, decltype(W)::value>(dyc.data_ptr<scalar_t>(), dy.size(0), v.ptr, m, pin.fwd.data(),
-                                                    pout.inv.data(), dx.data_ptr<scalar_t>());
+      block_dx_kernel<scalar_t, decltype(W)::value>(dyc.data_ptr<scalar_t>(), dy.size(0), v.ptr, m, p.pin.fwd.data(),
+                                                    p.pout.inv.data(), dx.data_ptr<scalar_t>());
     });
   });
   return dx;
@@ -236,23 +207,17 @@ at::Tensor block_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::
                            const at::Tensor& col_idx, int64_t block_rows, int64_t block_cols,
                            const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::block_sddmm";
-  check_matrix(op, "dy", dy);
-  check_matrix(op, "x", x);
   check_cpu(op, "x", x);
-  check_same_dtype(op, "dy", dy, x);
-  check_same_device(op, "dy", dy, x);
-  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
-  check_index_tensor(op, "row_ptr", row_ptr, 1);
-  BlockMeta m = check_block_csr(op, row_ptr, col_idx, block_rows, block_cols, dy.size(1), x.size(1), x);
-  const Perm pin = check_perm(op, "in_perm", in_perm, m.C, x);
-  const Perm pout = check_perm(op, "out_perm", out_perm, m.R, x);
+  const BlockProblem p =
+      validate_block_sddmm(op, dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm, out_perm);
+  const BlockMeta& m = p.m;
   auto dyc = dy.contiguous();
   auto xc = x.contiguous();
   auto dv = at::empty({m.nnzb, m.br, m.bc}, x.options());
   PADST_DISPATCH_FLOATS(x.scalar_type(), "block_sddmm_cpu", [&] {
     dispatch_width(m.bc, [&](auto W) {
       block_sddmm_kernel<scalar_t, decltype(W)::value>(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), x.size(0),
-                                                       m, pin.fwd.data(), pout.inv.data(), dv.data_ptr<scalar_t>());
+                                                       m, p.pin.fwd.data(), p.pout.inv.data(), dv.data_ptr<scalar_t>());
     });
   });
   return dv;

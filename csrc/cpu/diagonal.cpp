@@ -120,39 +120,22 @@ void diag_sddmm_kernel(const T* dy, const T* x, int64_t B, int64_t R, int64_t C,
   });
 }
 
-void check_diag_values(const char* op, const at::Tensor& values, const at::Tensor& offsets, int64_t R, int64_t C,
-                       const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(values.dim() == 2, op, ": values must be 2-D [num_diagonals, min(R, C)], got shape ",
-                    values.sizes());
-  check_same_dtype(op, "values", values, ref);
-  check_same_device(op, "values", values, ref);
-  TORCH_CHECK_VALUE(values.size(1) == std::min(R, C), op, ": values must have min(R, C) = ", std::min(R, C),
-                    " entries per diagonal, got ", values.size(1));
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == values.size(0), op, ": offsets must have shape [",
-                    values.size(0), "] (one per diagonal), got ", offsets.sizes());
-}
-
 at::Tensor diag_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets,
                        int64_t out_features, const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::diag_mm";
-  check_matrix(op, "x", x);
   check_cpu(op, "x", x);
-  const int64_t R = out_features, C = x.size(1), B = x.size(0);
-  auto off = check_diag_offsets(op, offsets, R, C, x);
-  check_diag_values(op, values, offsets, R, C, x);
-  check_bias(op, bias, x, R);
-  const Perm pin = check_perm(op, "in_perm", in_perm, C, x);
-  const Perm pout = check_perm(op, "out_perm", out_perm, R, x);
+  const DiagProblem p = validate_diag_mm(op, x, values, offsets, out_features, bias, in_perm, out_perm);
+  const int64_t R = p.R, C = p.C, B = x.size(0);
   auto xc = x.contiguous();
   std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   auto y = at::empty({B, R}, x.options());
   const bool tall = R >= C;
   PADST_DISPATCH_FLOATS(x.scalar_type(), "diag_mm_cpu", [&] {
     auto v = as_acc<scalar_t>(values.contiguous());
-    diag_apply_kernel<scalar_t>(xc.data_ptr<scalar_t>(), B, C, pin.fwd.data(), v.ptr, off.data_ptr<int64_t>(),
+    diag_apply_kernel<scalar_t>(xc.data_ptr<scalar_t>(), B, C, p.pin.fwd.data(), v.ptr, p.off.data_ptr<int64_t>(),
                                 values.size(0), std::min(R, C), R, /*shift_output=*/tall, tall ? R : C,
-                                pout.fwd.data(), /*out_is_gather=*/true, bc ? bc->data_ptr<scalar_t>() : nullptr,
+                                p.pout.fwd.data(), /*out_is_gather=*/true, bc ? bc->data_ptr<scalar_t>() : nullptr,
                                 y.data_ptr<scalar_t>());
   });
   return y;
@@ -162,13 +145,9 @@ at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const a
                          int64_t in_features, const std::optional<at::Tensor>& in_perm,
                          const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::diag_mm_t";
-  check_matrix(op, "dy", dy);
   check_cpu(op, "dy", dy);
-  const int64_t R = dy.size(1), C = in_features, B = dy.size(0);
-  auto off = check_diag_offsets(op, offsets, R, C, dy);
-  check_diag_values(op, values, offsets, R, C, dy);
-  const Perm pin = check_perm(op, "in_perm", in_perm, C, dy);
-  const Perm pout = check_perm(op, "out_perm", out_perm, R, dy);
+  const DiagProblem p = validate_diag_mm_t(op, dy, values, offsets, in_features, in_perm, out_perm);
+  const int64_t R = p.R, C = p.C, B = dy.size(0);
   auto dyc = dy.contiguous();
   auto dx = at::empty({B, C}, dy.options());
   const bool tall = R >= C;
@@ -176,9 +155,9 @@ at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const a
   // dx[:, in_perm] = dxp.
   PADST_DISPATCH_FLOATS(dy.scalar_type(), "diag_mm_t_cpu", [&] {
     auto v = as_acc<scalar_t>(values.contiguous());
-    diag_apply_kernel<scalar_t>(dyc.data_ptr<scalar_t>(), B, R, pout.inv.data(), v.ptr, off.data_ptr<int64_t>(),
+    diag_apply_kernel<scalar_t>(dyc.data_ptr<scalar_t>(), B, R, p.pout.inv.data(), v.ptr, p.off.data_ptr<int64_t>(),
                                 values.size(0), std::min(R, C), C, /*shift_output=*/!tall, tall ? R : C,
-                                pin.fwd.data(), /*out_is_gather=*/false, nullptr, dx.data_ptr<scalar_t>());
+                                p.pin.fwd.data(), /*out_is_gather=*/false, nullptr, dx.data_ptr<scalar_t>());
   });
   return dx;
 }
@@ -186,23 +165,16 @@ at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const a
 at::Tensor diag_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
                           const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::diag_sddmm";
-  check_matrix(op, "dy", dy);
-  check_matrix(op, "x", x);
   check_cpu(op, "x", x);
-  check_same_dtype(op, "dy", dy, x);
-  check_same_device(op, "dy", dy, x);
-  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
-  const int64_t R = dy.size(1), C = x.size(1), B = x.size(0);
-  auto off = check_diag_offsets(op, offsets, R, C, x);
-  const Perm pin = check_perm(op, "in_perm", in_perm, C, x);
-  const Perm pout = check_perm(op, "out_perm", out_perm, R, x);
+  const DiagProblem p = validate_diag_sddmm(op, dy, x, offsets, in_perm, out_perm);
+  const int64_t R = p.R, C = p.C, B = x.size(0);
   auto dyc = dy.contiguous();
   auto xc = x.contiguous();
-  const int64_t K = off.size(0);
+  const int64_t K = p.off.size(0);
   auto dv = at::empty({K, std::min(R, C)}, x.options());
   PADST_DISPATCH_FLOATS(x.scalar_type(), "diag_sddmm_cpu", [&] {
-    diag_sddmm_kernel<scalar_t>(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), B, R, C, pin.fwd.data(),
-                                pout.inv.data(), off.data_ptr<int64_t>(), K, dv.data_ptr<scalar_t>());
+    diag_sddmm_kernel<scalar_t>(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), B, R, C, p.pin.fwd.data(),
+                                p.pout.inv.data(), p.off.data_ptr<int64_t>(), K, dv.data_ptr<scalar_t>());
   });
   return dv;
 }

@@ -185,17 +185,9 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
 at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_idx, int64_t n,
                        int64_t m) {
   const char* op = "padst::nm_mm_t";
-  check_matrix(op, "dy", dy);
   check_cpu(op, "dy", dy);
-  check_matrix(op, "values", values);
-  check_same_dtype(op, "values", values, dy);
-  check_same_device(op, "values", values, dy);
-  TORCH_CHECK_VALUE(m > 0 && n >= 1 && n < m, op, ": N:M sparsity needs 1 <= N < M, got N=", n, ", M=", m);
-  TORCH_CHECK_VALUE(values.size(1) % n == 0, op, ": values has ", values.size(1),
-                    " columns per row, not a multiple of N=", n);
-  const int64_t R = values.size(0), K = values.size(1), B = dy.size(0), C = K / n * m;
-  check_nm(op, values, col_idx, n, m, R, C, dy);
-  TORCH_CHECK_VALUE(dy.size(1) == R, op, ": dy has ", dy.size(1), " columns but the weight has ", R, " rows");
+  const NmProblem p = validate_nm_mm_t(op, dy, values, col_idx, n, m);
+  const int64_t R = p.R, K = p.K, B = dy.size(0), C = p.C;
   auto dyc = dy.contiguous();
   auto vc = values.contiguous();
   auto ic = col_idx.contiguous();
@@ -214,18 +206,9 @@ at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at:
 
 at::Tensor nm_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& col_idx, int64_t n, int64_t m) {
   const char* op = "padst::nm_sddmm";
-  check_matrix(op, "dy", dy);
-  check_matrix(op, "x", x);
   check_cpu(op, "x", x);
-  check_same_dtype(op, "dy", dy, x);
-  check_same_device(op, "dy", dy, x);
-  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
-  const int64_t R = dy.size(1), C = x.size(1), B = x.size(0);
-  // Shape-only stand-in for values: check_nm compares col_idx against [R, C*n/m].
-  TORCH_CHECK_VALUE(m > 0 && n >= 1 && n < m, op, ": N:M sparsity needs 1 <= N < M, got N=", n, ", M=", m);
-  TORCH_CHECK_VALUE(C % m == 0, op, ": M=", m, " does not divide in_features ", C);
-  const int64_t K = C / m * n;
-  check_nm(op, at::empty({R, K}, x.options().device(at::kMeta)), col_idx, n, m, R, C, x);
+  const NmProblem p = validate_nm_sddmm(op, dy, x, col_idx, n, m);
+  const int64_t R = p.R, K = p.K, B = x.size(0), C = p.C;
   auto dyc = dy.contiguous();
   auto xc = x.contiguous();
   auto ic = col_idx.contiguous();

@@ -1,0 +1,63 @@
+// Plain C++ interface of the CUDA kernels (csrc/cuda/kernels.cu): the CTA bodies of csrc/kernels/*.h launched
+// on a stream. No torch/ATen here: the .cu files stay free of ATen headers (a .cu that includes ATen costs
+// ~30-40 s to compile, the same kernels without it ~5 s). Dtype dispatch, validation, device guards, streams
+// and op registration live in csrc/cuda/cuda_dispatch.cpp (via csrc/sparse_impl.h).
+//
+// All pointers are device pointers on the current device, arrays dense row-major, metadata already validated.
+// Every launcher enqueues on `stream` and returns the launch status (cudaGetLastError()).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/cuda_types.h"
+#include "kernels/entries.h"
+#include "kernels/gather_mm.h"
+#include "kernels/sddmm.h"
+
+namespace padst::gpu {
+
+template <typename T, typename E>
+cudaError_t gather_mm(kern::GatherMmParams<T, E> p, cudaStream_t stream);
+
+// p.splits / p.chunk planned with kern::Sddmm<T, F>::plan and p.partial holding splits * nnz accumulators.
+template <typename T, typename F>
+cudaError_t sddmm(kern::SddmmParams<T, F> p, cudaStream_t stream);
+
+// Stable transpose of an N:M pattern (csrc/kernels/nm_transpose.h). Buffers: keys [nnz], ent_in [nnz], ent [nnz],
+// ptr [C+1], temp [nm_transpose_temp_bytes(nnz, C)].
+size_t nm_transpose_temp_bytes(int64_t nnz, int64_t C);
+cudaError_t nm_transpose(const int64_t* col_idx, int64_t nnz, int64_t C, int64_t* keys, int64_t* ent_in, int64_t* ent,
+                         int64_t* ptr, void* temp, size_t temp_bytes, cudaStream_t stream);
+
+#define PADST_CUDA_FOR_EACH_TYPE(X, A) \
+  X(float, A)                          \
+  X(double, A)                         \
+  X(__nv_bfloat16, A)                  \
+  X(__half, A)
+#define PADST_CUDA_FOR_EACH_ROWS(X)      \
+  X(kern::NmRows<int64_t>)               \
+  X(kern::CsrRows)                       \
+  X(kern::BlockRows)                     \
+  X(kern::BlockColRows)                  \
+  X(kern::DiagRows)
+#define PADST_CUDA_FOR_EACH_FLAT(X) \
+  X(kern::NmFlat<int64_t>)          \
+  X(kern::BlockFlat)                \
+  X(kern::DiagFlat)
+
+#define PADST_GATHER_EXTERN(T, E) extern template cudaError_t gather_mm<T, E>(kern::GatherMmParams<T, E>, cudaStream_t);
+#define PADST_GATHER_EXTERN_E(E) PADST_CUDA_FOR_EACH_TYPE(PADST_GATHER_EXTERN, E)
+PADST_CUDA_FOR_EACH_ROWS(PADST_GATHER_EXTERN_E)
+#undef PADST_GATHER_EXTERN_E
+#undef PADST_GATHER_EXTERN
+
+#define PADST_SDDMM_EXTERN(T, F) extern template cudaError_t sddmm<T, F>(kern::SddmmParams<T, F>, cudaStream_t);
+#define PADST_SDDMM_EXTERN_F(F) PADST_CUDA_FOR_EACH_TYPE(PADST_SDDMM_EXTERN, F)
+PADST_CUDA_FOR_EACH_FLAT(PADST_SDDMM_EXTERN_F)
+#undef PADST_SDDMM_EXTERN_F
+#undef PADST_SDDMM_EXTERN
+
+}  // namespace padst::gpu

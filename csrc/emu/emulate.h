@@ -1,0 +1,60 @@
+// Host emulation of the CUDA kernels: runs the CTA bodies of csrc/kernels/*.h thread by thread and phase by
+// phase, over the same grid the device launchers use. A phase boundary is a __syncthreads() on the device, so
+// running every thread of a phase before the next phase starts reproduces the device semantics exactly (the
+// bodies use no warp-level primitives). Used by the padst_emu ops (csrc/emu/emu_ops.cpp) to test the kernels'
+// index and tile logic on machines without a GPU.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "kernels/gather_mm.h"
+#include "kernels/nm_transpose.h"
+#include "kernels/sddmm.h"
+
+namespace padst::emu {
+
+template <typename T, typename E>
+void gather_mm(kern::GatherMmParams<T, E> p) {
+  using K = kern::GatherMm<T, E>;
+  p.staged = K::fits(p.in_cols);
+  std::vector<T> xs(p.staged ? static_cast<size_t>(p.in_cols * K::kTileB) : 0);
+  const int64_t n = K::num_ctas(p);
+  for (int64_t cta = 0; cta < n; ++cta) {
+    if (p.staged) {
+      for (int tid = 0; tid < K::kBlockThreads; ++tid) K::stage(p, cta, tid, xs.data());
+    }
+    for (int tid = 0; tid < K::kBlockThreads; ++tid) K::compute(p, cta, tid, xs.data());
+  }
+}
+
+template <typename T, typename F>
+void sddmm(kern::SddmmParams<T, F> p) {
+  using K = kern::Sddmm<T, F>;
+  K::plan(p);
+  std::vector<kern::acc_t<T>> partial(static_cast<size_t>(p.splits * p.nnz));
+  p.partial = partial.data();
+  for (int64_t cta = 0; cta < K::num_ctas(p); ++cta)
+    for (int tid = 0; tid < K::kBlockThreads; ++tid) K::partial(p, cta, tid);
+  for (int64_t cta = 0; cta < K::reduce_ctas(p); ++cta)
+    for (int tid = 0; tid < K::kBlockThreads; ++tid) K::reduce(p, cta, tid);
+}
+
+// ent [nnz], ptr [C+1] as described in nm_transpose.h.
+inline void nm_transpose(const int64_t* col_idx, int64_t nnz, int64_t C, int64_t* ent, int64_t* ptr) {
+  using K = kern::NmTranspose;
+  std::vector<int64_t> ent_in(nnz), keys(nnz);
+  const int64_t nb = kern::ceil_div(nnz, kern::kTransposeThreads);
+  for (int64_t cta = 0; cta < nb; ++cta)
+    for (int tid = 0; tid < kern::kTransposeThreads; ++tid) K::iota(ent_in.data(), nnz, cta, tid);
+  std::copy(ent_in.begin(), ent_in.end(), ent);
+  std::stable_sort(ent, ent + nnz, [&](int64_t a, int64_t b) { return col_idx[a] < col_idx[b]; });
+  for (int64_t i = 0; i < nnz; ++i) keys[i] = col_idx[ent[i]];
+  const int64_t np = kern::ceil_div(C + 1, kern::kTransposeThreads);
+  for (int64_t cta = 0; cta < np; ++cta)
+    for (int tid = 0; tid < kern::kTransposeThreads; ++tid) K::fill_ptr(keys.data(), nnz, C, ptr, cta, tid);
+}
+
+}  // namespace padst::emu

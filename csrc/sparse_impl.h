@@ -1,0 +1,355 @@
+// The GPU implementation of every padst kernel op, written once for two backends:
+//   Backend<false>  launches the CUDA kernels (csrc/cuda/kernels.cu) on the current stream: the `CUDA` kernels of
+//                   the padst library (csrc/cuda/cuda_dispatch.cpp), built only with PADST_WITH_CUDA;
+//   Backend<true>   runs the same CTA bodies on the host (csrc/emu/emulate.h): the `padst_emu` library (CPU
+//                   tensors), with which the tests exercise the CUDA path's validation, metadata preparation,
+//                   index and tile logic on machines without a GPU.
+// Validation is shared with the CPU kernels (checks.h): the metadata is checked in full on the host, then
+// copied to the device.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <optional>
+#include <vector>
+
+#include "checks.h"
+#include "emu/emulate.h"
+#include "emu/host_types.h"
+#include "kernels/entries.h"
+
+#ifdef PADST_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/launch.h"
+#endif
+
+namespace padst::impl {
+
+template <bool kHost>
+struct Backend;
+
+template <>
+struct Backend<true> {
+  template <typename S>
+  using type = S;  // the emulation computes with c10::BFloat16 / c10::Half (rounding as on the device)
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+  static void check_device(const char* op, const char* what, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), op, " (host emulation): ", what, " must be a CPU tensor, got ", t.device());
+  }
+  template <typename T, typename E>
+  static void gather_mm(const kern::GatherMmParams<T, E>& p) {
+    emu::gather_mm(p);
+  }
+  template <typename T, typename F>
+  static void sddmm(kern::SddmmParams<T, F> p, const at::Tensor&) {
+    emu::sddmm(p);
+  }
+  // Stable transpose of the N:M pattern: (ent [nnz], ptr [C+1]).
+  static std::pair<at::Tensor, at::Tensor> nm_transpose(const at::Tensor& col_idx64, int64_t C) {
+    const int64_t nnz = col_idx64.numel();
+    auto ent = at::empty({nnz}, col_idx64.options());
+    auto ptr = at::empty({C + 1}, col_idx64.options());
+    emu::nm_transpose(col_idx64.const_data_ptr<int64_t>(), nnz, C, ent.mutable_data_ptr<int64_t>(),
+                      ptr.mutable_data_ptr<int64_t>());
+    return {ent, ptr};
+  }
+};
+
+#ifdef PADST_WITH_CUDA
+template <typename S>
+struct DeviceType {
+  using type = S;
+};
+template <>
+struct DeviceType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct DeviceType<at::Half> {
+  using type = __half;
+};
+static_assert(sizeof(at::BFloat16) == sizeof(__nv_bfloat16) && sizeof(at::Half) == sizeof(__half));
+
+template <>
+struct Backend<false> {
+  template <typename S>
+  using type = typename DeviceType<S>::type;
+  struct Guard {
+    explicit Guard(const at::Tensor& t) : g(t.device()) {}
+    c10::cuda::CUDAGuard g;
+  };
+  static void check_device(const char* op, const char* what, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(t.is_cuda(), op, ": the CUDA kernel got ", what, " on ", t.device());
+  }
+  template <typename T, typename E>
+  static void gather_mm(const kern::GatherMmParams<T, E>& p) {
+    C10_CUDA_CHECK(gpu::gather_mm(p, at::cuda::getCurrentCUDAStream()));
+  }
+  template <typename T, typename F>
+  static void sddmm(kern::SddmmParams<T, F> p, const at::Tensor& ref) {
+    kern::Sddmm<T, F>::plan(p);
+    const auto acc = std::is_same_v<kern::acc_t<T>, double> ? at::kDouble : at::kFloat;
+    auto partial = at::empty({p.splits * p.nnz}, ref.options().dtype(acc));
+    p.partial = reinterpret_cast<kern::acc_t<T>*>(partial.mutable_data_ptr());
+    C10_CUDA_CHECK(gpu::sddmm(p, at::cuda::getCurrentCUDAStream()));
+  }
+  static std::pair<at::Tensor, at::Tensor> nm_transpose(const at::Tensor& col_idx64, int64_t C) {
+    const int64_t nnz = col_idx64.numel();
+    auto opts = col_idx64.options();
+    auto keys = at::empty({nnz}, opts), ent_in = at::empty({nnz}, opts), ent = at::empty({nnz}, opts);
+    auto ptr = at::empty({C + 1}, opts);
+    const size_t bytes = gpu::nm_transpose_temp_bytes(nnz, C);
+    auto temp = at::empty({static_cast<int64_t>(bytes) + 1}, opts.dtype(at::kByte));
+    C10_CUDA_CHECK(gpu::nm_transpose(col_idx64.const_data_ptr<int64_t>(), nnz, C, keys.mutable_data_ptr<int64_t>(),
+                                     ent_in.mutable_data_ptr<int64_t>(), ent.mutable_data_ptr<int64_t>(),
+                                     ptr.mutable_data_ptr<int64_t>(), temp.mutable_data_ptr(), bytes,
+                                     at::cuda::getCurrentCUDAStream()));
+    return {ent, ptr};
+  }
+};
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
+// Helpers: validated host metadata -> the device of `ref`; typed pointers.
+// ---------------------------------------------------------------------------------------------------------
+inline at::Tensor on_device(const at::Tensor& cpu_long, const at::Tensor& ref) {
+  return cpu_long.to(ref.device()).contiguous();
+}
+// The permutation (or its inverse) as an index tensor on ref's device; nullopt for the identity.
+inline std::optional<at::Tensor> perm_on_device(const Perm& p, bool inverse, const at::Tensor& ref) {
+  if (p.identity) return std::nullopt;
+  const std::vector<int64_t>& v = inverse ? p.inv : p.fwd;
+  return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(ref.device());
+}
+inline const int64_t* idx_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<int64_t>() : nullptr;
+}
+inline const int64_t* idx_ptr(const at::Tensor& t) { return t.const_data_ptr<int64_t>(); }
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+const T* cptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? reinterpret_cast<const T*>(t->const_data_ptr()) : nullptr;
+}
+template <typename T>
+T* mptr(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.mutable_data_ptr());
+}
+inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+#define PADST_IMPL_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// Runs the gather kernel out[b, dst(r)] = bias + sum values * in_p (see kernels/gather_mm.h).
+template <bool kHost, typename E>
+void run_gather(const at::Tensor& in, const std::optional<at::Tensor>& in_gather, const at::Tensor& values,
+                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scatter, at::Tensor& out,
+                const E& rows) {
+  PADST_IMPL_DISPATCH(in.scalar_type(), "padst gather_mm", [&] {
+    using T = typename Backend<kHost>::template type<scalar_t>;
+    kern::GatherMmParams<T, E> p;
+    p.in = cptr<T>(in);
+    p.in_gather = idx_ptr(in_gather);
+    p.values = cptr<T>(values);
+    p.bias = cptr<T>(bias);
+    p.out_scatter = idx_ptr(out_scatter);
+    p.out = mptr<T>(out);
+    p.B = in.size(0);
+    p.in_cols = in.size(1);
+    p.out_cols = out.size(1);
+    p.rows = rows;
+    Backend<kHost>::gather_mm(p);
+  });
+}
+
+// Runs the sampled kernel out[e] = sum_b dy[b, dy_src(row e)] * x[b, x_src(col e)] (see kernels/sddmm.h).
+template <bool kHost, typename F>
+void run_sddmm(const at::Tensor& dy, const std::optional<at::Tensor>& dy_gather, const at::Tensor& x,
+               const std::optional<at::Tensor>& x_gather, at::Tensor& out, const F& entries) {
+  PADST_IMPL_DISPATCH(x.scalar_type(), "padst sddmm", [&] {
+    using T = typename Backend<kHost>::template type<scalar_t>;
+    kern::SddmmParams<T, F> p;
+    p.dy = cptr<T>(dy);
+    p.x = cptr<T>(x);
+    p.dy_gather = idx_ptr(dy_gather);
+    p.x_gather = idx_ptr(x_gather);
+    p.out = mptr<T>(out);
+    p.B = x.size(0);
+    p.R = dy.size(1);
+    p.C = x.size(1);
+    p.nnz = out.numel();
+    p.entries = entries;
+    Backend<kHost>::sddmm(p, x);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Block
+// ---------------------------------------------------------------------------------------------------------
+template <bool kHost>
+at::Tensor block_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                    const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
+                    const at::Tensor& blk_t, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
+  const char* op = "padst::block_mm";
+  Backend<kHost>::check_device(op, "x", x);
+  const BlockProblem p =
+      validate_block_mm(op, x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias, in_perm, out_perm);
+  const typename Backend<kHost>::Guard guard(x);
+  const at::Tensor rp = on_device(p.m.row_ptr, x), ci = on_device(p.m.col_idx, x);
+  auto y = at::empty({x.size(0), p.m.R}, x.options());
+  if (y.numel() == 0) return y;
+  run_gather<kHost>(x.contiguous(), perm_on_device(p.pin, false, x), values.contiguous(), contiguous(bias),
+                    perm_on_device(p.pout, true, x), y,
+                    kern::BlockRows{idx_ptr(rp), idx_ptr(ci), p.m.br, p.m.bc});
+  return y;
+}
+
+template <bool kHost>
+at::Tensor block_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
+                      const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
+                      const at::Tensor& blk_t, const std::optional<at::Tensor>& in_perm,
+                      const std::optional<at::Tensor>& out_perm) {
+  const char* op = "padst::block_mm_t";
+  Backend<kHost>::check_device(op, "dy", dy);
+  const BlockProblem p =
+      validate_block_mm_t(op, dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm, out_perm);
+  const typename Backend<kHost>::Guard guard(dy);
+  const at::Tensor cp = on_device(p.m.col_ptr, dy), ri = on_device(p.m.row_idx_t, dy), bt = on_device(p.m.blk_t, dy);
+  auto dx = at::empty({dy.size(0), p.m.C}, dy.options());
+  if (dx.numel() == 0) return dx;
+  // dz = dy[:, inv(out_perm)] gathered on load; dx[:, in_perm] = dz @ S scattered on store.
+  run_gather<kHost>(dy.contiguous(), perm_on_device(p.pout, true, dy), values.contiguous(), std::nullopt,
+                    perm_on_device(p.pin, false, dy), dx,
+                    kern::BlockColRows{idx_ptr(cp), idx_ptr(ri), idx_ptr(bt), p.m.br, p.m.bc});
+  return dx;
+}
+
+template <bool kHost>
+at::Tensor block_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+                       const at::Tensor& col_idx, int64_t block_rows, int64_t block_cols,
+                       const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
+  const char* op = "padst::block_sddmm";
+  Backend<kHost>::check_device(op, "x", x);
+  const BlockProblem p = validate_block_sddmm(op, dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm, out_perm);
+  const typename Backend<kHost>::Guard guard(x);
+  const at::Tensor brow = on_device(p.m.blk_row, x), ci = on_device(p.m.col_idx, x);
+  auto dv = at::empty({p.m.nnzb, p.m.br, p.m.bc}, x.options());
+  if (dv.numel() == 0) return dv;
+  run_sddmm<kHost>(dy.contiguous(), perm_on_device(p.pout, true, x), x.contiguous(), perm_on_device(p.pin, false, x),
+                   dv, kern::BlockFlat{idx_ptr(brow), idx_ptr(ci), p.m.br, p.m.bc});
+  return dv;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// N:M (the input permutation is folded into col_idx)
+// ---------------------------------------------------------------------------------------------------------
+template <bool kHost>
+at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m,
+                 const std::optional<at::Tensor>& bias) {
+  Backend<kHost>::check_device("padst::nm_mm", "x", x);
+  check_nm_mm_args(x, values, col_idx, bias, n, m);
+  const typename Backend<kHost>::Guard guard(x);
+  const int64_t R = values.size(0), K = values.size(1);
+  auto y = at::empty({x.size(0), R}, x.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor ci = col_idx.to(at::kLong).contiguous();
+  run_gather<kHost>(x.contiguous(), std::nullopt, values.contiguous(), contiguous(bias), std::nullopt, y,
+                    kern::NmRows<int64_t>{idx_ptr(ci), K});
+  return y;
+}
+
+template <bool kHost>
+at::Tensor nm_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m) {
+  const char* op = "padst::nm_mm_t";
+  Backend<kHost>::check_device(op, "dy", dy);
+  const NmProblem p = validate_nm_mm_t(op, dy, values, col_idx, n, m);
+  const typename Backend<kHost>::Guard guard(dy);
+  auto dx = at::empty({dy.size(0), p.C}, dy.options());
+  if (dx.numel() == 0) return dx;
+  const at::Tensor ci = col_idx.to(at::kLong).contiguous();
+  auto [ent, ptr] = Backend<kHost>::nm_transpose(ci, p.C);
+  run_gather<kHost>(dy.contiguous(), std::nullopt, values.contiguous(), std::nullopt, std::nullopt, dx,
+                    kern::CsrRows{idx_ptr(ptr), idx_ptr(ent), p.K});
+  return dx;
+}
+
+template <bool kHost>
+at::Tensor nm_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& col_idx, int64_t n, int64_t m) {
+  const char* op = "padst::nm_sddmm";
+  Backend<kHost>::check_device(op, "x", x);
+  const NmProblem p = validate_nm_sddmm(op, dy, x, col_idx, n, m);
+  const typename Backend<kHost>::Guard guard(x);
+  auto dv = at::empty({p.R, p.K}, x.options());
+  if (dv.numel() == 0) return dv;
+  const at::Tensor ci = col_idx.to(at::kLong).contiguous();
+  run_sddmm<kHost>(dy.contiguous(), std::nullopt, x.contiguous(), std::nullopt, dv,
+                   kern::NmFlat<int64_t>{idx_ptr(ci), p.K});
+  return dv;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Diagonal
+// ---------------------------------------------------------------------------------------------------------
+template <bool kHost>
+at::Tensor diag_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets, int64_t out_features,
+                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_perm,
+                   const std::optional<at::Tensor>& out_perm) {
+  const char* op = "padst::diag_mm";
+  Backend<kHost>::check_device(op, "x", x);
+  const DiagProblem p = validate_diag_mm(op, x, values, offsets, out_features, bias, in_perm, out_perm);
+  const typename Backend<kHost>::Guard guard(x);
+  const bool tall = p.R >= p.C;
+  const at::Tensor off = on_device(p.off, x);
+  auto y = at::empty({x.size(0), p.R}, x.options());
+  if (y.numel() == 0) return y;
+  run_gather<kHost>(x.contiguous(), perm_on_device(p.pin, false, x), values.contiguous(), contiguous(bias),
+                    perm_on_device(p.pout, true, x), y,
+                    kern::DiagRows{idx_ptr(off), off.size(0), std::min(p.R, p.C), std::max(p.R, p.C), tall});
+  return y;
+}
+
+template <bool kHost>
+at::Tensor diag_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& offsets, int64_t in_features,
+                     const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
+  const char* op = "padst::diag_mm_t";
+  Backend<kHost>::check_device(op, "dy", dy);
+  const DiagProblem p = validate_diag_mm_t(op, dy, values, offsets, in_features, in_perm, out_perm);
+  const typename Backend<kHost>::Guard guard(dy);
+  const bool tall = p.R >= p.C;
+  const at::Tensor off = on_device(p.off, dy);
+  auto dx = at::empty({dy.size(0), p.C}, dy.options());
+  if (dx.numel() == 0) return dx;
+  run_gather<kHost>(dy.contiguous(), perm_on_device(p.pout, true, dy), values.contiguous(), std::nullopt,
+                    perm_on_device(p.pin, false, dy), dx,
+                    kern::DiagRows{idx_ptr(off), off.size(0), std::min(p.R, p.C), std::max(p.R, p.C), !tall});
+  return dx;
+}
+
+template <bool kHost>
+at::Tensor diag_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
+                      const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
+  const char* op = "padst::diag_sddmm";
+  Backend<kHost>::check_device(op, "x", x);
+  const DiagProblem p = validate_diag_sddmm(op, dy, x, offsets, in_perm, out_perm);
+  const typename Backend<kHost>::Guard guard(x);
+  const at::Tensor off = on_device(p.off, x);
+  const int64_t L = std::min(p.R, p.C);
+  auto dv = at::empty({off.size(0), L}, x.options());
+  if (dv.numel() == 0) return dv;
+  run_sddmm<kHost>(dy.contiguous(), perm_on_device(p.pout, true, x), x.contiguous(), perm_on_device(p.pin, false, x),
+                   dv, kern::DiagFlat{idx_ptr(off), L, p.R, p.C});
+  return dv;
+}
+
+}  // namespace padst::impl
