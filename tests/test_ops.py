@@ -111,12 +111,20 @@ def test_forward(shape, perm, dtype, device):
     assert_close_to_reference(out, ref64, ref_lp, "forward")
 
 
+def _skip_without_cuda_kernel(device, *names):
+    for name in names:
+        if device == "cuda" and not has_cuda_kernel(name):
+            pytest.skip(f"padst::{name} has no CUDA kernel in this build")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,perm", list(_cases()))
-def test_backward_ops(shape, perm, dtype):
-    case = _make(shape, perm, dtype, "cpu")
+def test_backward_ops(shape, perm, dtype, device):
+    _skip_without_cuda_kernel(device, shape[0] + "_mm_t", shape[0] + "_sddmm")
+    case = _make(shape, perm, dtype, device)
     gen = torch.Generator().manual_seed(1)
-    dy = torch.randn(case.B, case.R, generator=gen, dtype=torch.float64).to(dtype)
+    dy = torch.randn(case.B, case.R, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     values = case.weight.values
     assert_close_to_reference(dx(case, dy, values, ops), dx(case, _f64(dy), _f64(values), ref),
                               dx(case, dy, values, ref), "dx")
@@ -239,24 +247,27 @@ def test_empty_batch_and_empty_pattern():
 # --- gradcheck, opcheck, compile ---------------------------------------------------------------------------
 
 
-def _small_float64_case(structure, perm):
+def _small_float64_case(structure, perm, device="cpu"):
     """A small float64 case and fresh leaf tensors (x, values, bias) for gradcheck / gradgradcheck."""
+    kw = dict(perm=perm, dtype=torch.float64, device=device)
     if structure == "diag_wide":
-        case = make_case("diag", 3, 24, 8, sparsity=0.5, perm=perm, dtype=torch.float64)
+        case = make_case("diag", 3, 24, 8, sparsity=0.5, **kw)
     elif structure == "block":
-        case = make_case("block", 3, 16, 24, block=(8, 8), sparsity=0.5, perm=perm, dtype=torch.float64)
+        case = make_case("block", 3, 16, 24, block=(8, 8), sparsity=0.5, **kw)
     elif structure == "nm":
-        case = make_case("nm", 3, 16, 12, nm=(1, 4), perm=perm, dtype=torch.float64)
+        case = make_case("nm", 3, 16, 12, nm=(1, 4), **kw)
     else:
-        case = make_case("diag", 3, 12, 20, sparsity=0.5, perm=perm, dtype=torch.float64)
+        case = make_case("diag", 3, 12, 20, sparsity=0.5, **kw)
     leaves = tuple(t.clone().requires_grad_() for t in (case.x, case.weight.values, case.bias))
     return case, leaves
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("structure,perm", [("block", "none"), ("block", "both"), ("nm", "none"), ("nm", "in"),
                                             ("diag", "none"), ("diag", "both"), ("diag_wide", "both")])
-def test_gradcheck(structure, perm):
-    case, leaves = _small_float64_case(structure, perm)
+def test_gradcheck(structure, perm, device):
+    _skip_without_cuda_kernel(device, *(structure.split("_")[0] + s for s in ("_mm", "_mm_t", "_sddmm")))
+    case, leaves = _small_float64_case(structure, perm, device)
     assert torch.autograd.gradcheck(lambda x, v, b: fwd(case, x, v, b, ops), leaves)
 
 
@@ -285,9 +296,11 @@ def test_partial_requires_grad(structure, which):
     torch.testing.assert_close(g, g2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("structure", ["block", "nm", "diag"])
-def test_empty_batch(structure):
-    case = make_case(structure, 4, 32, 48, block=(16, 16), nm=(1, 4), perm="both")
+def test_empty_batch(structure, device):
+    _skip_without_cuda_kernel(device, structure + "_mm", structure + "_mm_t", structure + "_sddmm")
+    case = make_case(structure, 4, 32, 48, block=(16, 16), nm=(1, 4), perm="both", device=device)
     x = case.x[:0].clone().requires_grad_()
     v = case.weight.values.clone().requires_grad_()
     y = fwd(case, x, v, case.bias, ops)
@@ -305,9 +318,12 @@ def test_zero_output_features():
     assert ops.nm_mm_t(torch.randn(5, 0), nm.values, nm.col_idx, 1, 4).abs().sum() == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("structure", ["block", "nm", "diag"])
-def test_non_contiguous_inputs_and_int32_indices(structure):
-    case = make_case(structure, 7, 32, 48, block=(16, 16), nm=(1, 4), perm="both", dtype=torch.float64)
+def test_non_contiguous_inputs_and_int32_indices(structure, device):
+    _skip_without_cuda_kernel(device, structure + "_mm", structure + "_mm_t", structure + "_sddmm")
+    case = make_case(structure, 7, 32, 48, block=(16, 16), nm=(1, 4), perm="both", dtype=torch.float64,
+                     device=device)
     xt = case.x.T.contiguous().T  # same values, transposed strides
     assert not xt.is_contiguous()
     c32 = copy.copy(case)
@@ -316,7 +332,7 @@ def test_non_contiguous_inputs_and_int32_indices(structure):
     w = case.weight
     c32.weight = type(w)(*(f.int() if isinstance(f, torch.Tensor) and not f.is_floating_point() else f for f in w))
     torch.testing.assert_close(fwd(c32, xt, w.values, case.bias, ops), fwd(case, case.x, w.values, case.bias, ref))
-    dy = torch.randn(48, 7, dtype=torch.float64).T
+    dy = torch.randn(48, 7, dtype=torch.float64, device=device).T
     torch.testing.assert_close(dx(c32, dy, w.values, ops), dx(case, dy, w.values, ref))
     torch.testing.assert_close(dw(c32, dy, xt, ops), dw(case, dy, case.x, ref))
 
@@ -341,11 +357,13 @@ def _opcheck_samples():
         yield pytest.param(s, perm, id=f"{_shape_id(s)}-perm_{perm}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,perm", list(_opcheck_samples()))
-def test_opcheck(shape, perm):
-    case = _make(shape, perm, torch.float32, "cpu")
+def test_opcheck(shape, perm, device):
+    _skip_without_cuda_kernel(device, *(shape[0] + s for s in ("_mm", "_mm_t", "_sddmm")))
+    case = _make(shape, perm, torch.float32, device)
     w = case.weight
-    dy = torch.randn(case.B, case.R, requires_grad=True)  # the backward ops are differentiable too
+    dy = torch.randn(case.B, case.R, device=device, requires_grad=True)  # the backward ops are differentiable too
     x = case.x.clone().requires_grad_()
     v = w.values.clone().requires_grad_()
     b = case.bias.clone().requires_grad_()
