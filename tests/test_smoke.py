@@ -72,3 +72,35 @@ def test_dst_overhead_quick(tmp_path, monkeypatch):
     res = dst_overhead.main(["--depth", "1", "--batch", "4", "--reps", "2", "--threads", "1",
                              "--out", str(tmp_path / "o.json")])
     assert res["sparse_layers"] >= 2 and res["update_step_ms"] > 0 and res["soft_step_ms"] > 0
+
+
+def test_gpu_ops_dry_run(tmp_path):
+    """The CUDA benchmark's cases, inputs, checks and tables, exercised on the CPU (a subprocess: the script sets
+    torch's thread count and a SIGTERM handler)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu_ops.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_ops.py"), "--dry-run", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-3000:]
+    for structure in ("block32", "block16", "nm1:12", "nm2:24", "diag", "2:4"):
+        assert structure in text, f"{structure} missing from the dry run's case list"
+    assert "0 MISMATCH or error" in res.stdout, text[-3000:]
+    assert res.stdout.rstrip().splitlines()[-1].startswith("|")  # the table is printed last
+    data = json.loads(out.read_text())
+    assert {r["structure"] for r in data["rows"]} == {"block32", "block16", "nm", "diag", "2:4"}
+    assert all(r["variants"]["padst_perm"]["check"]["fwd"]["ok"] for r in data["rows"])
+    assert out.with_suffix(".md").exists()
+
+
+def test_gpu_suite_script_is_valid_bash():
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    res = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0, res.stderr
