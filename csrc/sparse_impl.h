@@ -50,6 +50,10 @@ struct Backend<true> {
   static void sddmm(kern::SddmmParams<T, F> p, const at::Tensor&) {
     emu::sddmm(p);
   }
+  template <typename T, bool kDx, int kOut16>
+  static void block_tc(const kern::BlockTcParams<T>& p) {
+    emu::block_tc<T, kDx, kOut16>(p);
+  }
   // Stable transpose of the N:M pattern: (ent [nnz], ptr [C+1]).
   static std::pair<at::Tensor, at::Tensor> nm_transpose(const at::Tensor& col_idx64, int64_t C) {
     const int64_t nnz = col_idx64.numel();
@@ -98,6 +102,10 @@ struct Backend<false> {
     auto partial = at::empty({p.splits * p.nnz}, ref.options().dtype(acc));
     p.partial = reinterpret_cast<kern::acc_t<T>*>(partial.mutable_data_ptr());
     C10_CUDA_CHECK(gpu::sddmm(p, at::cuda::getCurrentCUDAStream()));
+  }
+  template <typename T, bool kDx, int kOut16>
+  static void block_tc(const kern::BlockTcParams<T>& p) {
+    C10_CUDA_CHECK((gpu::block_tc<T, kDx, kOut16>(p, at::cuda::getCurrentCUDAStream())));
   }
   static std::pair<at::Tensor, at::Tensor> nm_transpose(const at::Tensor& col_idx64, int64_t C) {
     const int64_t nnz = col_idx64.numel();
@@ -193,6 +201,43 @@ void run_sddmm(const at::Tensor& dy, const std::optional<at::Tensor>& dy_gather,
   });
 }
 
+// The tensor-core block kernel (kernels/block_tc.h) for fp16/bf16 when the block sides allow it; returns false
+// when the generic gather kernel must serve instead. ptr/idx/blk: the CSR (forward) or CSC (dx) block lines.
+template <bool kHost, bool kDx>
+bool try_block_tc(const at::Tensor& in, const std::optional<at::Tensor>& in_gather, const at::Tensor& values,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scatter, at::Tensor& out,
+                  const BlockMeta& m, const at::Tensor& ptr, const at::Tensor& idx, const int64_t* blk) {
+  const int out16 = kern::block_tc_out16(kDx, m.br, m.bc);
+  if (out16 == 0 || (in.scalar_type() != at::kHalf && in.scalar_type() != at::kBFloat16)) return false;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(in.scalar_type(), "padst block_tc", [&] {
+    using T = typename Backend<kHost>::template type<scalar_t>;
+    kern::BlockTcParams<T> p;
+    p.in = cptr<T>(in);
+    p.in_gather = idx_ptr(in_gather);
+    p.values = cptr<T>(values);
+    p.bias = cptr<T>(bias);
+    p.out_scatter = idx_ptr(out_scatter);
+    p.out = mptr<T>(out);
+    p.ptr = idx_ptr(ptr);
+    p.idx = idx_ptr(idx);
+    p.blk = blk;
+    p.B = in.size(0);
+    p.in_cols = in.size(1);
+    p.out_cols = out.size(1);
+    p.lines = ptr.numel() - 1;
+    p.br = m.br;
+    p.bc = m.bc;
+    if (out16 == 1) {
+      Backend<kHost>::template block_tc<T, kDx, 1>(p);
+    } else if (out16 == 2) {
+      Backend<kHost>::template block_tc<T, kDx, 2>(p);
+    } else {
+      Backend<kHost>::template block_tc<T, kDx, 4>(p);
+    }
+  });
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Block
 // ---------------------------------------------------------------------------------------------------------
@@ -209,9 +254,12 @@ at::Tensor block_mm(const at::Tensor& x, const at::Tensor& values, const at::Ten
   const at::Tensor rp = on_device(p.m.row_ptr, x), ci = on_device(p.m.col_idx, x);
   auto y = at::empty({x.size(0), p.m.R}, x.options());
   if (y.numel() == 0) return y;
-  run_gather<kHost>(x.contiguous(), perm_on_device(p.pin, false, x), values.contiguous(), contiguous(bias),
-                    perm_on_device(p.pout, true, x), y,
-                    kern::BlockRows{idx_ptr(rp), idx_ptr(ci), p.m.br, p.m.bc});
+  const at::Tensor xc = x.contiguous(), vc = values.contiguous();
+  const auto bc = contiguous(bias);
+  const auto gather = perm_on_device(p.pin, false, x), scatter = perm_on_device(p.pout, true, x);
+  if (!try_block_tc<kHost, false>(xc, gather, vc, bc, scatter, y, p.m, rp, ci, nullptr)) {
+    run_gather<kHost>(xc, gather, vc, bc, scatter, y, kern::BlockRows{idx_ptr(rp), idx_ptr(ci), p.m.br, p.m.bc});
+  }
   return y;
 }
 
@@ -229,9 +277,12 @@ at::Tensor block_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::
   auto dx = at::empty({dy.size(0), p.m.C}, dy.options());
   if (dx.numel() == 0) return dx;
   // dz = dy[:, inv(out_perm)] gathered on load; dx[:, in_perm] = dz @ S scattered on store.
-  run_gather<kHost>(dy.contiguous(), perm_on_device(p.pout, true, dy), values.contiguous(), std::nullopt,
-                    perm_on_device(p.pin, false, dy), dx,
-                    kern::BlockColRows{idx_ptr(cp), idx_ptr(ri), idx_ptr(bt), p.m.br, p.m.bc});
+  const at::Tensor dyc = dy.contiguous(), vc = values.contiguous();
+  const auto gather = perm_on_device(p.pout, true, dy), scatter = perm_on_device(p.pin, false, dy);
+  if (!try_block_tc<kHost, true>(dyc, gather, vc, std::nullopt, scatter, dx, p.m, cp, ri, idx_ptr(bt))) {
+    run_gather<kHost>(dyc, gather, vc, std::nullopt, scatter, dx,
+                      kern::BlockColRows{idx_ptr(cp), idx_ptr(ri), idx_ptr(bt), p.m.br, p.m.bc});
+  }
   return dx;
 }
 

@@ -35,6 +35,31 @@ __global__ void __launch_bounds__(K::kBlockThreads) sddmm_reduce_kernel(typename
   K::reduce(p, blockIdx.x, threadIdx.x);
 }
 
+template <typename K>
+__global__ void __launch_bounds__(K::kBlockThreads) block_tc_kernel(typename K::Params p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  using T = std::remove_cv_t<std::remove_pointer_t<decltype(p.out)>>;
+  constexpr int kOut16 = K::kOut;
+  T* xs = reinterpret_cast<T*>(smem_raw);
+  T* vs = xs + kern::kBlockTcRows * (K::bi(p) + K::kPad);
+  float* ct = reinterpret_cast<float*>(smem_raw);  // reused once the last block is done
+  const int64_t cta = blockIdx.x;
+  const int warp = threadIdx.x / 32;
+  typename K::Mma::Acc acc[kOut16];
+#pragma unroll
+  for (int j = 0; j < kOut16; ++j) K::Mma::zero(acc[j]);
+  const int64_t o = K::line(p, cta);
+  for (int64_t q = p.ptr[o]; q < p.ptr[o + 1]; ++q) {
+    K::stage(p, cta, q, threadIdx.x, xs, vs);
+    __syncthreads();
+    K::mma(p, warp, xs, vs, acc);
+    __syncthreads();
+  }
+  K::store(warp, acc, ct);
+  __syncthreads();
+  K::epilogue(p, cta, threadIdx.x, ct);
+}
+
 __global__ void __launch_bounds__(kern::kTransposeThreads) iota_kernel(int64_t* ent_in, int64_t nnz) {
   kern::NmTranspose::iota(ent_in, nnz, blockIdx.x, threadIdx.x);
 }
@@ -85,6 +110,18 @@ cudaError_t sddmm(kern::SddmmParams<T, F> p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <typename T, bool kDx, int kOut16>
+cudaError_t block_tc(kern::BlockTcParams<T> p, cudaStream_t stream) {
+  using K = kern::BlockTc<T, kDx, kOut16>;
+  const int64_t ctas = K::num_ctas(p);
+  if (ctas == 0) return cudaSuccess;
+  if (ctas > kMaxGrid) return cudaErrorInvalidConfiguration;
+  const size_t smem = static_cast<size_t>(K::smem_bytes(p));
+  if (smem > 48 * 1024) return cudaErrorInvalidValue;  // supports() keeps every served shape below 48 KB
+  block_tc_kernel<K><<<static_cast<unsigned>(ctas), K::kBlockThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 size_t nm_transpose_temp_bytes(int64_t nnz, int64_t C) {
   size_t bytes = 0;
   cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
@@ -116,6 +153,10 @@ cudaError_t nm_transpose(const int64_t* col_idx, int64_t nnz, int64_t C, int64_t
 PADST_CUDA_FOR_EACH_ROWS(PADST_GATHER_INST_E)
 #undef PADST_GATHER_INST_E
 #undef PADST_GATHER_INST
+
+#define PADST_BLOCK_TC_INST(T, D, N) template cudaError_t block_tc<T, D, N>(kern::BlockTcParams<T>, cudaStream_t);
+PADST_BLOCK_TC_FOR_EACH(PADST_BLOCK_TC_INST)
+#undef PADST_BLOCK_TC_INST
 
 #define PADST_SDDMM_INST(T, F) template cudaError_t sddmm<T, F>(kern::SddmmParams<T, F>, cudaStream_t);
 #define PADST_SDDMM_INST_F(F) PADST_CUDA_FOR_EACH_TYPE(PADST_SDDMM_INST, F)

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "kernels/cuda_types.h"
+#include "kernels/block_tc.h"
 #include "kernels/entries.h"
 #include "kernels/gather_mm.h"
 #include "kernels/sddmm.h"
@@ -21,6 +22,10 @@ namespace padst::gpu {
 
 template <typename T, typename E>
 cudaError_t gather_mm(kern::GatherMmParams<T, E> p, cudaStream_t stream);
+
+// Tensor-core block kernel (kernels/block_tc.h), T = __nv_bfloat16 or __half, kOut16 in {1, 2, 4}.
+template <typename T, bool kDx, int kOut16>
+cudaError_t block_tc(kern::BlockTcParams<T> p, cudaStream_t stream);
 
 // p.splits / p.chunk planned with kern::Sddmm<T, F>::plan and p.partial holding splits * nnz accumulators.
 template <typename T, typename F>
@@ -59,5 +64,23 @@ PADST_CUDA_FOR_EACH_ROWS(PADST_GATHER_EXTERN_E)
 PADST_CUDA_FOR_EACH_FLAT(PADST_SDDMM_EXTERN_F)
 #undef PADST_SDDMM_EXTERN_F
 #undef PADST_SDDMM_EXTERN
+
+#define PADST_BLOCK_TC_FOR_EACH(X) \
+  X(__nv_bfloat16, false, 1)        \
+  X(__nv_bfloat16, false, 2)        \
+  X(__nv_bfloat16, false, 4)        \
+  X(__nv_bfloat16, true, 1)         \
+  X(__nv_bfloat16, true, 2)         \
+  X(__nv_bfloat16, true, 4)         \
+  X(__half, false, 1)               \
+  X(__half, false, 2)               \
+  X(__half, false, 4)               \
+  X(__half, true, 1)                \
+  X(__half, true, 2)                \
+  X(__half, true, 4)
+#define PADST_BLOCK_TC_EXTERN(T, D, N) \
+  extern template cudaError_t block_tc<T, D, N>(kern::BlockTcParams<T>, cudaStream_t);
+PADST_BLOCK_TC_FOR_EACH(PADST_BLOCK_TC_EXTERN)
+#undef PADST_BLOCK_TC_EXTERN
 
 }  // namespace padst::gpu

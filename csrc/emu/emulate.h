@@ -10,6 +10,7 @@
 #include <numeric>
 #include <vector>
 
+#include "kernels/block_tc.h"
 #include "kernels/gather_mm.h"
 #include "kernels/nm_transpose.h"
 #include "kernels/sddmm.h"
@@ -40,6 +41,28 @@ void sddmm(kern::SddmmParams<T, F> p) {
     for (int tid = 0; tid < K::kBlockThreads; ++tid) K::partial(p, cta, tid);
   for (int64_t cta = 0; cta < K::reduce_ctas(p); ++cta)
     for (int tid = 0; tid < K::kBlockThreads; ++tid) K::reduce(p, cta, tid);
+}
+
+// The tensor-core block kernel: SIMT phases run per thread, the warp-collective products once per warp.
+template <typename T, bool kDx, int kOut16>
+void block_tc(const kern::BlockTcParams<T>& p) {
+  using K = kern::BlockTc<T, kDx, kOut16>;
+  constexpr int kWarps = K::kBlockThreads / 32;
+  std::vector<float> smem_f((K::smem_bytes(p) + sizeof(float) - 1) / sizeof(float));  // float-aligned
+  T* xs = reinterpret_cast<T*>(smem_f.data());
+  T* vs = xs + kern::kBlockTcRows * (K::bi(p) + K::kPad);
+  float* ct = smem_f.data();
+  std::vector<typename K::Mma::Acc> acc(kWarps * kOut16);
+  for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
+    for (auto& a : acc) K::Mma::zero(a);
+    const int64_t o = K::line(p, cta);
+    for (int64_t q = p.ptr[o]; q < p.ptr[o + 1]; ++q) {
+      for (int tid = 0; tid < K::kBlockThreads; ++tid) K::stage(p, cta, q, tid, xs, vs);
+      for (int w = 0; w < kWarps; ++w) K::mma(p, w, xs, vs, acc.data() + w * kOut16);
+    }
+    for (int w = 0; w < kWarps; ++w) K::store(w, acc.data() + w * kOut16, ct);
+    for (int tid = 0; tid < K::kBlockThreads; ++tid) K::epilogue(p, cta, tid, ct);
+  }
 }
 
 // ent [nnz], ptr [C+1] as described in nm_transpose.h.
