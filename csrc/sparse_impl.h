@@ -54,6 +54,10 @@ struct Backend<true> {
   static void block_tc(const kern::BlockTcParams<T>& p) {
     emu::block_tc<T, kDx, kOut16>(p);
   }
+  template <typename T>
+  static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor&) {
+    emu::block_sddmm_tc(p);
+  }
   // Stable transpose of the N:M pattern: (ent [nnz], ptr [C+1]).
   static std::pair<at::Tensor, at::Tensor> nm_transpose(const at::Tensor& col_idx64, int64_t C) {
     const int64_t nnz = col_idx64.numel();
@@ -106,6 +110,13 @@ struct Backend<false> {
   template <typename T, bool kDx, int kOut16>
   static void block_tc(const kern::BlockTcParams<T>& p) {
     C10_CUDA_CHECK((gpu::block_tc<T, kDx, kOut16>(p, at::cuda::getCurrentCUDAStream())));
+  }
+  template <typename T>
+  static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor& ref) {
+    kern::BlockSddmmTc<T>::plan(p);
+    at::Tensor partial = at::empty({p.splits * p.nnzb * p.br * p.bc}, ref.options().dtype(at::kFloat));
+    p.partial = partial.mutable_data_ptr<float>();
+    C10_CUDA_CHECK(gpu::block_sddmm_tc<T>(p, at::cuda::getCurrentCUDAStream()));
   }
   static std::pair<at::Tensor, at::Tensor> nm_transpose(const at::Tensor& col_idx64, int64_t C) {
     const int64_t nnz = col_idx64.numel();
@@ -297,8 +308,31 @@ at::Tensor block_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   const at::Tensor brow = on_device(p.m.blk_row, x), ci = on_device(p.m.col_idx, x);
   auto dv = at::empty({p.m.nnzb, p.m.br, p.m.bc}, x.options());
   if (dv.numel() == 0) return dv;
-  run_sddmm<kHost>(dy.contiguous(), perm_on_device(p.pout, true, x), x.contiguous(), perm_on_device(p.pin, false, x),
-                   dv, kern::BlockFlat{idx_ptr(brow), idx_ptr(ci), p.m.br, p.m.bc});
+  const at::Tensor dyc = dy.contiguous(), xc = x.contiguous();
+  const auto dy_gather = perm_on_device(p.pout, true, x), x_gather = perm_on_device(p.pin, false, x);
+  if (kern::block_sddmm_tc_supports(p.m.br, p.m.bc) &&
+      (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "padst block_sddmm_tc", [&] {
+      using T = typename Backend<kHost>::template type<scalar_t>;
+      kern::BlockSddmmTcParams<T> q;
+      q.dy = cptr<T>(dyc);
+      q.x = cptr<T>(xc);
+      q.dy_gather = idx_ptr(dy_gather);
+      q.x_gather = idx_ptr(x_gather);
+      q.blk_row = idx_ptr(brow);
+      q.col_idx = idx_ptr(ci);
+      q.out = mptr<T>(dv);
+      q.B = x.size(0);
+      q.R = dy.size(1);
+      q.C = x.size(1);
+      q.nnzb = p.m.nnzb;
+      q.br = p.m.br;
+      q.bc = p.m.bc;
+      Backend<kHost>::block_sddmm_tc(q, x);
+    });
+    return dv;
+  }
+  run_sddmm<kHost>(dyc, dy_gather, xc, x_gather, dv, kern::BlockFlat{idx_ptr(brow), idx_ptr(ci), p.m.br, p.m.bc});
   return dv;
 }
 

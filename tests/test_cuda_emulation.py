@@ -39,13 +39,14 @@ def test_emulated_kernels_match_reference(shape, perm, dtype):
 
 
 # Shapes aimed at the tile logic: several row tiles (128 rows per CTA), batch remainders past the 8/16-row batch
-# tiles and the 64-row tiles of the tensor-core block kernel (bf16 with block sides 16/32/64 on either side),
+# tiles and the 64-row tiles of the tensor-core block kernels (bf16 with block sides 16/32/64 on either side),
 # several batch splits in the sampled kernel, and inputs too wide for shared memory (the direct-load path:
 # more than 96 KB for one batch tile, e.g. 3200 columns x 8 rows x 4 bytes).
 TILE_SHAPES = [
     ("block", 137, 64, 272, dict(block=(16, 16), sparsity=0.5)),
     ("block", 70, 128, 128, dict(block=(32, 64), sparsity=0.5)),
     ("block", 67, 128, 128, dict(block=(64, 16), sparsity=0.75)),
+    ("block", 600, 32, 48, dict(block=(16, 16), sparsity=0.5)),  # batch splits of the tensor-core dW kernel
     ("nm", 19, 3200, 24, dict(nm=(1, 20))),
     ("nm", 33, 40, 300, dict(nm=(2, 5))),
     ("block", 9, 3200, 32, dict(block=(32, 32), sparsity=0.9)),

@@ -60,6 +60,36 @@ __global__ void __launch_bounds__(K::kBlockThreads) block_tc_kernel(typename K::
   K::epilogue(p, cta, threadIdx.x, ct);
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kern::BlockSddmmTc<T>::kBlockThreads)
+    block_sddmm_tc_kernel(kern::BlockSddmmTcParams<T> p) {
+  using K = kern::BlockSddmmTc<T>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* dz = reinterpret_cast<T*>(smem_raw);
+  T* xs = dz + K::kRows * (p.br + K::kPad);
+  float* ct = reinterpret_cast<float*>(smem_raw);  // reused after the last stage
+  const int64_t cta = blockIdx.x;
+  const int warp = threadIdx.x / 32;
+  typename K::Mma::Acc acc[K::kTilesPerWarp];
+#pragma unroll
+  for (int s = 0; s < K::kTilesPerWarp; ++s) K::Mma::zero(acc[s]);
+  for (int64_t b0 = K::rows_begin(p, cta); b0 < K::rows_end(p, cta); b0 += K::kRows) {
+    K::stage(p, cta, b0, threadIdx.x, dz, xs);
+    __syncthreads();
+    K::mma(p, warp, dz, xs, acc);
+    __syncthreads();
+  }
+  K::store(p, warp, acc, ct);
+  __syncthreads();
+  K::epilogue(p, cta, threadIdx.x, ct);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kern::BlockSddmmTc<T>::kBlockThreads)
+    block_sddmm_tc_reduce_kernel(kern::BlockSddmmTcParams<T> p) {
+  kern::BlockSddmmTc<T>::reduce(p, blockIdx.x, threadIdx.x);
+}
+
 __global__ void __launch_bounds__(kern::kTransposeThreads) iota_kernel(int64_t* ent_in, int64_t nnz) {
   kern::NmTranspose::iota(ent_in, nnz, blockIdx.x, threadIdx.x);
 }
@@ -121,6 +151,23 @@ cudaError_t block_tc(kern::BlockTcParams<T> p, cudaStream_t stream) {
   block_tc_kernel<K><<<static_cast<unsigned>(ctas), K::kBlockThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
+
+template <typename T>
+cudaError_t block_sddmm_tc(kern::BlockSddmmTcParams<T> p, cudaStream_t stream) {
+  using K = kern::BlockSddmmTc<T>;
+  if (p.nnzb == 0) return cudaSuccess;
+  const int64_t ctas = K::num_ctas(p);
+  if (ctas > kMaxGrid) return cudaErrorInvalidConfiguration;
+  const size_t smem = static_cast<size_t>(K::smem_bytes(p));
+  if (smem > 48 * 1024) return cudaErrorInvalidValue;  // block sides <= 64 keep it below 48 KB
+  block_sddmm_tc_kernel<T><<<static_cast<unsigned>(ctas), K::kBlockThreads, smem, stream>>>(p);
+  const cudaError_t st = cudaGetLastError();
+  if (st != cudaSuccess) return st;
+  block_sddmm_tc_reduce_kernel<T><<<static_cast<unsigned>(K::reduce_ctas(p)), K::kBlockThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+template cudaError_t block_sddmm_tc<__nv_bfloat16>(kern::BlockSddmmTcParams<__nv_bfloat16>, cudaStream_t);
+template cudaError_t block_sddmm_tc<__half>(kern::BlockSddmmTcParams<__half>, cudaStream_t);
 
 size_t nm_transpose_temp_bytes(int64_t nnz, int64_t C) {
   size_t bytes = 0;

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "kernels/cuda_types.h"
+#include "kernels/block_sddmm_tc.h"
 #include "kernels/block_tc.h"
 #include "kernels/entries.h"
 #include "kernels/gather_mm.h"
@@ -26,6 +27,13 @@ cudaError_t gather_mm(kern::GatherMmParams<T, E> p, cudaStream_t stream);
 // Tensor-core block kernel (kernels/block_tc.h), T = __nv_bfloat16 or __half, kOut16 in {1, 2, 4}.
 template <typename T, bool kDx, int kOut16>
 cudaError_t block_tc(kern::BlockTcParams<T> p, cudaStream_t stream);
+
+// Tensor-core block weight gradient (kernels/block_sddmm_tc.h): p planned with BlockSddmmTc<T>::plan, p.partial
+// holding splits * nnzb * br * bc floats.
+template <typename T>
+cudaError_t block_sddmm_tc(kern::BlockSddmmTcParams<T> p, cudaStream_t stream);
+extern template cudaError_t block_sddmm_tc<__nv_bfloat16>(kern::BlockSddmmTcParams<__nv_bfloat16>, cudaStream_t);
+extern template cudaError_t block_sddmm_tc<__half>(kern::BlockSddmmTcParams<__half>, cudaStream_t);
 
 // p.splits / p.chunk planned with kern::Sddmm<T, F>::plan and p.partial holding splits * nnz accumulators.
 template <typename T, typename F>

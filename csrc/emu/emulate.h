@@ -10,6 +10,7 @@
 #include <numeric>
 #include <vector>
 
+#include "kernels/block_sddmm_tc.h"
 #include "kernels/block_tc.h"
 #include "kernels/gather_mm.h"
 #include "kernels/nm_transpose.h"
@@ -63,6 +64,29 @@ void block_tc(const kern::BlockTcParams<T>& p) {
     for (int w = 0; w < kWarps; ++w) K::store(w, acc.data() + w * kOut16, ct);
     for (int tid = 0; tid < K::kBlockThreads; ++tid) K::epilogue(p, cta, tid, ct);
   }
+}
+
+template <typename T>
+void block_sddmm_tc(kern::BlockSddmmTcParams<T> p) {
+  using K = kern::BlockSddmmTc<T>;
+  K::plan(p);
+  std::vector<float> partial(static_cast<size_t>(p.splits * p.nnzb * p.br * p.bc));
+  p.partial = partial.data();
+  std::vector<float> smem_f((K::smem_bytes(p) + sizeof(float) - 1) / sizeof(float));
+  T* dz = reinterpret_cast<T*>(smem_f.data());
+  T* xs = dz + K::kRows * (p.br + K::kPad);
+  std::vector<typename K::Mma::Acc> acc(K::kWarps * K::kTilesPerWarp);
+  for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
+    for (auto& a : acc) K::Mma::zero(a);
+    for (int64_t b0 = K::rows_begin(p, cta); b0 < K::rows_end(p, cta); b0 += K::kRows) {
+      for (int tid = 0; tid < K::kBlockThreads; ++tid) K::stage(p, cta, b0, tid, dz, xs);
+      for (int w = 0; w < K::kWarps; ++w) K::mma(p, w, dz, xs, acc.data() + w * K::kTilesPerWarp);
+    }
+    for (int w = 0; w < K::kWarps; ++w) K::store(p, w, acc.data() + w * K::kTilesPerWarp, smem_f.data());
+    for (int tid = 0; tid < K::kBlockThreads; ++tid) K::epilogue(p, cta, tid, smem_f.data());
+  }
+  for (int64_t cta = 0; cta < K::reduce_ctas(p); ++cta)
+    for (int tid = 0; tid < K::kBlockThreads; ++tid) K::reduce(p, cta, tid);
 }
 
 // ent [nnz], ptr [C+1] as described in nm_transpose.h.

@@ -29,6 +29,15 @@ struct SddmmParams {
 
 inline constexpr int kSddmmThreads = 256;
 
+// out[e] = sum of the split partials of entry e, in split order (deterministic).
+template <typename T>
+PADST_HD void reduce_partials(const acc_t<T>* partial, int64_t splits, int64_t nnz, T* out, int64_t e) {
+  if (e >= nnz) return;
+  acc_t<T> acc = acc_t<T>(0);
+  for (int64_t s = 0; s < splits; ++s) acc += partial[s * nnz + e];
+  out[e] = Num<T>::from_acc(acc);
+}
+
 template <typename T, typename F, int kThreads = kSddmmThreads>
 struct Sddmm {
   using A = acc_t<T>;
@@ -55,11 +64,7 @@ struct Sddmm {
 
   PADST_HD static int64_t reduce_ctas(const Params& p) { return entry_tiles(p); }
   PADST_HD static void reduce(const Params& p, int64_t cta, int tid) {
-    const int64_t e = cta * kThreads + tid;
-    if (e >= p.nnz) return;
-    A acc = A(0);
-    for (int64_t s = 0; s < p.splits; ++s) acc += p.partial[s * p.nnz + e];
-    p.out[e] = Num<T>::from_acc(acc);
+    reduce_partials(p.partial, p.splits, p.nnz, p.out, cta * kThreads + tid);
   }
 
   // How many batch chunks: enough threads to fill the GPU (~2^20 in flight), chunks of at least 32 rows.

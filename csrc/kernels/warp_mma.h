@@ -3,8 +3,8 @@
 // stated on whole matrices (the fragment layout is the compiler's business), so the host version is a faithful
 // model of it. Warp-collective: on the device all 32 lanes call with the same arguments; the emulation calls
 // once per warp.
-//   A: 16x16 row-major at a (leading dimension lda)
-//   B: 16x16, row-major (element (k, n) at b[k*ldb + n]) or column-major (b[n*ldb + k]), by kBColMajor
+//   A: 16x16 at a, row-major (element (m, k) at a[m*lda + k]) or column-major (a[k*lda + m]), by kAColMajor
+//   B: 16x16 at b, row-major (element (k, n) at b[k*ldb + n]) or column-major (b[n*ldb + k]), by kBColMajor
 //   acc store: 16x16 row-major floats at out (leading dimension ldo)
 // Alignment (device): a, b, out 32-byte aligned; lda, ldb multiples of 8 elements, ldo a multiple of 4.
 #pragma once
@@ -23,13 +23,14 @@
 namespace padst::kern {
 
 #if defined(__CUDACC__)
-template <typename T, bool kBColMajor>
+template <typename T, bool kBColMajor, bool kAColMajor = false>
 struct WarpMma {
   using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  using ALayout = std::conditional_t<kAColMajor, nvcuda::wmma::col_major, nvcuda::wmma::row_major>;
   using BLayout = std::conditional_t<kBColMajor, nvcuda::wmma::col_major, nvcuda::wmma::row_major>;
   PADST_WARP_FN static void zero(Acc& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
   PADST_WARP_FN static void mma(Acc& c, const T* a, int lda, const T* b, int ldb) {
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, ALayout> fa;
     nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
     nvcuda::wmma::load_matrix_sync(fa, a, lda);
     nvcuda::wmma::load_matrix_sync(fb, b, ldb);
@@ -40,7 +41,7 @@ struct WarpMma {
   }
 };
 #else
-template <typename T, bool kBColMajor>
+template <typename T, bool kBColMajor, bool kAColMajor = false>
 struct WarpMma {
   struct Acc {
     float v[256];
@@ -54,7 +55,8 @@ struct WarpMma {
         float s = 0.0f;
         for (int k = 0; k < 16; ++k) {
           const T bv = kBColMajor ? b[j * ldb + k] : b[k * ldb + j];
-          s += Num<T>::to_acc(a[i * lda + k]) * Num<T>::to_acc(bv);
+          const T av = kAColMajor ? a[k * lda + i] : a[i * lda + k];
+          s += Num<T>::to_acc(av) * Num<T>::to_acc(bv);
         }
         c.v[i * 16 + j] += s;
       }
