@@ -34,4 +34,25 @@ TORCH_LIBRARY(padst, m) {
 
   // Dense weight gradient in the permuted frame, dy[:, inv(out_perm)].T @ x[:, in_perm]: RigL's grow score.
   m.def(PADST_SCHEMA_DENSE_GRAD);
+
+  // cuSPARSELt 2:4 path (CUDA builds with cuSPARSELt; csrc/cuda/cusparselt.cpp, python/padst_ext/semi_structured.py).
+  // weight [R, C]: 2:4 along C (float16/bfloat16) or 1:2 (float32, TF32 math); `compressed` is opaque (uint8).
+  //   lt24_mm:   y = x[:, in_perm] @ W.T + bias, with compressed = lt24_compress(W)
+  //   lt24_mm_t: dx with dx[:, in_perm] = dy @ W, with compressed = lt24_compress(W.t().contiguous()): the reduction
+  //              of dx runs over R, so cuSPARSELt needs W.T compressed on its own (W 2:4 along R as well).
+  m.def("lt24_compress(Tensor weight) -> Tensor");
+  m.def(
+      "lt24_mm(Tensor x, Tensor compressed, int out_features, int in_features, Tensor? bias=None, "
+      "Tensor? in_perm=None) -> Tensor");
+  m.def("lt24_mm_t(Tensor dy, Tensor compressed, int out_features, int in_features, Tensor? in_perm=None) -> Tensor");
+  // [size, capacity, hits, misses] of the cuSPARSELt plan cache of one device (CUDA builds with cuSPARSELt only).
+  m.def("_lt24_plan_cache_info(int device) -> int[]");
+  // Host-side logic of that path (csrc/lt24_logic.h via csrc/lt24_host.cpp), in every build, for tests and supports().
+  m.def("_lt24_supported(ScalarType dtype, int n, int m, int out_features, int in_features, int batch=-1) -> (bool, str)");
+  m.def("_lt24_padded_batch(ScalarType dtype, int batch) -> int");
+  m.def("_lt24_plan_key(int[] fields) -> (int, str, int[])");
+  m.def("_lt24_plan_key_eq(int[] a, int[] b) -> bool");
+  m.def("_lt24_layout(int out_features, int in_features, int batch_padded, bool transposed) -> int[]");
+  m.def("_lt24_lru_trace(int capacity, int[] keys) -> (int[], int[])");
+  m.def("_lt24_check_pattern(Tensor weight, int n, int m) -> ()");
 }
