@@ -1,7 +1,7 @@
 // Every padst schema, declared once. Backends register implementations in their own files
 // (csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(padst, CPU), csrc/cuda/*_dispatch.cpp with CUDA); the schema strings
-// are in csrc/schemas.h;
-// fake (meta) kernels and autograd formulas live in python/padst_ext/ops.py.
+// are in csrc/schemas.h (shared with the host emulation library padst_emu); fake (meta) kernels and autograd
+// formulas live in python/padst_ext/ops.py.
 //
 // Conventions (see docs in python/padst_ext/ops.py and the README op table):
 //   x [B, C] input, y [B, R] output, S [R, C] the structured weight.
@@ -10,6 +10,7 @@
 //   *_mm_t ops return dx for dy [B, R]; *_sddmm ops return dS on the active pattern only.
 #include <torch/library.h>
 
+#include "meta_cache.h"
 #include "schemas.h"
 
 TORCH_LIBRARY(padst, m) {
@@ -34,6 +35,14 @@ TORCH_LIBRARY(padst, m) {
 
   // Dense weight gradient in the permuted frame, dy[:, inv(out_perm)].T @ x[:, in_perm]: RigL's grow score.
   m.def(PADST_SCHEMA_DENSE_GRAD);
+
+  // The validated-metadata cache of the GPU path (csrc/meta_cache.h): [hits, misses, entries], and a reset that
+  // also drops its references to metadata tensors.
+  m.def("_metadata_cache_info() -> int[]", [] {
+    const auto s = padst::impl::MetaCache::instance().stats();
+    return std::vector<int64_t>{s.hits, s.misses, s.size};
+  });
+  m.def("_metadata_cache_clear() -> ()", [] { padst::impl::MetaCache::instance().clear(); });
 
   // cuSPARSELt 2:4 path (CUDA builds with cuSPARSELt; csrc/cuda/cusparselt.cpp, python/padst_ext/semi_structured.py).
   // weight [R, C]: 2:4 along C (float16/bfloat16) or 1:2 (float32, TF32 math); `compressed` is opaque (uint8).

@@ -5,7 +5,8 @@
 //                   tensors), with which the tests exercise the CUDA path's validation, metadata preparation,
 //                   index and tile logic on machines without a GPU.
 // Validation is shared with the CPU kernels (checks.h): the metadata is checked in full on the host, then
-// copied to the device.
+// copied to the device; both results are cached per metadata tensor and version (meta_cache.h), so a layer that
+// calls an op with unchanged metadata pays neither the check nor the copies again.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "meta_cache.h"
 #include "emu/emulate.h"
 #include "emu/host_types.h"
 #include "kernels/entries.h"
@@ -252,6 +254,27 @@ bool try_block_tc(const at::Tensor& in, const std::optional<at::Tensor>& in_gath
 // ---------------------------------------------------------------------------------------------------------
 // Block
 // ---------------------------------------------------------------------------------------------------------
+struct BlockDev {
+  BlockProblem p;
+  at::Tensor rp, ci, cp, ri, bt, brow;              // on the device of the data
+  std::optional<at::Tensor> in_fwd, out_inv;        // in_perm and inv(out_perm), absent for the identity
+};
+inline BlockDev upload(BlockProblem p, const at::Tensor& ref, bool csc) {
+  BlockDev d;
+  d.rp = on_device(p.m.row_ptr, ref);
+  d.ci = on_device(p.m.col_idx, ref);
+  d.brow = on_device(p.m.blk_row, ref);
+  if (csc) {
+    d.cp = on_device(p.m.col_ptr, ref);
+    d.ri = on_device(p.m.row_idx_t, ref);
+    d.bt = on_device(p.m.blk_t, ref);
+  }
+  d.in_fwd = perm_on_device(p.pin, false, ref);
+  d.out_inv = perm_on_device(p.pout, true, ref);
+  d.p = std::move(p);
+  return d;
+}
+
 template <bool kHost>
 at::Tensor block_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                     const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
@@ -259,17 +282,22 @@ at::Tensor block_mm(const at::Tensor& x, const at::Tensor& values, const at::Ten
                     const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::block_mm";
   Backend<kHost>::check_device(op, "x", x);
-  const BlockProblem p =
-      validate_block_mm(op, x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias, in_perm, out_perm);
   const typename Backend<kHost>::Guard guard(x);
-  const at::Tensor rp = on_device(p.m.row_ptr, x), ci = on_device(p.m.col_idx, x);
-  auto y = at::empty({x.size(0), p.m.R}, x.options());
+  MetaKey key(op);
+  key.sig(x).sig(values).sig(bias).meta(row_ptr).meta(col_idx).meta(col_ptr).meta(row_idx_t).meta(blk_t);
+  key.meta(in_perm).meta(out_perm);
+  const auto d = MetaCache::instance().get<BlockDev>(std::move(key), [&] {
+    return upload(validate_block_mm(op, x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias, in_perm,
+                                    out_perm),
+                  x, false);
+  });
+  const BlockMeta& m = d->p.m;
+  auto y = at::empty({x.size(0), m.R}, x.options());
   if (y.numel() == 0) return y;
   const at::Tensor xc = x.contiguous(), vc = values.contiguous();
   const auto bc = contiguous(bias);
-  const auto gather = perm_on_device(p.pin, false, x), scatter = perm_on_device(p.pout, true, x);
-  if (!try_block_tc<kHost, false>(xc, gather, vc, bc, scatter, y, p.m, rp, ci, nullptr)) {
-    run_gather<kHost>(xc, gather, vc, bc, scatter, y, kern::BlockRows{idx_ptr(rp), idx_ptr(ci), p.m.br, p.m.bc});
+  if (!try_block_tc<kHost, false>(xc, d->in_fwd, vc, bc, d->out_inv, y, m, d->rp, d->ci, nullptr)) {
+    run_gather<kHost>(xc, d->in_fwd, vc, bc, d->out_inv, y, kern::BlockRows{idx_ptr(d->rp), idx_ptr(d->ci), m.br, m.bc});
   }
   return y;
 }
@@ -281,18 +309,22 @@ at::Tensor block_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::
                       const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::block_mm_t";
   Backend<kHost>::check_device(op, "dy", dy);
-  const BlockProblem p =
-      validate_block_mm_t(op, dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm, out_perm);
   const typename Backend<kHost>::Guard guard(dy);
-  const at::Tensor cp = on_device(p.m.col_ptr, dy), ri = on_device(p.m.row_idx_t, dy), bt = on_device(p.m.blk_t, dy);
-  auto dx = at::empty({dy.size(0), p.m.C}, dy.options());
+  MetaKey key(op);
+  key.sig(dy).sig(values).meta(row_ptr).meta(col_idx).meta(col_ptr).meta(row_idx_t).meta(blk_t);
+  key.meta(in_perm).meta(out_perm);
+  const auto d = MetaCache::instance().get<BlockDev>(std::move(key), [&] {
+    return upload(validate_block_mm_t(op, dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm, out_perm),
+                  dy, true);
+  });
+  const BlockMeta& m = d->p.m;
+  auto dx = at::empty({dy.size(0), m.C}, dy.options());
   if (dx.numel() == 0) return dx;
   // dz = dy[:, inv(out_perm)] gathered on load; dx[:, in_perm] = dz @ S scattered on store.
   const at::Tensor dyc = dy.contiguous(), vc = values.contiguous();
-  const auto gather = perm_on_device(p.pout, true, dy), scatter = perm_on_device(p.pin, false, dy);
-  if (!try_block_tc<kHost, true>(dyc, gather, vc, std::nullopt, scatter, dx, p.m, cp, ri, idx_ptr(bt))) {
-    run_gather<kHost>(dyc, gather, vc, std::nullopt, scatter, dx,
-                      kern::BlockColRows{idx_ptr(cp), idx_ptr(ri), idx_ptr(bt), p.m.br, p.m.bc});
+  if (!try_block_tc<kHost, true>(dyc, d->out_inv, vc, std::nullopt, d->in_fwd, dx, m, d->cp, d->ri, idx_ptr(d->bt))) {
+    run_gather<kHost>(dyc, d->out_inv, vc, std::nullopt, d->in_fwd, dx,
+                      kern::BlockColRows{idx_ptr(d->cp), idx_ptr(d->ri), idx_ptr(d->bt), m.br, m.bc});
   }
   return dx;
 }
@@ -303,54 +335,67 @@ at::Tensor block_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tens
                        const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::block_sddmm";
   Backend<kHost>::check_device(op, "x", x);
-  const BlockProblem p = validate_block_sddmm(op, dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm, out_perm);
   const typename Backend<kHost>::Guard guard(x);
-  const at::Tensor brow = on_device(p.m.blk_row, x), ci = on_device(p.m.col_idx, x);
-  auto dv = at::empty({p.m.nnzb, p.m.br, p.m.bc}, x.options());
+  MetaKey key(op);
+  key.sig(dy).sig(x).meta(row_ptr).meta(col_idx).val(block_rows).val(block_cols).meta(in_perm).meta(out_perm);
+  const auto d = MetaCache::instance().get<BlockDev>(std::move(key), [&] {
+    return upload(validate_block_sddmm(op, dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm, out_perm), x,
+                  false);
+  });
+  const BlockMeta& m = d->p.m;
+  auto dv = at::empty({m.nnzb, m.br, m.bc}, x.options());
   if (dv.numel() == 0) return dv;
   const at::Tensor dyc = dy.contiguous(), xc = x.contiguous();
-  const auto dy_gather = perm_on_device(p.pout, true, x), x_gather = perm_on_device(p.pin, false, x);
-  if (kern::block_sddmm_tc_supports(p.m.br, p.m.bc) &&
+  if (kern::block_sddmm_tc_supports(m.br, m.bc) &&
       (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "padst block_sddmm_tc", [&] {
       using T = typename Backend<kHost>::template type<scalar_t>;
       kern::BlockSddmmTcParams<T> q;
       q.dy = cptr<T>(dyc);
       q.x = cptr<T>(xc);
-      q.dy_gather = idx_ptr(dy_gather);
-      q.x_gather = idx_ptr(x_gather);
-      q.blk_row = idx_ptr(brow);
-      q.col_idx = idx_ptr(ci);
+      q.dy_gather = idx_ptr(d->out_inv);
+      q.x_gather = idx_ptr(d->in_fwd);
+      q.blk_row = idx_ptr(d->brow);
+      q.col_idx = idx_ptr(d->ci);
       q.out = mptr<T>(dv);
       q.B = x.size(0);
       q.R = dy.size(1);
       q.C = x.size(1);
-      q.nnzb = p.m.nnzb;
-      q.br = p.m.br;
-      q.bc = p.m.bc;
+      q.nnzb = m.nnzb;
+      q.br = m.br;
+      q.bc = m.bc;
       Backend<kHost>::block_sddmm_tc(q, x);
     });
     return dv;
   }
-  run_sddmm<kHost>(dyc, dy_gather, xc, x_gather, dv, kern::BlockFlat{idx_ptr(brow), idx_ptr(ci), p.m.br, p.m.bc});
+  run_sddmm<kHost>(dyc, d->out_inv, xc, d->in_fwd, dv, kern::BlockFlat{idx_ptr(d->brow), idx_ptr(d->ci), m.br, m.bc});
   return dv;
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // N:M (the input permutation is folded into col_idx)
 // ---------------------------------------------------------------------------------------------------------
+struct NmDev {
+  NmProblem p;
+  at::Tensor ci;        // col_idx as int64 on the device
+  at::Tensor ent, ptr;  // its stable transpose (dx only)
+};
+
 template <bool kHost>
 at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m,
                  const std::optional<at::Tensor>& bias) {
   Backend<kHost>::check_device("padst::nm_mm", "x", x);
-  check_nm_mm_args(x, values, col_idx, bias, n, m);
   const typename Backend<kHost>::Guard guard(x);
-  const int64_t R = values.size(0), K = values.size(1);
-  auto y = at::empty({x.size(0), R}, x.options());
+  MetaKey key("padst::nm_mm");
+  key.sig(x).sig(values).sig(bias).meta(col_idx).val(n).val(m);
+  const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
+    check_nm_mm_args(x, values, col_idx, bias, n, m);
+    return NmDev{NmProblem{values.size(0), x.size(1), values.size(1)}, col_idx.to(at::kLong).contiguous(), {}, {}};
+  });
+  auto y = at::empty({x.size(0), d->p.R}, x.options());
   if (y.numel() == 0) return y;
-  const at::Tensor ci = col_idx.to(at::kLong).contiguous();
   run_gather<kHost>(x.contiguous(), std::nullopt, values.contiguous(), contiguous(bias), std::nullopt, y,
-                    kern::NmRows<int64_t>{idx_ptr(ci), K});
+                    kern::NmRows<int64_t>{idx_ptr(d->ci), d->p.K});
   return y;
 }
 
@@ -358,14 +403,18 @@ template <bool kHost>
 at::Tensor nm_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m) {
   const char* op = "padst::nm_mm_t";
   Backend<kHost>::check_device(op, "dy", dy);
-  const NmProblem p = validate_nm_mm_t(op, dy, values, col_idx, n, m);
   const typename Backend<kHost>::Guard guard(dy);
-  auto dx = at::empty({dy.size(0), p.C}, dy.options());
+  MetaKey key(op);
+  key.sig(dy).sig(values).meta(col_idx).val(n).val(m);
+  const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
+    NmDev r{validate_nm_mm_t(op, dy, values, col_idx, n, m), col_idx.to(at::kLong).contiguous(), {}, {}};
+    std::tie(r.ent, r.ptr) = Backend<kHost>::nm_transpose(r.ci, r.p.C);
+    return r;
+  });
+  auto dx = at::empty({dy.size(0), d->p.C}, dy.options());
   if (dx.numel() == 0) return dx;
-  const at::Tensor ci = col_idx.to(at::kLong).contiguous();
-  auto [ent, ptr] = Backend<kHost>::nm_transpose(ci, p.C);
   run_gather<kHost>(dy.contiguous(), std::nullopt, values.contiguous(), std::nullopt, std::nullopt, dx,
-                    kern::CsrRows{idx_ptr(ptr), idx_ptr(ent), p.K});
+                    kern::CsrRows{idx_ptr(d->ptr), idx_ptr(d->ent), d->p.K});
   return dx;
 }
 
@@ -373,34 +422,55 @@ template <bool kHost>
 at::Tensor nm_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& col_idx, int64_t n, int64_t m) {
   const char* op = "padst::nm_sddmm";
   Backend<kHost>::check_device(op, "x", x);
-  const NmProblem p = validate_nm_sddmm(op, dy, x, col_idx, n, m);
   const typename Backend<kHost>::Guard guard(x);
-  auto dv = at::empty({p.R, p.K}, x.options());
+  MetaKey key(op);
+  key.sig(dy).sig(x).meta(col_idx).val(n).val(m);
+  const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
+    return NmDev{validate_nm_sddmm(op, dy, x, col_idx, n, m), col_idx.to(at::kLong).contiguous(), {}, {}};
+  });
+  auto dv = at::empty({d->p.R, d->p.K}, x.options());
   if (dv.numel() == 0) return dv;
-  const at::Tensor ci = col_idx.to(at::kLong).contiguous();
   run_sddmm<kHost>(dy.contiguous(), std::nullopt, x.contiguous(), std::nullopt, dv,
-                   kern::NmFlat<int64_t>{idx_ptr(ci), p.K});
+                   kern::NmFlat<int64_t>{idx_ptr(d->ci), d->p.K});
   return dv;
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Diagonal
 // ---------------------------------------------------------------------------------------------------------
+struct DiagDev {
+  DiagProblem p;
+  at::Tensor off;                              // offsets as int64 on the device
+  std::optional<at::Tensor> in_fwd, out_inv;
+};
+inline DiagDev upload(DiagProblem p, const at::Tensor& ref) {
+  DiagDev d;
+  d.off = on_device(p.off, ref);
+  d.in_fwd = perm_on_device(p.pin, false, ref);
+  d.out_inv = perm_on_device(p.pout, true, ref);
+  d.p = std::move(p);
+  return d;
+}
+inline kern::DiagRows diag_rows(const DiagDev& d, bool shifted) {
+  return kern::DiagRows{idx_ptr(d.off), d.off.size(0), std::min(d.p.R, d.p.C), std::max(d.p.R, d.p.C), shifted};
+}
+
 template <bool kHost>
 at::Tensor diag_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets, int64_t out_features,
                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_perm,
                    const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::diag_mm";
   Backend<kHost>::check_device(op, "x", x);
-  const DiagProblem p = validate_diag_mm(op, x, values, offsets, out_features, bias, in_perm, out_perm);
   const typename Backend<kHost>::Guard guard(x);
-  const bool tall = p.R >= p.C;
-  const at::Tensor off = on_device(p.off, x);
-  auto y = at::empty({x.size(0), p.R}, x.options());
+  MetaKey key(op);
+  key.sig(x).sig(values).sig(bias).meta(offsets).val(out_features).meta(in_perm).meta(out_perm);
+  const auto d = MetaCache::instance().get<DiagDev>(std::move(key), [&] {
+    return upload(validate_diag_mm(op, x, values, offsets, out_features, bias, in_perm, out_perm), x);
+  });
+  auto y = at::empty({x.size(0), d->p.R}, x.options());
   if (y.numel() == 0) return y;
-  run_gather<kHost>(x.contiguous(), perm_on_device(p.pin, false, x), values.contiguous(), contiguous(bias),
-                    perm_on_device(p.pout, true, x), y,
-                    kern::DiagRows{idx_ptr(off), off.size(0), std::min(p.R, p.C), std::max(p.R, p.C), tall});
+  run_gather<kHost>(x.contiguous(), d->in_fwd, values.contiguous(), contiguous(bias), d->out_inv, y,
+                    diag_rows(*d, /*shifted=*/d->p.R >= d->p.C));
   return y;
 }
 
@@ -409,15 +479,16 @@ at::Tensor diag_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::T
                      const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::diag_mm_t";
   Backend<kHost>::check_device(op, "dy", dy);
-  const DiagProblem p = validate_diag_mm_t(op, dy, values, offsets, in_features, in_perm, out_perm);
   const typename Backend<kHost>::Guard guard(dy);
-  const bool tall = p.R >= p.C;
-  const at::Tensor off = on_device(p.off, dy);
-  auto dx = at::empty({dy.size(0), p.C}, dy.options());
+  MetaKey key(op);
+  key.sig(dy).sig(values).meta(offsets).val(in_features).meta(in_perm).meta(out_perm);
+  const auto d = MetaCache::instance().get<DiagDev>(std::move(key), [&] {
+    return upload(validate_diag_mm_t(op, dy, values, offsets, in_features, in_perm, out_perm), dy);
+  });
+  auto dx = at::empty({dy.size(0), d->p.C}, dy.options());
   if (dx.numel() == 0) return dx;
-  run_gather<kHost>(dy.contiguous(), perm_on_device(p.pout, true, dy), values.contiguous(), std::nullopt,
-                    perm_on_device(p.pin, false, dy), dx,
-                    kern::DiagRows{idx_ptr(off), off.size(0), std::min(p.R, p.C), std::max(p.R, p.C), !tall});
+  run_gather<kHost>(dy.contiguous(), d->out_inv, values.contiguous(), std::nullopt, d->in_fwd, dx,
+                    diag_rows(*d, /*shifted=*/d->p.R < d->p.C));
   return dx;
 }
 
@@ -426,14 +497,17 @@ at::Tensor diag_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
                       const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::diag_sddmm";
   Backend<kHost>::check_device(op, "x", x);
-  const DiagProblem p = validate_diag_sddmm(op, dy, x, offsets, in_perm, out_perm);
   const typename Backend<kHost>::Guard guard(x);
-  const at::Tensor off = on_device(p.off, x);
-  const int64_t L = std::min(p.R, p.C);
-  auto dv = at::empty({off.size(0), L}, x.options());
+  MetaKey key(op);
+  key.sig(dy).sig(x).meta(offsets).meta(in_perm).meta(out_perm);
+  const auto d = MetaCache::instance().get<DiagDev>(std::move(key), [&] {
+    return upload(validate_diag_sddmm(op, dy, x, offsets, in_perm, out_perm), x);
+  });
+  const int64_t L = std::min(d->p.R, d->p.C);
+  auto dv = at::empty({d->off.size(0), L}, x.options());
   if (dv.numel() == 0) return dv;
-  run_sddmm<kHost>(dy.contiguous(), perm_on_device(p.pout, true, x), x.contiguous(), perm_on_device(p.pin, false, x),
-                   dv, kern::DiagFlat{idx_ptr(off), L, p.R, p.C});
+  run_sddmm<kHost>(dy.contiguous(), d->out_inv, x.contiguous(), d->in_fwd, dv,
+                   kern::DiagFlat{idx_ptr(d->off), L, d->p.R, d->p.C});
   return dv;
 }
 

@@ -102,3 +102,60 @@ def test_emulated_ops_validate_like_the_cpu_kernels():
     c = make_case("nm", 4, 40, 8, nm=(1, 4), perm="none")
     with pytest.raises(ValueError, match="col_idx holds values"):
         emu.nm_mm(c.x, c.weight.values, c.weight.col_idx + 40, 1, 4)
+
+
+# --- the validated-metadata cache of the GPU path (csrc/meta_cache.h) --------------------------------------
+
+
+def _cache_info():
+    hits, misses, size = torch.ops.padst._metadata_cache_info()
+    return hits, misses, size
+
+
+def test_metadata_cache_hits_on_unchanged_metadata():
+    torch.ops.padst._metadata_cache_clear()
+    case = make_case("block", 5, 64, 32, perm="both")
+    w = case.weight
+    y1 = emu.block_mm(case.x, w.values, *w.meta(), case.bias, case.in_perm, case.out_perm)
+    assert _cache_info()[:2] == (0, 1)
+    # new data, same metadata: validation and upload are reused
+    x2 = torch.randn_like(case.x)
+    y2 = emu.block_mm(x2, w.values * 2, *w.meta(), case.bias, case.in_perm, case.out_perm)
+    assert _cache_info()[:2] == (1, 1)
+    torch.testing.assert_close(y1, fwd(case, case.x, w.values, case.bias, ref))
+    torch.testing.assert_close(y2, fwd(case, x2, w.values * 2, case.bias, ref))
+    # another shape of x is another key (validation reads it)
+    emu.block_mm(case.x[:2], w.values, *w.meta(), case.bias, case.in_perm, case.out_perm)
+    assert _cache_info()[:2] == (1, 2)
+    torch.ops.padst._metadata_cache_clear()
+    assert _cache_info() == (0, 0, 0)
+
+
+def test_metadata_cache_sees_in_place_changes():
+    """An in-place write bumps the version counter: the metadata is validated (and uploaded) again."""
+    torch.ops.padst._metadata_cache_clear()
+    case = make_case("diag", 6, 48, 24, perm="both")
+    w = case.weight
+    emu.diag_mm(case.x, w.values, w.offsets, 24, case.bias, case.in_perm, case.out_perm)
+    new_perm = torch.randperm(48)
+    case.in_perm.copy_(new_perm)  # a different valid permutation: the answer must follow it
+    y = emu.diag_mm(case.x, w.values, w.offsets, 24, case.bias, case.in_perm, case.out_perm)
+    torch.testing.assert_close(y, fwd(case, case.x, w.values, case.bias, ref))
+    case.in_perm[0] = case.in_perm[1]  # no longer a bijection: must raise, not reuse the cached check
+    with pytest.raises(ValueError, match="in_perm is not a permutation"):
+        emu.diag_mm(case.x, w.values, w.offsets, 24, case.bias, case.in_perm, case.out_perm)
+    c = make_case("nm", 4, 40, 8, nm=(1, 4), perm="none")
+    emu.nm_mm_t(torch.randn(4, 8), c.weight.values, c.weight.col_idx, 1, 4)
+    c.weight.col_idx[0, 0] = 40
+    with pytest.raises(ValueError, match="col_idx holds values"):
+        emu.nm_mm_t(torch.randn(4, 8), c.weight.values, c.weight.col_idx, 1, 4)
+
+
+def test_metadata_cache_skips_inference_tensors():
+    torch.ops.padst._metadata_cache_clear()
+    with torch.inference_mode():
+        case = make_case("nm", 4, 40, 8, nm=(1, 4), perm="in")
+        for _ in range(2):
+            y = emu.nm_mm(case.x, case.weight.values, case.weight.col_idx, 1, 4, case.bias)
+    assert _cache_info() == (0, 0, 0)  # neither looked up nor stored
+    torch.testing.assert_close(y, fwd(case, case.x, case.weight.values, case.bias, ref))
