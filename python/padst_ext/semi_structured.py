@@ -15,10 +15,8 @@ When cuSPARSELt can serve the problem (``is_available()`` and ``supports(...)``)
   the pattern along the reduction dimension. cuSPARSELt serves ``dx`` only when ``S`` is *also* 2:4 along ``R``
   (a transposable pattern): then ``S.T`` is compressed on its own and ``padst::lt24_mm_t`` runs the transposed
   problem and scatters ``dx`` through the permutation. Otherwise (the common case for a pattern pruned along ``C``
-  only) ``dx`` is a dense matmul ``dy @ S_x`` with ``S_x`` the weight with the permutation folded in (``nm_mm_t``
-  instead once it has a kernel for the device).
-* ``dW`` on the pattern: ``padst::nm_sddmm(dy, x, folded_col_idx, n, m)`` with ``folded_col_idx = in_perm[col_idx]``;
-  on a device where ``nm_sddmm`` has no kernel yet, ``(dy.T @ x).gather(1, folded_col_idx)`` (a dense GEMM).
+  only) ``dx`` is ``padst::nm_mm_t`` (the general N:M kernel) with the permutation folded into ``col_idx``.
+* ``dW`` on the pattern: ``padst::nm_sddmm(dy, x, folded_col_idx, n, m)`` with ``folded_col_idx = in_perm[col_idx]``.
 * ``dbias = dy.sum(0)``.
 
 Fallback: otherwise (no cuSPARSELt in the build, no GPU, a CPU tensor, another N:M, a float32 layer while TF32 is
@@ -161,11 +159,6 @@ def _fold(col_idx: Tensor, in_perm: Optional[Tensor], in_features: int) -> Tenso
     return perm[col_idx.long()].to(col_idx.dtype)
 
 
-def _has_kernel(op: str, device: torch.device) -> bool:
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"padst::{op}", key)
-
-
 class _Lt24Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, values, col_idx, bias, in_perm, n, m, in_features, entry):
@@ -190,15 +183,10 @@ class _Lt24Linear(torch.autograd.Function):
             ct = _compressed_t(ctx.entry, values, col_idx, C, n, m)
             if ct is not None:
                 dx = _ops.lt24_mm_t.default(dy, ct, R, C, in_perm)
-            elif _has_kernel("nm_mm_t", dy.device):
+            else:  # S is 2:4 along C only: no sparse-tensor-core form of dy @ S; the general N:M kernel serves
                 dx = _ops.nm_mm_t.default(dy, values, folded, n, m)
-            else:  # S is 2:4 along C only: no sparse-tensor-core form of dy @ S; dense GEMM with the folded weight
-                dx = dy @ nm_to_dense(values, folded, C)
         if need_v:
-            if _has_kernel("nm_sddmm", dy.device):
-                dv = _ops.nm_sddmm.default(dy, x2, folded, n, m)
-            else:
-                dv = (dy.t() @ x2).gather(1, folded.long())
+            dv = _ops.nm_sddmm.default(dy, x2, folded, n, m)
         if need_b and ctx.has_bias:
             db = dy.sum(0)
         return dx, dv, None, db, None, None, None, None, None
