@@ -2,7 +2,7 @@
 # of these exists; the short version is in the comments.
 
 # padst_normalize_cuda_archs(<in> <out_cmake> <out_torch>)
-#   Accepts "80;90a", "8.0;9.0a", "80,90a" or "80 90a". Returns the CMake spelling (80;90a, used for
+#   Accepts "80;90a", "8.0;9.0a", "80,90a" or "80 90a", each optionally with "+PTX". Returns the CMake spelling (80;90a, used for
 #   CMAKE_CUDA_ARCHITECTURES) and the torch spelling (8.0;9.0a, used for TORCH_CUDA_ARCH_LIST).
 function(padst_normalize_cuda_archs in out_cmake out_torch)
   string(REGEX REPLACE "[ ,]+" ";" _list "${in}")
@@ -13,16 +13,17 @@ function(padst_normalize_cuda_archs in out_cmake out_torch)
     if(_a STREQUAL "")
       continue()
     endif()
-    if(_a MATCHES "^([0-9]+)\\.([0-9])([af]?)$")
+    # A "+PTX" suffix (torch style) also embeds PTX for that architecture, which newer GPUs JIT-compile.
+    if(_a MATCHES "^([0-9]+)\\.([0-9])([af]?)(\\+PTX)?$")
       list(APPEND _cmake "${CMAKE_MATCH_1}${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
       list(APPEND _torch "${_a}")
-    elseif(_a MATCHES "^([0-9]+)([0-9])([af]?)$")
-      list(APPEND _cmake "${_a}")
-      list(APPEND _torch "${CMAKE_MATCH_1}.${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
+    elseif(_a MATCHES "^([0-9]+)([0-9])([af]?)(\\+PTX)?$")
+      list(APPEND _cmake "${CMAKE_MATCH_1}${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
+      list(APPEND _torch "${CMAKE_MATCH_1}.${CMAKE_MATCH_2}${CMAKE_MATCH_3}${CMAKE_MATCH_4}")
     else()
       message(FATAL_ERROR
         "padst_ext: cannot parse CUDA architecture '${_a}' in PADST_CUDA_ARCHS='${in}'. "
-        "Use CMake style (e.g. PADST_CUDA_ARCHS=\"80;90a\") or torch style (\"8.0;9.0a\").")
+        "Use CMake style (e.g. PADST_CUDA_ARCHS=\"80+PTX;90a\") or torch style (\"8.0+PTX;9.0a\").")
     endif()
   endforeach()
   if(NOT _cmake)

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -122,6 +123,8 @@ struct Backend<false> {
   }
   static std::pair<at::Tensor, at::Tensor> nm_transpose(const at::Tensor& col_idx64, int64_t C) {
     const int64_t nnz = col_idx64.numel();
+    TORCH_CHECK_VALUE(nnz <= std::numeric_limits<int>::max(), "padst::nm_mm_t: the CUDA transpose sorts at most ",
+                      std::numeric_limits<int>::max(), " indices (cub), got ", nnz);
     auto opts = col_idx64.options();
     auto keys = at::empty({nnz}, opts), ent_in = at::empty({nnz}, opts), ent = at::empty({nnz}, opts);
     auto ptr = at::empty({C + 1}, opts);

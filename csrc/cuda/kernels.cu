@@ -12,9 +12,11 @@
 namespace padst::gpu {
 namespace {
 
+// The dynamic shared memory of every kernel here, declared once (one alignment for all).
+extern __shared__ __align__(128) unsigned char smem_raw[];
+
 template <typename K>
 __global__ void __launch_bounds__(K::kBlockThreads) gather_mm_kernel(typename K::Params p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   using T = std::remove_cv_t<std::remove_pointer_t<decltype(p.out)>>;
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int64_t cta = blockIdx.x;
@@ -37,7 +39,6 @@ __global__ void __launch_bounds__(K::kBlockThreads) sddmm_reduce_kernel(typename
 
 template <typename K>
 __global__ void __launch_bounds__(K::kBlockThreads) block_tc_kernel(typename K::Params p) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
   using T = std::remove_cv_t<std::remove_pointer_t<decltype(p.out)>>;
   constexpr int kOut16 = K::kOut;
   T* xs = reinterpret_cast<T*>(smem_raw);
@@ -64,7 +65,6 @@ template <typename T>
 __global__ void __launch_bounds__(kern::BlockSddmmTc<T>::kBlockThreads)
     block_sddmm_tc_kernel(kern::BlockSddmmTcParams<T> p) {
   using K = kern::BlockSddmmTc<T>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
   T* dz = reinterpret_cast<T*>(smem_raw);
   T* xs = dz + K::kRows * (p.br + K::kPad);
   float* ct = reinterpret_cast<float*>(smem_raw);  // reused after the last stage
@@ -160,6 +160,7 @@ cudaError_t block_sddmm_tc(kern::BlockSddmmTcParams<T> p, cudaStream_t stream) {
   if (ctas > kMaxGrid) return cudaErrorInvalidConfiguration;
   const size_t smem = static_cast<size_t>(K::smem_bytes(p));
   if (smem > 48 * 1024) return cudaErrorInvalidValue;  // block sides <= 64 keep it below 48 KB
+  if (K::reduce_ctas(p) > kMaxGrid) return cudaErrorInvalidConfiguration;
   block_sddmm_tc_kernel<T><<<static_cast<unsigned>(ctas), K::kBlockThreads, smem, stream>>>(p);
   const cudaError_t st = cudaGetLastError();
   if (st != cudaSuccess) return st;
