@@ -422,3 +422,54 @@ def test_torch_compile_inductor():
         return torch.relu(ops.block_mm(x, w.values, *w.meta(), case.bias, case.in_perm, case.out_perm)) * 2
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(case.x), f(case.x))
+
+
+# --- every vectorised CPU kernel variant (csrc/cpu/row_kernels.h: base SSE2, AVX2, AVX-512) ---------------
+
+
+def _isas():
+    best = torch.ops.padst._cpu_isa()
+    order = ["base", "avx2", "avx512"]
+    for isa in order:
+        supported = order.index(isa) <= order.index(best)
+        yield pytest.param(isa, id=isa, marks=pytest.mark.skipif(not supported, reason=f"CPU lacks {isa}"))
+
+
+@pytest.fixture
+def cpu_isa(request):
+    before = torch.ops.padst._cpu_isa()
+    torch.ops.padst._cpu_isa(request.param)
+    yield request.param
+    torch.ops.padst._cpu_isa(before)
+
+
+# batch sizes around the 32-row tiles and the 8-row vector threshold; odd widths (vector tails, block groups)
+ISA_SHAPES = [
+    ("block", 8, 64, 96, dict(block=(32, 8), sparsity=0.5)),
+    ("block", 33, 80, 48, dict(block=(12, 20), sparsity=0.75)),
+    ("block", 70, 128, 64, dict(block=(32, 32), sparsity=0.5)),
+    ("nm", 9, 48, 24, dict(nm=(3, 8))),
+    ("nm", 65, 160, 70, dict(nm=(1, 20))),
+    ("diag", 31, 40, 96, dict(sparsity=0.75)),
+    ("diag", 40, 130, 50, dict(sparsity=0.5)),
+    ("diag", 17, 64, 64, dict(sparsity=0.9)),
+]
+
+
+@pytest.mark.parametrize("cpu_isa", list(_isas()), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ISA_SHAPES, ids=_shape_id)
+def test_cpu_isa_variants(shape, dtype, cpu_isa):
+    perm = "in" if shape[0] == "nm" else "both"
+    case = _make(shape, perm, dtype, "cpu")
+    gen = torch.Generator().manual_seed(3)
+    dy = torch.randn(case.B, case.R, generator=gen, dtype=torch.float64).to(dtype)
+    v, x, b = case.weight.values, case.x, case.bias
+    assert_close_to_reference(fwd(case, x, v, b, ops), fwd(case, _f64(x), _f64(v), _f64(b), ref),
+                              fwd(case, x, v, b, ref), "forward")
+    assert_close_to_reference(dx(case, dy, v, ops), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref), "dx")
+
+
+def test_cpu_isa_switch_rejects_unknown():
+    with pytest.raises(ValueError, match="unknown ISA"):
+        torch.ops.padst._cpu_isa("sse9")

@@ -171,6 +171,18 @@ at::Tensor block_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at:
   std::optional<at::Tensor> bc_ = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   PADST_DISPATCH_FLOATS(x.scalar_type(), "block_mm_cpu", [&] {
     using A = acc_t<scalar_t>;
+    if constexpr (kVecType<scalar_t>) {
+      if (x.size(0) >= kMinVecBatch) {
+        // Each block transposed to [bc][br]: the br outputs of one input column contiguous.
+        const at::Tensor vt = values.transpose(1, 2).to(at::kFloat).contiguous();
+        const rk::BlockLine line{m.row_ptr.data_ptr<int64_t>(), m.col_idx.data_ptr<int64_t>(), nullptr,
+                                 vt.data_ptr<float>(), m.bc, m.br, m.br, m.br * m.bc};
+        rk::block_mm(xc.data_ptr<scalar_t>(), x.size(0), m.C, perm_ptr(p.pin, false), line, m.nbr,
+                     rk::Store<scalar_t>{y.data_ptr<scalar_t>(), m.R, perm_ptr(p.pout, true),
+                                         bc_ ? bc_->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false)});
+        return;
+      }
+    }
     // Pre-transpose each block to [bc][br] so the inner loop runs along contiguous output rows.
     auto vt = values.transpose(1, 2).to(c10::CppTypeToScalarType<A>::value).contiguous();
     dispatch_width(m.br, [&](auto W) {
@@ -194,6 +206,17 @@ at::Tensor block_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const 
   auto dyc = dy.contiguous();
   auto dx = at::empty({dy.size(0), m.C}, dy.options());
   PADST_DISPATCH_FLOATS(dy.scalar_type(), "block_mm_t_cpu", [&] {
+    if constexpr (kVecType<scalar_t>) {
+      if (dy.size(0) >= kMinVecBatch) {
+        const at::Tensor vf = float_values(values);  // [nnzb][br][bc]: the bc outputs of one dy column contiguous
+        const rk::BlockLine line{m.col_ptr.data_ptr<int64_t>(), m.row_idx_t.data_ptr<int64_t>(),
+                                 m.blk_t.data_ptr<int64_t>(), vf.data_ptr<float>(), m.br, m.bc, m.bc, m.br * m.bc};
+        rk::block_mm(dyc.data_ptr<scalar_t>(), dy.size(0), m.R, perm_ptr(p.pout, true), line, m.nbc,
+                     rk::Store<scalar_t>{dx.data_ptr<scalar_t>(), m.C, perm_ptr(p.pin, false), nullptr,
+                                         perm_ptr(p.pin, true)});
+        return;
+      }
+    }
     auto v = as_acc<scalar_t>(values.contiguous());
     dispatch_width(m.bc, [&](auto W) {
       block_dx_kernel<scalar_t, decltype(W)::value>(dyc.data_ptr<scalar_t>(), dy.size(0), v.ptr, m, p.pin.fwd.data(),

@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../kernels/entries.h"
+#include "row_kernels.h"
 
 namespace padst::cpu {
 
@@ -53,6 +55,18 @@ void dispatch_width(int64_t w, F&& f) {
     case 64: f(std::integral_constant<int, 64>{}); break;
     default: f(std::integral_constant<int, 0>{}); break;
   }
+}
+
+// The vectorised float kernels (row_kernels.h) serve float32/bfloat16/float16 from kMinVecBatch rows on; float64 and
+// smaller batches keep the scalar kernels (a 32-row tile would be mostly padding).
+inline constexpr int64_t kMinVecBatch = 8;
+template <typename T>
+inline constexpr bool kVecType = !std::is_same_v<T, double>;
+
+// Weights as a contiguous float tensor (a view when they already are).
+inline at::Tensor float_values(const at::Tensor& values) { return values.to(at::kFloat).contiguous(); }
+inline const int64_t* perm_ptr(const Perm& p, bool inverse) {
+  return p.identity ? nullptr : (inverse ? p.inv.data() : p.fwd.data());
 }
 
 inline void check_cpu(const char* op, const char* what, const at::Tensor& t) {

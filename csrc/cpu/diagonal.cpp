@@ -34,6 +34,23 @@ inline void shift_in(A* __restrict out, const A* __restrict w, const A* __restri
   for (int64_t t = n1; t < L; ++t) out[t] += w[t] * in[t + o - P];
 }
 
+// Sorted offsets and their order, for rk::DiagWindowRows (the shifted-form rows without empty slots).
+struct DiagWindow {
+  std::vector<int64_t> sorted, order;
+  rk::DiagWindowRows rows;
+  DiagWindow(const at::Tensor& off, int64_t L, int64_t P) {
+    const int64_t K = off.size(0);
+    const int64_t* o = off.data_ptr<int64_t>();
+    order.resize(K);
+    for (int64_t k = 0; k < K; ++k) order[k] = k;
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return o[a] < o[b]; });
+    sorted.resize(K);
+    for (int64_t j = 0; j < K; ++j) sorted[j] = o[order[j]];
+    rows = rk::DiagWindowRows{sorted.data(), order.data(), K, L, P};
+  }
+  DiagWindow(const DiagWindow&) = delete;
+};
+
 constexpr int64_t TB = 8;  // batch rows per task: each diagonal is loaded once per tile
 
 // out[b, dst[j]] / out[b, j] = buf[...]: gather/scatter helpers with the permutation fused in.
@@ -132,6 +149,21 @@ at::Tensor diag_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::
   auto y = at::empty({B, R}, x.options());
   const bool tall = R >= C;
   PADST_DISPATCH_FLOATS(x.scalar_type(), "diag_mm_cpu", [&] {
+    if constexpr (kVecType<scalar_t>) {
+      if (B >= kMinVecBatch) {
+        const at::Tensor vf = float_values(values);
+        const rk::Store<scalar_t> st{y.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true),
+                                     bc ? bc->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false)};
+        if (tall) {
+          const auto w = DiagWindow(p.off, std::min(R, C), R);
+          rk::rows_mm(xc.data_ptr<scalar_t>(), B, C, perm_ptr(p.pin, false), vf.data_ptr<float>(), w.rows, R, st);
+        } else {
+          rk::rows_mm(xc.data_ptr<scalar_t>(), B, C, perm_ptr(p.pin, false), vf.data_ptr<float>(),
+                      kern::DiagRows{p.off.data_ptr<int64_t>(), values.size(0), R, C, false}, R, st);
+        }
+        return;
+      }
+    }
     auto v = as_acc<scalar_t>(values.contiguous());
     diag_apply_kernel<scalar_t>(xc.data_ptr<scalar_t>(), B, C, p.pin.fwd.data(), v.ptr, p.off.data_ptr<int64_t>(),
                                 values.size(0), std::min(R, C), R, /*shift_output=*/tall, tall ? R : C,
@@ -154,6 +186,21 @@ at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const a
   // dz = dy[:, inv(out_perm)]; tall: dxp[t] += v[t] dz[(t+o) mod R]; wide: dxp[(t+o) mod C] += v[t] dz[t];
   // dx[:, in_perm] = dxp.
   PADST_DISPATCH_FLOATS(dy.scalar_type(), "diag_mm_t_cpu", [&] {
+    if constexpr (kVecType<scalar_t>) {
+      if (B >= kMinVecBatch) {
+        const at::Tensor vf = float_values(values);
+        const rk::Store<scalar_t> st{dx.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), nullptr,
+                                     perm_ptr(p.pin, true)};
+        if (!tall) {
+          const auto w = DiagWindow(p.off, std::min(R, C), C);
+          rk::rows_mm(dyc.data_ptr<scalar_t>(), B, R, perm_ptr(p.pout, true), vf.data_ptr<float>(), w.rows, C, st);
+        } else {
+          rk::rows_mm(dyc.data_ptr<scalar_t>(), B, R, perm_ptr(p.pout, true), vf.data_ptr<float>(),
+                      kern::DiagRows{p.off.data_ptr<int64_t>(), values.size(0), C, R, false}, C, st);
+        }
+        return;
+      }
+    }
     auto v = as_acc<scalar_t>(values.contiguous());
     diag_apply_kernel<scalar_t>(dyc.data_ptr<scalar_t>(), B, R, p.pout.inv.data(), v.ptr, p.off.data_ptr<int64_t>(),
                                 values.size(0), std::min(R, C), C, /*shift_output=*/!tall, tall ? R : C,

@@ -175,6 +175,15 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
   PADST_DISPATCH_FLOATS(x.scalar_type(), "nm_mm_cpu", [&] {
     dispatch_index(ic, [&](auto I) {
       using idx_t = decltype(I);
+      if constexpr (kVecType<scalar_t>) {
+        if (B >= kMinVecBatch) {
+          const at::Tensor vf = float_values(vc);
+          rk::rows_mm(xc.data_ptr<scalar_t>(), B, C, nullptr, vf.data_ptr<float>(),
+                      kern::NmRows<idx_t>{ic.data_ptr<idx_t>(), K}, R,
+                      rk::Store<scalar_t>{y.data_ptr<scalar_t>(), R, nullptr, bc ? bc->data_ptr<scalar_t>() : nullptr});
+          return;
+        }
+      }
       nm_fwd_kernel<scalar_t, idx_t>(xc.data_ptr<scalar_t>(), B, C, vc.data_ptr<scalar_t>(), ic.data_ptr<idx_t>(), R,
                                      K, bc ? bc->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
     });

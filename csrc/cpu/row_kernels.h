@@ -1,0 +1,383 @@
+// Vectorised CPU kernels for the forward and dx of every structure, float accumulation (float32, bfloat16,
+// float16 data; float64 keeps the scalar kernels).
+//
+// A task packs a tile of kTB = 32 batch rows of its input, gathered through the input permutation and converted to
+// float, transposed to xT[c][t] (the 32 values of one input column contiguous). Every stored weight then costs one
+// broadcast times kTB/VW vector FMAs, VW = 4 (SSE2), 8 (AVX2) or 16 (AVX-512) floats:
+//  - rows_body: independent output rows with their own entry lists (N:M, diagonals, the N:M transpose), the
+//    entries of a row split between two accumulator sets so that 2*kTB/VW FMA chains are in flight;
+//  - block_body: NR output rows that share their input columns (rows of one block-row, or columns of one
+//    block-column for dx): each input vector is loaded once for NR rows.
+// The result tile is stored transposed back through the output permutation, plus bias. Bodies are always-inline
+// templates; isa.h explains the per-ISA wrappers (PADST_ROW_KERNEL_WRAPPERS below).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "../kernels/entries.h"
+#include "isa.h"
+
+namespace padst::cpu::rk {
+
+inline constexpr int64_t kTB = 32;
+
+// GCC/Clang vector extensions (the vector_size attribute is not applied to a dependent alias, hence the
+// concrete typedefs).
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+template <int VW>
+struct VecType;
+template <>
+struct VecType<4> {
+  using type = f32x4;
+};
+template <>
+struct VecType<8> {
+  using type = f32x8;
+};
+template <>
+struct VecType<16> {
+  using type = f32x16;
+};
+
+template <int VW>
+struct Vec {
+  using V = typename VecType<VW>::type;
+  static_assert(sizeof(V) == VW * sizeof(float));
+  static PADST_ALWAYS_INLINE V load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static PADST_ALWAYS_INLINE V bcast(float s) { return V{} + s; }
+  static PADST_ALWAYS_INLINE void store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+};
+
+// xT[c*kTB + t] = in[b0 + t, gather ? gather[c] : c] as float, zero for t >= tb.
+// Identity: column by column, each packed column (128 bytes) written whole while the tile's input rows stay in
+// L1/L2. Permuted: row by row (measured faster: a permuted column order would touch 32 new input lines per column).
+template <typename T>
+PADST_ALWAYS_INLINE void pack_body(const T* in, int64_t in_cols, const int64_t* gather, int64_t b0, int64_t tb,
+                                   float* xT) {
+  const T* base = in + b0 * in_cols;
+  if (gather) {
+    // Row by row: the gathered reads stay within one input row (L1), the index array is read once per row.
+    for (int64_t t = 0; t < kTB; ++t) {
+      const T* row = base + t * in_cols;
+      if (t < tb) {
+        for (int64_t c = 0; c < in_cols; ++c) xT[c * kTB + t] = static_cast<float>(row[gather[c]]);
+      } else {
+        for (int64_t c = 0; c < in_cols; ++c) xT[c * kTB + t] = 0.0f;
+      }
+    }
+    return;
+  }
+  for (int64_t c = 0; c < in_cols; ++c) {
+    const T* col = base + c;
+    float* out = xT + c * kTB;
+    int64_t t = 0;
+    for (; t < tb; ++t) out[t] = static_cast<float>(col[t * in_cols]);
+    for (; t < kTB; ++t) out[t] = 0.0f;
+  }
+}
+
+// Where results go: out[(b0 + t) * out_cols + dst(r)] = acc + bias[dst(r)].
+template <typename T>
+struct Store {
+  T* out;
+  int64_t out_cols;
+  const int64_t* scatter;  // dst(r) = scatter[r], or r
+  const T* bias;           // by destination column, may be null
+  const int64_t* gather = nullptr;  // the inverse of scatter (out column j holds row gather[j])
+  float* zfull = nullptr;           // set by drive(): the whole tile [kTB][out_cols], written back by gathering
+};
+
+// Results are collected per group of output rows in a small tile z[t][j] (t the batch row, j the row in the
+// group) and then written batch row by batch row: contiguous runs of the output for the identity permutation,
+// instead of one 4-byte store per cache line of a column of `out`.
+inline constexpr int64_t kZW = 64;  // rows per output group (a block line is at most kZW rows, else split)
+
+template <int VW>
+PADST_ALWAYS_INLINE void put(float* z, int64_t j, const typename Vec<VW>::V* acc) {
+  constexpr int NV = kTB / VW;
+  alignas(64) float tmp[kTB];
+  for (int v = 0; v < NV; ++v) Vec<VW>::store(tmp + v * VW, acc[v]);
+  for (int64_t t = 0; t < kTB; ++t) z[t * kZW + j] = tmp[t];
+}
+
+// out[b0 + t, dst(r0 + j)] = z[t][j] + bias[dst(r0 + j)] for j < n, t < tb.
+template <typename T>
+PADST_ALWAYS_INLINE void flush(const Store<T>& s, int64_t r0, int64_t n, int64_t b0, int64_t tb, const float* z) {
+  if (s.zfull) {  // permuted output, collected whole and written back by write_back()
+    for (int64_t t = 0; t < tb; ++t) std::memcpy(s.zfull + t * s.out_cols + r0, z + t * kZW, n * sizeof(float));
+    return;
+  }
+  for (int64_t t = 0; t < tb; ++t) {
+    T* o = s.out + (b0 + t) * s.out_cols;
+    const float* zt = z + t * kZW;
+    if (s.scatter) {
+      const int64_t* d = s.scatter + r0;
+      if (s.bias) {
+        for (int64_t j = 0; j < n; ++j) o[d[j]] = static_cast<T>(zt[j] + static_cast<float>(s.bias[d[j]]));
+      } else {
+        for (int64_t j = 0; j < n; ++j) o[d[j]] = static_cast<T>(zt[j]);
+      }
+    } else {
+      T* oo = o + r0;
+      if (s.bias) {
+        const T* bb = s.bias + r0;
+        for (int64_t j = 0; j < n; ++j) oo[j] = static_cast<T>(zt[j] + static_cast<float>(bb[j]));
+      } else {
+        for (int64_t j = 0; j < n; ++j) oo[j] = static_cast<T>(zt[j]);
+      }
+    }
+  }
+}
+
+// A permuted output tile: out[b0 + t, j] = zfull[t][gather[j]] + bias[j], batch rows [t0, t1). Scattering the
+// results one by one would write-allocate a new cache line per value; gathering from the tile (in L2) writes
+// the output rows contiguously.
+template <typename T>
+void write_back(const Store<T>& s, int64_t b0, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    T* o = s.out + (b0 + t) * s.out_cols;
+    const float* zt = s.zfull + t * s.out_cols;
+    if (s.bias) {
+      for (int64_t j = 0; j < s.out_cols; ++j) o[j] = static_cast<T>(zt[s.gather[j]] + static_cast<float>(s.bias[j]));
+    } else {
+      for (int64_t j = 0; j < s.out_cols; ++j) o[j] = static_cast<T>(zt[s.gather[j]]);
+    }
+  }
+}
+
+// Rows r in [r0, r1), each over its own entries (kernels/entries.h functors: begin/end/at).
+template <int VW, typename T, typename E>
+PADST_ALWAYS_INLINE void rows_body(const float* xT, const float* vals, const E& rows, int64_t r0, int64_t r1,
+                                   const Store<T>& st, int64_t b0, int64_t tb) {
+  using V = typename Vec<VW>::V;
+  constexpr int NV = kTB / VW;
+  alignas(64) float z[kTB * kZW];
+  for (int64_t r = r0; r < r1; ++r) {
+    V a[NV], b[NV];
+    for (int j = 0; j < NV; ++j) a[j] = b[j] = V{};
+    const int64_t e = rows.end(r);
+    int64_t q = rows.begin(r);
+    for (; q + 1 < e; q += 2) {
+      int64_t c0 = 0, v0 = 0, c1 = 0, v1 = 0;
+      const bool ok0 = rows.at(r, q, c0, v0), ok1 = rows.at(r, q + 1, c1, v1);
+      const V w0 = Vec<VW>::bcast(ok0 ? vals[v0] : 0.0f), w1 = Vec<VW>::bcast(ok1 ? vals[v1] : 0.0f);
+      const float* x0 = xT + (ok0 ? c0 : 0) * kTB;
+      const float* x1 = xT + (ok1 ? c1 : 0) * kTB;
+      for (int j = 0; j < NV; ++j) {
+        a[j] += w0 * Vec<VW>::load(x0 + j * VW);
+        b[j] += w1 * Vec<VW>::load(x1 + j * VW);
+      }
+    }
+    if (q < e) {
+      int64_t c0 = 0, v0 = 0;
+      if (rows.at(r, q, c0, v0)) {
+        const V w0 = Vec<VW>::bcast(vals[v0]);
+        for (int j = 0; j < NV; ++j) a[j] += w0 * Vec<VW>::load(xT + c0 * kTB + j * VW);
+      }
+    }
+    for (int j = 0; j < NV; ++j) a[j] += b[j];
+    const int64_t g0 = r0 + ((r - r0) / kZW) * kZW;
+    put<VW>(z, r - g0, a);
+    if (r + 1 == r1 || r + 1 - g0 == kZW) flush(st, g0, r + 1 - g0, b0, tb, z);
+  }
+}
+
+// Diagonal rows in the shifted form (tall forward, wide dx; kernels/entries.h DiagRows) without the empty slots:
+// row r holds the diagonals whose offset lies in the circular window (r - L, r] mod P. With the offsets sorted,
+// that window is one range of the sorted list taken twice (indices K.. stand for offset + P), found by binary search.
+struct DiagWindowRows {
+  const int64_t* sorted;  // offsets ascending [K]
+  const int64_t* order;   // order[j]: the diagonal (row of values) of sorted[j]
+  int64_t K, L, P;
+  static int64_t lower(const int64_t* a, int64_t n, int64_t v) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (a[mid] < v) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  }
+  int64_t begin(int64_t r) const {
+    const int64_t lo = r - L + 1;
+    return lower(sorted, K, lo >= 0 ? lo : lo + P);
+  }
+  int64_t end(int64_t r) const {
+    const int64_t ub = lower(sorted, K, r + 1);
+    return r - L + 1 >= 0 ? ub : K + ub;
+  }
+  bool at(int64_t r, int64_t q, int64_t& col, int64_t& v) const {
+    const int64_t j = q >= K ? q - K : q;
+    const int64_t t = kern::wrap(r - sorted[j], P);
+    col = t;
+    v = order[j] * L + t;
+    return true;
+  }
+};
+
+// A line of blocks (a block-row forward, a block-column for dx): for each of its blocks q, `inner` input
+// columns starting at column xcol(q), and weights w(q)[i * wstride + n] for inner index i and output n.
+struct BlockLine {
+  const int64_t* ptr;     // [lines + 1]
+  const int64_t* idx;     // input block-line of each block
+  const int64_t* blk;     // index into the weights, or null (= position)
+  const float* w;         // weights, float
+  int64_t inner;          // bc forward, br dx
+  int64_t outer;          // br forward, bc dx: the outputs of one block
+  int64_t wstride;        // stride between inner indices in a block's weights
+  int64_t wblock;         // floats per block
+};
+
+// Outputs o0 .. o0+NR-1 of line `line` (o0 + NR <= outer).
+template <int VW, int NR>
+PADST_ALWAYS_INLINE void block_group(const float* xT, const BlockLine& L, int64_t line, int64_t o0, int64_t zo,
+                                     float* z) {
+  using V = typename Vec<VW>::V;
+  constexpr int NV = kTB / VW;
+  V acc[NR][NV];
+  for (int n = 0; n < NR; ++n)
+    for (int j = 0; j < NV; ++j) acc[n][j] = V{};
+  for (int64_t q = L.ptr[line]; q < L.ptr[line + 1]; ++q) {
+    const float* xq = xT + L.idx[q] * L.inner * kTB;
+    const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0;
+    for (int64_t i = 0; i < L.inner; ++i) {
+      V xv[NV];
+      for (int j = 0; j < NV; ++j) xv[j] = Vec<VW>::load(xq + i * kTB + j * VW);
+      const float* wi = wq + i * L.wstride;
+      for (int n = 0; n < NR; ++n) {
+        const float w = wi[n];  // vector * scalar: a broadcast the compiler can fold into the FMA's memory operand
+        for (int j = 0; j < NV; ++j) acc[n][j] += xv[j] * w;
+      }
+    }
+  }
+  for (int n = 0; n < NR; ++n) put<VW>(z, o0 - zo + n, acc[n]);
+}
+
+template <int VW, int NR, typename T>
+PADST_ALWAYS_INLINE void block_body(const float* xT, const BlockLine& L, int64_t l0, int64_t l1, const Store<T>& st,
+                                    int64_t b0, int64_t tb) {
+  alignas(64) float z[kTB * kZW];
+  for (int64_t line = l0; line < l1; ++line) {
+    // the line's outputs in chunks of kZW
+    for (int64_t zo = 0; zo < L.outer; zo += kZW) {
+      const int64_t ze = zo + kZW < L.outer ? zo + kZW : L.outer;
+      int64_t o = zo;
+      for (; o + NR <= ze; o += NR) block_group<VW, NR>(xT, L, line, o, zo, z);
+      for (; o < ze; ++o) block_group<VW, 1>(xT, L, line, o, zo, z);
+      flush(st, line * L.outer + zo, ze - zo, b0, tb, z);
+    }
+  }
+}
+
+// Rows per group in block_body: enough FMA chains in flight with the fewest registers.
+template <int VW>
+inline constexpr int kBlockNR = VW >= 16 ? 8 : (VW == 8 ? 2 : 1);
+
+// One packed tile: the per-ISA entry points, each an attributed wrapper around the always-inline bodies.
+#define PADST_ROW_KERNEL_WRAPPERS(ATTR, VW, SUFFIX)                                                                \
+  template <typename T>                                                                                            \
+  ATTR void pack_##SUFFIX(const T* in, int64_t in_cols, const int64_t* gather, int64_t b0, int64_t tb, float* xT) { \
+    pack_body(in, in_cols, gather, b0, tb, xT);                                                                    \
+  }                                                                                                                \
+  template <typename T, typename E>                                                                                \
+  ATTR void rows_##SUFFIX(const float* xT, const float* vals, const E& rows, int64_t r0, int64_t r1,               \
+                          const Store<T>& st, int64_t b0, int64_t tb) {                                            \
+    rows_body<VW>(xT, vals, rows, r0, r1, st, b0, tb);                                                             \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  ATTR void block_##SUFFIX(const float* xT, const BlockLine& L, int64_t l0, int64_t l1, const Store<T>& st,         \
+                           int64_t b0, int64_t tb) {                                                               \
+    block_body<VW, kBlockNR<VW>>(xT, L, l0, l1, st, b0, tb);                                                        \
+  }
+
+PADST_ROW_KERNEL_WRAPPERS(, 4, base)
+PADST_ROW_KERNEL_WRAPPERS(PADST_TARGET_AVX2, 8, avx2)
+PADST_ROW_KERNEL_WRAPPERS(PADST_TARGET_AVX512, 16, avx512)
+#undef PADST_ROW_KERNEL_WRAPPERS
+
+// The driver: out rows [0, nrows) for the whole batch, tiles of kTB batch rows. `run(xT, r0, r1, b0, tb, st)`
+// computes rows [r0, r1) of one packed tile. Many tiles: threads take whole tiles (each packs its own); few tiles
+// (small batches): the tile is packed once and threads split the rows. A permuted output (st.gather set) whose
+// tile fits in 4 MB is collected whole and written back by gathering.
+template <typename T, typename Run>
+void drive(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, int64_t nrows, int64_t row_grain,
+           const Store<T>& st, const Run& run) {
+  const Isa isa = current_isa();
+  auto pack = [&](int64_t b0, int64_t tb, float* xT) {
+    switch (isa) {
+      case Isa::kAvx512: pack_avx512(in, in_cols, gather, b0, tb, xT); break;
+      case Isa::kAvx2: pack_avx2(in, in_cols, gather, b0, tb, xT); break;
+      default: pack_base(in, in_cols, gather, b0, tb, xT); break;
+    }
+  };
+  const bool whole = st.gather != nullptr && st.out_cols * kTB * static_cast<int64_t>(sizeof(float)) <= (4 << 20);
+  const size_t xbytes = static_cast<size_t>(in_cols * kTB) * sizeof(float) + 64;
+  const size_t zbytes = whole ? static_cast<size_t>(st.out_cols * kTB) * sizeof(float) + 64 : 0;
+  const int64_t nbt = (B + kTB - 1) / kTB;
+  if (nbt >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, nbt, 1, [&](int64_t begin, int64_t end) {
+      c10::DataPtr buf = c10::GetCPUAllocator()->allocate(xbytes + zbytes);
+      float* xT = static_cast<float*>(buf.get());
+      Store<T> s = st;
+      s.zfull = whole ? xT + in_cols * kTB + 16 : nullptr;
+      for (int64_t bt = begin; bt < end; ++bt) {
+        const int64_t b0 = bt * kTB, tb = std::min(kTB, B - b0);
+        pack(b0, tb, xT);
+        run(xT, 0, nrows, b0, tb, s);
+        if (whole) write_back(s, b0, 0, tb);
+      }
+    });
+    return;
+  }
+  c10::DataPtr buf = c10::GetCPUAllocator()->allocate(xbytes + zbytes);
+  float* xT = static_cast<float*>(buf.get());
+  Store<T> s = st;
+  s.zfull = whole ? xT + in_cols * kTB + 16 : nullptr;
+  for (int64_t bt = 0; bt < nbt; ++bt) {
+    const int64_t b0 = bt * kTB, tb = std::min(kTB, B - b0);
+    pack(b0, tb, xT);
+    at::parallel_for(0, nrows, row_grain, [&](int64_t r0, int64_t r1) { run(xT, r0, r1, b0, tb, s); });
+    if (whole) at::parallel_for(0, tb, 1, [&](int64_t t0, int64_t t1) { write_back(s, b0, t0, t1); });
+  }
+}
+
+// rows over a functor, dispatched on the ISA.
+template <typename T, typename E>
+void rows_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const float* vals, const E& rows,
+             int64_t nrows, const Store<T>& st) {
+  const Isa isa = current_isa();
+  drive(in, B, in_cols, gather, nrows, 16, st,
+        [&](const float* xT, int64_t r0, int64_t r1, int64_t b0, int64_t tb, const Store<T>& s) {
+          switch (isa) {
+            case Isa::kAvx512: rows_avx512(xT, vals, rows, r0, r1, s, b0, tb); break;
+            case Isa::kAvx2: rows_avx2(xT, vals, rows, r0, r1, s, b0, tb); break;
+            default: rows_base(xT, vals, rows, r0, r1, s, b0, tb); break;
+          }
+        });
+}
+
+// Block lines, dispatched on the ISA; `lines` lines of L.outer outputs each.
+template <typename T>
+void block_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const BlockLine& L, int64_t lines,
+              const Store<T>& st) {
+  const Isa isa = current_isa();
+  drive(in, B, in_cols, gather, lines, 1, st,
+        [&](const float* xT, int64_t l0, int64_t l1, int64_t b0, int64_t tb, const Store<T>& s) {
+          switch (isa) {
+            case Isa::kAvx512: block_avx512(xT, L, l0, l1, s, b0, tb); break;
+            case Isa::kAvx2: block_avx2(xT, L, l0, l1, s, b0, tb); break;
+            default: block_base(xT, L, l0, l1, s, b0, tb); break;
+          }
+        });
+}
+
+}  // namespace padst::cpu::rk
