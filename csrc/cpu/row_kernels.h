@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "../kernels/entries.h"
 #include "isa.h"
@@ -282,6 +283,103 @@ PADST_ALWAYS_INLINE void block_body(const float* xT, const BlockLine& L, int64_t
 template <int VW>
 inline constexpr int kBlockNR = VW >= 16 ? 8 : (VW == 8 ? 2 : 1);
 
+// ---------------------------------------------------------------------------------------------------------
+// Blocks without packing: the GEMM micro-kernel orientation. MR batch rows x NRV*VW outputs of one block line in
+// registers; per input column of a block, NRV weight vectors (the outputs of one block row/column are contiguous
+// in the weights) times MR scalars read straight from the input rows (through the input permutation). Outputs
+// are stored as vectors into the output rows (identity) or into a row buffer that is written back by gathering
+// (permuted). Neither the input nor the output is transposed, which is what the packed kernels pay for most.
+// ---------------------------------------------------------------------------------------------------------
+template <typename T>
+struct MrArgs {
+  const T* in;
+  int64_t in_cols;
+  const int64_t* in_gather;  // src(c) = in_gather[c], or c
+  const BlockLine* L;
+  int64_t lines;
+  Store<T> st;               // st.gather: inverse of st.scatter (needed when scatter is set)
+  float* zrow;               // [MR][lines * outer] when st.scatter is set
+};
+
+template <int VW, int NRV, int MR, typename T>
+PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t line, int64_t o0) {
+  using V = typename Vec<VW>::V;
+  const BlockLine& L = *a.L;
+  V acc[MR][NRV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NRV; ++v) acc[m][v] = V{};
+  const T* rows[MR];
+  for (int m = 0; m < MR; ++m) rows[m] = a.in + (b + m) * a.in_cols;
+  for (int64_t q = L.ptr[line]; q < L.ptr[line + 1]; ++q) {
+    const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0;
+    const int64_t c0 = L.idx[q] * L.inner;
+    const int64_t* g = a.in_gather ? a.in_gather + c0 : nullptr;
+    for (int64_t i = 0; i < L.inner; ++i) {
+      V w[NRV];
+      for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
+      const int64_t src = g ? g[i] : c0 + i;
+      for (int m = 0; m < MR; ++m) {
+        const float xs = static_cast<float>(rows[m][src]);
+        for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
+      }
+    }
+  }
+  const int64_t r0 = line * L.outer + o0;
+  const int64_t ld = a.lines * L.outer;
+  for (int m = 0; m < MR; ++m) {
+    if (a.st.scatter) {
+      for (int v = 0; v < NRV; ++v) Vec<VW>::store(a.zrow + m * ld + r0 + v * VW, acc[m][v]);
+    } else {
+      T* o = a.st.out + (b + m) * a.st.out_cols + r0;
+      alignas(64) float tmp[NRV * VW];
+      for (int v = 0; v < NRV; ++v) {
+        V r = acc[m][v];
+        if (a.st.bias) {
+          alignas(64) float bb[VW];
+          for (int l = 0; l < VW; ++l) bb[l] = static_cast<float>(a.st.bias[r0 + v * VW + l]);
+          r += Vec<VW>::load(bb);
+        }
+        Vec<VW>::store(tmp + v * VW, r);
+      }
+      if constexpr (std::is_same_v<T, float>) {
+        std::memcpy(o, tmp, sizeof(tmp));
+      } else {
+        for (int l = 0; l < NRV * VW; ++l) o[l] = static_cast<T>(tmp[l]);
+      }
+    }
+  }
+}
+
+// Batch rows b .. b+M-1: every line, output groups of NRV*VW (L.outer a multiple of it). No lambdas here: a
+// lambda's body would not inherit the caller's target attribute (it would be compiled for the baseline ISA).
+template <int VW, int NRV, int M, typename T>
+PADST_ALWAYS_INLINE void mr_rows(const MrArgs<T>& a, int64_t b) {
+  const BlockLine& L = *a.L;
+  const int64_t ld = a.lines * L.outer;
+  for (int64_t line = 0; line < a.lines; ++line)
+    for (int64_t o0 = 0; o0 < L.outer; o0 += NRV * VW) mr_tile<VW, NRV, M>(a, b, line, o0);
+  if (a.st.scatter) {  // write back the M finished rows by gathering
+    for (int m = 0; m < M; ++m) {
+      T* o = a.st.out + (b + m) * a.st.out_cols;
+      const float* z = a.zrow + m * ld;
+      for (int64_t j = 0; j < ld; ++j) {
+        const float bias = a.st.bias ? static_cast<float>(a.st.bias[j]) : 0.0f;
+        o[j] = static_cast<T>(z[a.st.gather[j]] + bias);
+      }
+    }
+  }
+}
+
+template <int VW, int NRV, int MR, typename T>
+PADST_ALWAYS_INLINE void mr_body(const MrArgs<T>& a, int64_t b0, int64_t b1) {
+  int64_t b = b0;
+  for (; b + MR <= b1; b += MR) mr_rows<VW, NRV, MR>(a, b);
+  for (; b < b1; ++b) mr_rows<VW, NRV, 1>(a, b);
+}
+
+template <int VW>
+inline constexpr int kMR = 6;
+
 // One packed tile: the per-ISA entry points, each an attributed wrapper around the always-inline bodies.
 #define PADST_ROW_KERNEL_WRAPPERS(ATTR, VW, SUFFIX)                                                                \
   template <typename T>                                                                                            \
@@ -297,6 +395,10 @@ inline constexpr int kBlockNR = VW >= 16 ? 8 : (VW == 8 ? 2 : 1);
   ATTR void block_##SUFFIX(const float* xT, const BlockLine& L, int64_t l0, int64_t l1, const Store<T>& st,         \
                            int64_t b0, int64_t tb) {                                                               \
     block_body<VW, kBlockNR<VW>>(xT, L, l0, l1, st, b0, tb);                                                        \
+  }                                                                                                                \
+  template <int NRV, typename T>                                                                                   \
+  ATTR void mr_##SUFFIX(const MrArgs<T>& a, int64_t b0, int64_t b1) {                                             \
+    mr_body<VW, NRV, kMR<VW>>(a, b0, b1);                                                                           \
   }
 
 PADST_ROW_KERNEL_WRAPPERS(, 4, base)
@@ -365,10 +467,37 @@ void rows_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, con
         });
 }
 
+// The unpacked block kernel, when the outputs of a block split into whole vectors; false when it cannot serve.
+template <typename T>
+bool block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const BlockLine& L, int64_t lines,
+                 const Store<T>& st) {
+  const Isa isa = current_isa();
+  const int vw = isa == Isa::kAvx512 ? 16 : (isa == Isa::kAvx2 ? 8 : 4);
+  const int nrv = L.outer % (2 * vw) == 0 ? 2 : (L.outer % vw == 0 ? 1 : 0);
+  if (nrv == 0 || B < kMR<4>) return false;
+  const int64_t ld = lines * L.outer;
+  const int64_t grain = std::max<int64_t>(kMR<4>, (B / (4 * at::get_num_threads()) / kMR<4>) * kMR<4>);
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    c10::DataPtr buf;
+    MrArgs<T> a{in, in_cols, gather, &L, lines, st, nullptr};
+    if (st.scatter) {
+      buf = c10::GetCPUAllocator()->allocate(static_cast<size_t>(kMR<4> * ld) * sizeof(float) + 64);
+      a.zrow = static_cast<float*>(buf.get());
+    }
+    switch (isa) {
+      case Isa::kAvx512: nrv == 2 ? mr_avx512<2>(a, b0, b1) : mr_avx512<1>(a, b0, b1); break;
+      case Isa::kAvx2: nrv == 2 ? mr_avx2<2>(a, b0, b1) : mr_avx2<1>(a, b0, b1); break;
+      default: nrv == 2 ? mr_base<2>(a, b0, b1) : mr_base<1>(a, b0, b1); break;
+    }
+  });
+  return true;
+}
+
 // Block lines, dispatched on the ISA; `lines` lines of L.outer outputs each.
 template <typename T>
 void block_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const BlockLine& L, int64_t lines,
               const Store<T>& st) {
+  if (block_mm_mr(in, B, in_cols, gather, L, lines, st)) return;
   const Isa isa = current_isa();
   drive(in, B, in_cols, gather, lines, 1, st,
         [&](const float* xT, int64_t l0, int64_t l1, int64_t b0, int64_t tb, const Store<T>& s) {
