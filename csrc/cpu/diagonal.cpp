@@ -51,6 +51,13 @@ struct DiagWindow {
   DiagWindow(const DiagWindow&) = delete;
 };
 
+// The values as float, followed by kDiagW zeros (rk::diag_mm's vector loads may read past the last diagonal).
+at::Tensor padded_values(const at::Tensor& values) {
+  auto out = at::zeros({values.numel() + rk::kDiagW}, values.options().dtype(at::kFloat));
+  out.narrow(0, 0, values.numel()).copy_(values.reshape(-1));
+  return out;
+}
+
 constexpr int64_t TB = 8;  // batch rows per task: each diagonal is loaded once per tile
 
 // out[b, dst[j]] / out[b, j] = buf[...]: gather/scatter helpers with the permutation fused in.
@@ -151,16 +158,15 @@ at::Tensor diag_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::
   PADST_DISPATCH_FLOATS(x.scalar_type(), "diag_mm_cpu", [&] {
     if constexpr (kVecType<scalar_t>) {
       if (B >= kMinVecBatch) {
-        const at::Tensor vf = float_values(values);
         const rk::Store<scalar_t> st{y.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true),
                                      bc ? bc->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false)};
-        if (tall) {
-          const auto w = DiagWindow(p.off, std::min(R, C), R);
-          rk::rows_mm(xc.data_ptr<scalar_t>(), B, C, perm_ptr(p.pin, false), vf.data_ptr<float>(), w.rows, R, st);
-        } else {
-          rk::rows_mm(xc.data_ptr<scalar_t>(), B, C, perm_ptr(p.pin, false), vf.data_ptr<float>(),
-                      kern::DiagRows{p.off.data_ptr<int64_t>(), values.size(0), R, C, false}, R, st);
-        }
+        const DiagWindow win(p.off, std::min(R, C), std::max(R, C));
+        const at::Tensor vp = padded_values(values);
+        rk::diag_mm(rk::DiagArgs<scalar_t>{xc.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), vp.data_ptr<float>(),
+                                           p.off.data_ptr<int64_t>(), values.size(0), std::min(R, C), std::max(R, C),
+                                           /*shifted=*/tall, R, st, nullptr, 0, nullptr, win.sorted.data(),
+                                           win.order.data()},
+                    B);
         return;
       }
     }
@@ -188,16 +194,15 @@ at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const a
   PADST_DISPATCH_FLOATS(dy.scalar_type(), "diag_mm_t_cpu", [&] {
     if constexpr (kVecType<scalar_t>) {
       if (B >= kMinVecBatch) {
-        const at::Tensor vf = float_values(values);
         const rk::Store<scalar_t> st{dx.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), nullptr,
                                      perm_ptr(p.pin, true)};
-        if (!tall) {
-          const auto w = DiagWindow(p.off, std::min(R, C), C);
-          rk::rows_mm(dyc.data_ptr<scalar_t>(), B, R, perm_ptr(p.pout, true), vf.data_ptr<float>(), w.rows, C, st);
-        } else {
-          rk::rows_mm(dyc.data_ptr<scalar_t>(), B, R, perm_ptr(p.pout, true), vf.data_ptr<float>(),
-                      kern::DiagRows{p.off.data_ptr<int64_t>(), values.size(0), C, R, false}, C, st);
-        }
+        const DiagWindow win(p.off, std::min(R, C), std::max(R, C));
+        const at::Tensor vp = padded_values(values);
+        rk::diag_mm(rk::DiagArgs<scalar_t>{dyc.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true), vp.data_ptr<float>(),
+                                           p.off.data_ptr<int64_t>(), values.size(0), std::min(R, C), std::max(R, C),
+                                           /*shifted=*/!tall, C, st, nullptr, 0, nullptr, win.sorted.data(),
+                                           win.order.data()},
+                    B);
         return;
       }
     }

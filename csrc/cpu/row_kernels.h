@@ -156,6 +156,8 @@ void write_back(const Store<T>& s, int64_t b0, int64_t t0, int64_t t1) {
   }
 }
 
+inline constexpr int64_t kAhead = 8;  // prefetch distance in entries (rows_body)
+
 // Rows r in [r0, r1), each over its own entries (kernels/entries.h functors: begin/end/at).
 template <int VW, typename T, typename E>
 PADST_ALWAYS_INLINE void rows_body(const float* xT, const float* vals, const E& rows, int64_t r0, int64_t r1,
@@ -171,6 +173,13 @@ PADST_ALWAYS_INLINE void rows_body(const float* xT, const float* vals, const E& 
     for (; q + 1 < e; q += 2) {
       int64_t c0 = 0, v0 = 0, c1 = 0, v1 = 0;
       const bool ok0 = rows.at(r, q, c0, v0), ok1 = rows.at(r, q + 1, c1, v1);
+      if (q + kAhead < e) {  // the packed columns come from L2 in a random order: fetch a few entries ahead
+        int64_t cp = 0, vp = 0;
+        if (rows.at(r, q + kAhead, cp, vp)) {
+          __builtin_prefetch(xT + cp * kTB);
+          __builtin_prefetch(xT + cp * kTB + 16);
+        }
+      }
       const V w0 = Vec<VW>::bcast(ok0 ? vals[v0] : 0.0f), w1 = Vec<VW>::bcast(ok1 ? vals[v1] : 0.0f);
       const float* x0 = xT + (ok0 ? c0 : 0) * kTB;
       const float* x1 = xT + (ok1 ? c1 : 0) * kTB;
@@ -380,6 +389,181 @@ PADST_ALWAYS_INLINE void mr_body(const MrArgs<T>& a, int64_t b0, int64_t b1) {
 template <int VW>
 inline constexpr int kMR = 6;
 
+inline constexpr int64_t kDiagW = 64;  // at least the widest chunk of diag_chunk (NRV * VW)
+// Batch rows x output vectors per diagonal step (each loaded value vector serves MR rows), by vector width:
+// 16 accumulators for AVX-512 (32 registers), 12 for AVX2 and SSE2 (16 registers).
+template <int VW>
+inline constexpr int kDiagMR = VW >= 16 ? 8 : (VW == 8 ? 6 : 3);
+template <int VW>
+inline constexpr int kDiagNRV = VW == 4 ? 4 : 2;
+
+// ---------------------------------------------------------------------------------------------------------
+// Diagonals without packing. Every diagonal maps a run of consecutive outputs u to consecutive value indices t
+// and consecutive inputs w (kernels/entries.h DiagRows, with u the output index):
+//   shifted form: t = (u - o) mod P (an entry only if t < L), w = t      (tall forward, wide dx)
+//   direct form:  t = u,                                w = (u + o) mod P  (wide forward, tall dx)
+// so a chunk of NRV*VW outputs takes, per diagonal, element-wise products of a vector of values and a vector
+// of inputs, MR batch rows at a time. A chunk that meets the wrap or the end of the diagonal goes through
+// small gathered buffers (zero where there is no entry) instead.
+// ---------------------------------------------------------------------------------------------------------
+template <typename T>
+struct DiagArgs {
+  const T* in;
+  int64_t in_cols;
+  const int64_t* in_gather;
+  const float* vals;  // [K][L]
+  const int64_t* off;
+  int64_t K, L, P;
+  bool shifted;
+  int64_t nout;
+  Store<T> st;
+  float* xbuf;  // [MR][xld]: the MR input rows, permuted, as float, twice over ([x_p, x_p], then W zeros)
+  int64_t xld;
+  float* zrow;  // [MR][nout] when st.scatter is set
+  // shifted form: the offsets ascending and their diagonals, so that a chunk visits only the diagonals that reach
+  // it (offsets in the circular window (u0 - L, u0 + W) mod P) instead of all K
+  const int64_t* sorted = nullptr;
+  const int64_t* order = nullptr;
+};
+
+template <int VW, int NRV, int M, typename T>
+PADST_ALWAYS_INLINE void diag_chunk(const DiagArgs<T>& a, int64_t u0, float* zout /* [M][W] */) {
+  using V = typename Vec<VW>::V;
+  constexpr int W = NRV * VW;
+  V acc[M][NRV];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NRV; ++v) acc[m][v] = V{};
+  int64_t q = 0, qn = a.K, s0 = 0, len = a.P;
+  const bool window = a.sorted && a.shifted;
+  if (window) {
+    s0 = u0 - a.L + 1;
+    if (s0 < 0) s0 += a.P;
+    len = a.L + W - 1 < a.P ? a.L + W - 1 : a.P;
+    int64_t lo = 0, hi = a.K;  // first sorted offset >= s0
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (a.sorted[mid] < s0) lo = mid + 1; else hi = mid;
+    }
+    q = lo;
+    qn = lo + a.K;
+  }
+  for (; q < qn; ++q) {
+    int64_t k, o;
+    if (window) {
+      const int64_t j = q >= a.K ? q - a.K : q;
+      o = a.sorted[j];
+      int64_t d = o - s0;
+      if (d < 0) d += a.P;
+      if (d >= len) break;  // past the window (offsets ascend from s0, circularly)
+      k = a.order[j];
+      // the values of a diagonal two steps ahead: a random row of the [K][L] values, from L2
+      const int64_t j2 = j + 2 < a.K ? j + 2 : j + 2 - a.K;
+      int64_t t2 = u0 - a.sorted[j2];
+      if (t2 < 0) t2 += a.P;
+      if (t2 < a.L) __builtin_prefetch(a.vals + a.order[j2] * a.L + t2);
+    } else {
+      k = q;
+      o = a.off[k];
+    }
+    int64_t t0, w0;
+    if (a.shifted) {
+      t0 = u0 - o;
+      if (t0 < 0) t0 += a.P;
+      w0 = t0;
+      if (t0 >= a.L && t0 + W <= a.P) continue;  // no entry of this diagonal in the chunk
+    } else {  // direct form: t = u < L always
+      t0 = u0;
+      w0 = u0 + o;
+      if (w0 >= a.P) w0 -= a.P;
+    }
+    const float* vk = a.vals + k * a.L;
+    // The x rows are stored twice over (xbuf row = [x_p, x_p]), so w0 + j never needs a wrap; the values are padded
+    // with W zeros. Lanes past the diagonal's end (t >= L) or the last output get a zero weight.
+    const bool full = t0 + W <= a.L && u0 + W <= a.nout;
+    if (full || !a.shifted || t0 + W <= a.P) {
+      V wv[NRV];
+      for (int v = 0; v < NRV; ++v) wv[v] = Vec<VW>::load(vk + t0 + v * VW);
+      if (!full) {
+        alignas(64) float mk[W];
+        for (int j = 0; j < W; ++j) mk[j] = (t0 + j < a.L && u0 + j < a.nout) ? 1.0f : 0.0f;
+        for (int v = 0; v < NRV; ++v) wv[v] *= Vec<VW>::load(mk + v * VW);
+      }
+      for (int m = 0; m < M; ++m) {
+        const float* xm = a.xbuf + m * a.xld + w0;
+        for (int v = 0; v < NRV; ++v) acc[m][v] += wv[v] * Vec<VW>::load(xm + v * VW);
+      }
+    } else {  // shifted form across the wrap of t (rare: once per diagonal): gathered buffers
+      alignas(64) float wb[W];
+      alignas(64) float xb[M][W];
+      for (int j = 0; j < W; ++j) {
+        int64_t t = t0 + j;
+        if (t >= a.P) t -= a.P;
+        const bool ok = t < a.L && u0 + j < a.nout;
+        wb[j] = ok ? vk[t] : 0.0f;
+        for (int m = 0; m < M; ++m) xb[m][j] = ok ? a.xbuf[m * a.xld + t] : 0.0f;
+      }
+      V wv[NRV];
+      for (int v = 0; v < NRV; ++v) wv[v] = Vec<VW>::load(wb + v * VW);
+      for (int m = 0; m < M; ++m)
+        for (int v = 0; v < NRV; ++v) acc[m][v] += wv[v] * Vec<VW>::load(xb[m] + v * VW);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NRV; ++v) Vec<VW>::store(zout + m * W + v * VW, acc[m][v]);
+}
+
+template <int VW, int NRV, int M, typename T>
+PADST_ALWAYS_INLINE void diag_rows(const DiagArgs<T>& a, int64_t b) {
+  constexpr int W = NRV * VW;
+  for (int m = 0; m < M; ++m) {
+    const T* row = a.in + (b + m) * a.in_cols;
+    float* xm = a.xbuf + m * a.xld;
+    if (a.in_gather) {
+      for (int64_t c = 0; c < a.in_cols; ++c) xm[c] = static_cast<float>(row[a.in_gather[c]]);
+    } else {
+      for (int64_t c = 0; c < a.in_cols; ++c) xm[c] = static_cast<float>(row[c]);
+    }
+    std::memcpy(xm + a.in_cols, xm, a.in_cols * sizeof(float));
+    for (int64_t c = 2 * a.in_cols; c < a.xld; ++c) xm[c] = 0.0f;
+  }
+  alignas(64) float z[M * W];
+  for (int64_t u0 = 0; u0 < a.nout; u0 += W) {
+    diag_chunk<VW, NRV, M>(a, u0, z);
+    const int64_t n = a.nout - u0 < W ? a.nout - u0 : W;
+    for (int m = 0; m < M; ++m) {
+      if (a.st.scatter) {
+        std::memcpy(a.zrow + m * a.nout + u0, z + m * W, n * sizeof(float));
+      } else {
+        T* o = a.st.out + (b + m) * a.st.out_cols + u0;
+        const float* zm = z + m * W;
+        if (a.st.bias) {
+          for (int64_t j = 0; j < n; ++j) o[j] = static_cast<T>(zm[j] + static_cast<float>(a.st.bias[u0 + j]));
+        } else {
+          for (int64_t j = 0; j < n; ++j) o[j] = static_cast<T>(zm[j]);
+        }
+      }
+    }
+  }
+  if (a.st.scatter) {
+    for (int m = 0; m < M; ++m) {
+      T* o = a.st.out + (b + m) * a.st.out_cols;
+      const float* zm = a.zrow + m * a.nout;
+      for (int64_t j = 0; j < a.nout; ++j) {
+        const float bias = a.st.bias ? static_cast<float>(a.st.bias[j]) : 0.0f;
+        o[j] = static_cast<T>(zm[a.st.gather[j]] + bias);
+      }
+    }
+  }
+}
+
+template <int VW, int MR, typename T>
+PADST_ALWAYS_INLINE void diag_body(const DiagArgs<T>& a, int64_t b0, int64_t b1) {
+  constexpr int NRV = kDiagNRV<VW>;
+  int64_t b = b0;
+  for (; b + MR <= b1; b += MR) diag_rows<VW, NRV, MR>(a, b);
+  for (; b < b1; ++b) diag_rows<VW, NRV, 1>(a, b);
+}
+
 // One packed tile: the per-ISA entry points, each an attributed wrapper around the always-inline bodies.
 #define PADST_ROW_KERNEL_WRAPPERS(ATTR, VW, SUFFIX)                                                                \
   template <typename T>                                                                                            \
@@ -399,6 +583,10 @@ inline constexpr int kMR = 6;
   template <int NRV, typename T>                                                                                   \
   ATTR void mr_##SUFFIX(const MrArgs<T>& a, int64_t b0, int64_t b1) {                                             \
     mr_body<VW, NRV, kMR<VW>>(a, b0, b1);                                                                           \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  ATTR void diag_##SUFFIX(const DiagArgs<T>& a, int64_t b0, int64_t b1) {                                          \
+    diag_body<VW, kDiagMR<VW>>(a, b0, b1);                                                                                 \
   }
 
 PADST_ROW_KERNEL_WRAPPERS(, 4, base)
@@ -491,6 +679,28 @@ bool block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
     }
   });
   return true;
+}
+
+// Diagonal forward / dx without packing (see DiagArgs); a.xbuf / a.zrow are allocated here.
+// `proto.vals` must hold K*L values followed by kDiagW zeros (the padding the vector loads may touch).
+template <typename T>
+void diag_mm(const DiagArgs<T>& proto, int64_t B) {
+  constexpr int64_t MR = kDiagMR<16>;  // the most rows any variant takes at once
+  const Isa isa = current_isa();
+  const int64_t grain = std::max<int64_t>(MR, (B / (4 * at::get_num_threads()) / MR) * MR);
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    DiagArgs<T> a = proto;
+    a.xld = 2 * proto.in_cols + kDiagW;
+    const size_t xb = static_cast<size_t>(MR * a.xld), zb = proto.st.scatter ? static_cast<size_t>(MR * proto.nout) : 0;
+    c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
+    a.xbuf = static_cast<float*>(buf.get());
+    a.zrow = zb ? a.xbuf + xb : nullptr;
+    switch (isa) {
+      case Isa::kAvx512: diag_avx512(a, b0, b1); break;
+      case Isa::kAvx2: diag_avx2(a, b0, b1); break;
+      default: diag_base(a, b0, b1); break;
+    }
+  });
 }
 
 // Block lines, dispatched on the ISA; `lines` lines of L.outer outputs each.
