@@ -446,6 +446,7 @@ def cpu_isa(request):
 # batch sizes around the 32-row tiles and the 8-row vector threshold; odd widths (vector tails, block groups)
 ISA_SHAPES = [
     ("block", 8, 64, 96, dict(block=(32, 8), sparsity=0.5)),
+    ("block", 130, 96, 64, dict(block=(16, 32), sparsity=0.5)),  # dW over several 64-row batch tiles
     ("block", 33, 80, 48, dict(block=(12, 20), sparsity=0.75)),
     ("block", 70, 128, 64, dict(block=(32, 32), sparsity=0.5)),
     ("nm", 9, 48, 24, dict(nm=(3, 8))),
@@ -468,6 +469,7 @@ def test_cpu_isa_variants(shape, dtype, cpu_isa):
     assert_close_to_reference(fwd(case, x, v, b, ops), fwd(case, _f64(x), _f64(v), _f64(b), ref),
                               fwd(case, x, v, b, ref), "forward")
     assert_close_to_reference(dx(case, dy, v, ops), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref), "dx")
+    assert_close_to_reference(dw(case, dy, x, ops), dw(case, _f64(dy), _f64(x), ref), dw(case, dy, x, ref), "dW")
 
 
 def test_cpu_isa_switch_rejects_unknown():

@@ -238,6 +238,12 @@ at::Tensor block_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::
   auto xc = x.contiguous();
   auto dv = at::empty({m.nnzb, m.br, m.bc}, x.options());
   PADST_DISPATCH_FLOATS(x.scalar_type(), "block_sddmm_cpu", [&] {
+    if constexpr (kVecType<scalar_t>) {
+      if (rk::block_dw(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), x.size(0), m.R, m.C, m.br, m.bc, m.nnzb,
+                       m.blk_row.data_ptr<int64_t>(), m.col_idx.data_ptr<int64_t>(), perm_ptr(p.pout, true),
+                       perm_ptr(p.pin, false), dv.data_ptr<scalar_t>()))
+        return;
+    }
     dispatch_width(m.bc, [&](auto W) {
       block_sddmm_kernel<scalar_t, decltype(W)::value>(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), x.size(0),
                                                        m, p.pin.fwd.data(), p.pout.inv.data(), dv.data_ptr<scalar_t>());
