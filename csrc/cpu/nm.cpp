@@ -206,6 +206,28 @@ at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at:
   PADST_DISPATCH_FLOATS(dy.scalar_type(), "nm_mm_t_cpu", [&] {
     dispatch_index(ic, [&](auto I) {
       using idx_t = decltype(I);
+      if constexpr (kVecType<scalar_t>) {
+        if (B >= kMinVecBatch) {
+          // dx[b, c] = sum over the entries (r, k) with col_idx[r, k] = c of values[r, k] * dy[b, r]: the pattern
+          // transposed by a stable counting sort (O(nnz + C)), then the gathered-row kernel over columns.
+          const idx_t* ci = ic.data_ptr<idx_t>();
+          const int64_t nnz = R * K;
+          std::vector<int64_t> ptr(C + 1, 0), src(nnz), val(nnz);
+          for (int64_t e = 0; e < nnz; ++e) ++ptr[static_cast<int64_t>(ci[e]) + 1];
+          for (int64_t c = 0; c < C; ++c) ptr[c + 1] += ptr[c];
+          std::vector<int64_t> next(ptr.begin(), ptr.end() - 1);
+          for (int64_t e = 0; e < nnz; ++e) {
+            const int64_t q = next[static_cast<int64_t>(ci[e])]++;
+            src[q] = e / K;
+            val[q] = e;
+          }
+          const at::Tensor vf = float_values(vc);
+          rk::rows_mm(dyc.data_ptr<scalar_t>(), B, R, nullptr, vf.data_ptr<float>(),
+                      rk::CscRows{ptr.data(), src.data(), val.data()}, C,
+                      rk::Store<scalar_t>{dx.data_ptr<scalar_t>(), C, nullptr, nullptr});
+          return;
+        }
+      }
       nm_dx_kernel<scalar_t, idx_t>(dyc.data_ptr<scalar_t>(), B, vc.data_ptr<scalar_t>(), ic.data_ptr<idx_t>(), R, K,
                                     C, dx.data_ptr<scalar_t>());
     });

@@ -235,6 +235,21 @@ struct DiagWindowRows {
   }
 };
 
+// Rows of a column-sorted (transposed) pattern: row c holds entries ptr[c] .. ptr[c+1]; entry p reads input column
+// src[p] and value val[p] (both precomputed, so no division per entry).
+struct CscRows {
+  const int64_t* ptr;
+  const int64_t* src;
+  const int64_t* val;
+  int64_t begin(int64_t c) const { return ptr[c]; }
+  int64_t end(int64_t c) const { return ptr[c + 1]; }
+  bool at(int64_t, int64_t p, int64_t& col, int64_t& v) const {
+    col = src[p];
+    v = val[p];
+    return true;
+  }
+};
+
 // A line of blocks (a block-row forward, a block-column for dx): for each of its blocks q, `inner` input
 // columns starting at column xcol(q), and weights w(q)[i * wstride + n] for inner index i and output n.
 struct BlockLine {
