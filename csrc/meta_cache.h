@@ -23,6 +23,8 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <typeindex>
+#include <typeinfo>
 #include <vector>
 
 namespace padst::impl {
@@ -60,13 +62,16 @@ class MetaKey {
     return *this;
   }
   bool cacheable() const { return cacheable_; }
-  bool operator==(const MetaKey& o) const { return tag_ == o.tag_ && ints_ == o.ints_; }
+  // The type of the cached value is part of the key: two backends may validate the same op differently.
+  void set_type(std::type_index t) { type_ = t; }
+  bool operator==(const MetaKey& o) const { return type_ == o.type_ && tag_ == o.tag_ && ints_ == o.ints_; }
 
  private:
   std::string tag_;
   std::vector<int64_t> ints_;
   std::vector<at::Tensor> keep_;
   bool cacheable_ = true;
+  std::type_index type_ = typeid(void);
 };
 
 struct MetaCacheStats {
@@ -85,6 +90,7 @@ class MetaCache {
   template <typename V>
   std::shared_ptr<const V> get(MetaKey key, const std::function<V()>& make) {
     if (!key.cacheable()) return std::make_shared<const V>(make());
+    key.set_type(typeid(V));
     {
       std::lock_guard<std::mutex> lock(mu_);
       for (auto it = lru_.begin(); it != lru_.end(); ++it) {

@@ -475,3 +475,26 @@ def test_cpu_isa_variants(shape, dtype, cpu_isa):
 def test_cpu_isa_switch_rejects_unknown():
     with pytest.raises(ValueError, match="unknown ISA"):
         torch.ops.padst._cpu_isa("sse9")
+
+
+def test_cpu_validation_cache_sees_in_place_changes():
+    """The CPU ops cache their metadata validation per tensor and version (csrc/meta_cache.h), like the GPU path:
+    an in-place write to a permutation or an index tensor is validated again."""
+    case = make_case("block", 9, 64, 32, perm="both")
+    w = case.weight
+    ops.block_mm(case.x, w.values, *w.meta(), case.bias, case.in_perm, case.out_perm)
+    hits = torch.ops.padst._metadata_cache_info()[0]
+    y = ops.block_mm(case.x, w.values, *w.meta(), case.bias, case.in_perm, case.out_perm)
+    assert torch.ops.padst._metadata_cache_info()[0] == hits + 1
+    torch.testing.assert_close(y, fwd(case, case.x, w.values, case.bias, ref))
+    case.in_perm.copy_(torch.randperm(64))
+    torch.testing.assert_close(ops.block_mm(case.x, w.values, *w.meta(), case.bias, case.in_perm, case.out_perm),
+                               fwd(case, case.x, w.values, case.bias, ref))
+    case.out_perm[0] = case.out_perm[1]
+    with pytest.raises(ValueError, match="out_perm is not a permutation"):
+        ops.block_mm(case.x, w.values, *w.meta(), case.bias, case.in_perm, case.out_perm)
+    c = make_case("nm", 9, 40, 8, nm=(1, 4), perm="none")
+    ops.nm_mm(c.x, c.weight.values, c.weight.col_idx, 1, 4)
+    c.weight.col_idx[0, 0] = -1
+    with pytest.raises(ValueError, match="col_idx holds values"):
+        ops.nm_mm(c.x, c.weight.values, c.weight.col_idx, 1, 4)

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../meta_cache.h"
 #include "../kernels/entries.h"
 #include "row_kernels.h"
 
@@ -67,6 +68,13 @@ inline constexpr bool kVecType = !std::is_same_v<T, double>;
 inline at::Tensor float_values(const at::Tensor& values) { return values.to(at::kFloat).contiguous(); }
 inline const int64_t* perm_ptr(const Perm& p, bool inverse) {
   return p.identity ? nullptr : (inverse ? p.inv.data() : p.fwd.data());
+}
+
+// Validation results are cached per metadata tensor and version as on the GPU path (meta_cache.h): at batch 1
+// a full check of the metadata would cost as much as the product itself.
+template <typename V, typename F>
+std::shared_ptr<const V> cached(impl::MetaKey key, F&& make) {
+  return impl::MetaCache::instance().get<V>(std::move(key), std::function<V()>(std::forward<F>(make)));
 }
 
 inline void check_cpu(const char* op, const char* what, const at::Tensor& t) {

@@ -149,7 +149,12 @@ at::Tensor diag_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::
                        const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::diag_mm";
   check_cpu(op, "x", x);
-  const DiagProblem p = validate_diag_mm(op, x, values, offsets, out_features, bias, in_perm, out_perm);
+  impl::MetaKey key(op);
+  key.sig(x).sig(values).sig(bias).meta(offsets).val(out_features).meta(in_perm).meta(out_perm);
+  const auto pp = cached<DiagProblem>(std::move(key), [&] {
+    return validate_diag_mm(op, x, values, offsets, out_features, bias, in_perm, out_perm);
+  });
+  const DiagProblem& p = *pp;
   const int64_t R = p.R, C = p.C, B = x.size(0);
   auto xc = x.contiguous();
   std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
@@ -184,7 +189,12 @@ at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const a
                          const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::diag_mm_t";
   check_cpu(op, "dy", dy);
-  const DiagProblem p = validate_diag_mm_t(op, dy, values, offsets, in_features, in_perm, out_perm);
+  impl::MetaKey key(op);
+  key.sig(dy).sig(values).meta(offsets).val(in_features).meta(in_perm).meta(out_perm);
+  const auto pp = cached<DiagProblem>(std::move(key), [&] {
+    return validate_diag_mm_t(op, dy, values, offsets, in_features, in_perm, out_perm);
+  });
+  const DiagProblem& p = *pp;
   const int64_t R = p.R, C = p.C, B = dy.size(0);
   auto dyc = dy.contiguous();
   auto dx = at::empty({B, C}, dy.options());
@@ -218,7 +228,10 @@ at::Tensor diag_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::T
                           const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::diag_sddmm";
   check_cpu(op, "x", x);
-  const DiagProblem p = validate_diag_sddmm(op, dy, x, offsets, in_perm, out_perm);
+  impl::MetaKey key(op);
+  key.sig(dy).sig(x).meta(offsets).meta(in_perm).meta(out_perm);
+  const auto pp = cached<DiagProblem>(std::move(key), [&] { return validate_diag_sddmm(op, dy, x, offsets, in_perm, out_perm); });
+  const DiagProblem& p = *pp;
   const int64_t R = p.R, C = p.C, B = x.size(0);
   auto dyc = dy.contiguous();
   auto xc = x.contiguous();

@@ -163,7 +163,12 @@ void dispatch_index(const at::Tensor& idx, F&& f) {
 
 at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m,
                      const std::optional<at::Tensor>& bias) {
-  check_nm_mm_args(x, values, col_idx, bias, n, m);
+  impl::MetaKey key("padst::nm_mm");
+  key.sig(x).sig(values).sig(bias).meta(col_idx).val(n).val(m);
+  cached<bool>(std::move(key), [&] {
+    check_nm_mm_args(x, values, col_idx, bias, n, m);
+    return true;
+  });
   check_cpu("padst::nm_mm", "x", x);
   const int64_t R = values.size(0), K = values.size(1), B = x.size(0), C = x.size(1);
   auto xc = x.contiguous();
@@ -195,7 +200,9 @@ at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at:
                        int64_t m) {
   const char* op = "padst::nm_mm_t";
   check_cpu(op, "dy", dy);
-  const NmProblem p = validate_nm_mm_t(op, dy, values, col_idx, n, m);
+  impl::MetaKey key(op);
+  key.sig(dy).sig(values).meta(col_idx).val(n).val(m);
+  const NmProblem p = *cached<NmProblem>(std::move(key), [&] { return validate_nm_mm_t(op, dy, values, col_idx, n, m); });
   const int64_t R = p.R, K = p.K, B = dy.size(0), C = p.C;
   auto dyc = dy.contiguous();
   auto vc = values.contiguous();
@@ -238,7 +245,9 @@ at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at:
 at::Tensor nm_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& col_idx, int64_t n, int64_t m) {
   const char* op = "padst::nm_sddmm";
   check_cpu(op, "x", x);
-  const NmProblem p = validate_nm_sddmm(op, dy, x, col_idx, n, m);
+  impl::MetaKey key(op);
+  key.sig(dy).sig(x).meta(col_idx).val(n).val(m);
+  const NmProblem p = *cached<NmProblem>(std::move(key), [&] { return validate_nm_sddmm(op, dy, x, col_idx, n, m); });
   const int64_t R = p.R, K = p.K, B = x.size(0), C = p.C;
   auto dyc = dy.contiguous();
   auto xc = x.contiguous();
