@@ -34,11 +34,11 @@ inline void shift_in(A* __restrict out, const A* __restrict w, const A* __restri
   for (int64_t t = n1; t < L; ++t) out[t] += w[t] * in[t + o - P];
 }
 
-// Sorted offsets and their order, for rk::DiagWindowRows (the shifted-form rows without empty slots).
+// Sorted offsets and their order (rk::DiagArgs::sorted / order): a chunk of outputs visits only the diagonals
+// whose circular window reaches it.
 struct DiagWindow {
   std::vector<int64_t> sorted, order;
-  rk::DiagWindowRows rows;
-  DiagWindow(const at::Tensor& off, int64_t L, int64_t P) {
+  explicit DiagWindow(const at::Tensor& off) {
     const int64_t K = off.size(0);
     const int64_t* o = off.data_ptr<int64_t>();
     order.resize(K);
@@ -46,9 +46,7 @@ struct DiagWindow {
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return o[a] < o[b]; });
     sorted.resize(K);
     for (int64_t j = 0; j < K; ++j) sorted[j] = o[order[j]];
-    rows = rk::DiagWindowRows{sorted.data(), order.data(), K, L, P};
   }
-  DiagWindow(const DiagWindow&) = delete;
 };
 
 // The values as float, followed by kDiagW zeros (rk::diag_mm's vector loads may read past the last diagonal).
@@ -165,7 +163,7 @@ at::Tensor diag_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::
       if (B >= kMinVecBatch) {
         const rk::Store<scalar_t> st{y.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true),
                                      bc ? bc->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false)};
-        const DiagWindow win(p.off, std::min(R, C), std::max(R, C));
+        const DiagWindow win(p.off);
         const at::Tensor vp = padded_values(values);
         rk::diag_mm(rk::DiagArgs<scalar_t>{xc.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), vp.data_ptr<float>(),
                                            p.off.data_ptr<int64_t>(), values.size(0), std::min(R, C), std::max(R, C),
@@ -206,7 +204,7 @@ at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const a
       if (B >= kMinVecBatch) {
         const rk::Store<scalar_t> st{dx.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), nullptr,
                                      perm_ptr(p.pin, true)};
-        const DiagWindow win(p.off, std::min(R, C), std::max(R, C));
+        const DiagWindow win(p.off);
         const at::Tensor vp = padded_values(values);
         rk::diag_mm(rk::DiagArgs<scalar_t>{dyc.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true), vp.data_ptr<float>(),
                                            p.off.data_ptr<int64_t>(), values.size(0), std::min(R, C), std::max(R, C),

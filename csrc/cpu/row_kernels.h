@@ -1,15 +1,17 @@
-// Vectorised CPU kernels for the forward and dx of every structure, float accumulation (float32, bfloat16,
-// float16 data; float64 keeps the scalar kernels).
-//
-// A task packs a tile of kTB = 32 batch rows of its input, gathered through the input permutation and converted to
-// float, transposed to xT[c][t] (the 32 values of one input column contiguous). Every stored weight then costs one
-// broadcast times kTB/VW vector FMAs, VW = 4 (SSE2), 8 (AVX2) or 16 (AVX-512) floats:
-//  - rows_body: independent output rows with their own entry lists (N:M, diagonals, the N:M transpose), the
-//    entries of a row split between two accumulator sets so that 2*kTB/VW FMA chains are in flight;
-//  - block_body: NR output rows that share their input columns (rows of one block-row, or columns of one
-//    block-column for dx): each input vector is loaded once for NR rows.
-// The result tile is stored transposed back through the output permutation, plus bias. Bodies are always-inline
-// templates; isa.h explains the per-ISA wrappers (PADST_ROW_KERNEL_WRAPPERS below).
+// Vectorised CPU kernels (float accumulation for float32, bfloat16 and float16 data; float64 keeps the scalar
+// kernels in block.cpp / nm.cpp / diagonal.cpp). Bodies are always-inline templates compiled three times, for
+// SSE2, AVX2+FMA and AVX-512, through the attributed wrappers of PADST_ROW_KERNEL_WRAPPERS (see isa.h), and the
+// widest the CPU has runs. VW = 4 / 8 / 16 floats per vector.
+//  - rows_body (N:M forward, N:M dx over a transposed pattern): tiles of kTB = 32 batch rows packed transposed
+//    (xT[c][t], the input permutation gathered while packing); one output row at a time over its own entries,
+//    split between two accumulator sets; one broadcast weight times kTB/VW vector FMAs per entry.
+//  - mr_body (block forward and dx): the GEMM micro-kernel orientation, MR batch rows x NRV vectors of outputs of
+//    one block line in registers, inputs read in place through the permutation, outputs stored as vectors.
+//    block_body is the packed variant, kept for block sides that are not whole vectors (e.g. 12x20).
+//  - diag_body (diagonal forward and dx): runs of consecutive outputs against runs of values and inputs,
+//    element-wise, MR batch rows per step, visiting only the diagonals that reach a chunk.
+//  - dw_body (block dW): batch tiles of dy (transposed) and x packed once for all blocks, register tiles per block.
+// Permuted outputs are written back by gathering from a row / tile buffer, never scattered value by value.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -203,37 +205,6 @@ PADST_ALWAYS_INLINE void rows_body(const float* xT, const float* vals, const E& 
   }
 }
 
-// Diagonal rows in the shifted form (tall forward, wide dx; kernels/entries.h DiagRows) without the empty slots:
-// row r holds the diagonals whose offset lies in the circular window (r - L, r] mod P. With the offsets sorted,
-// that window is one range of the sorted list taken twice (indices K.. stand for offset + P), found by binary search.
-struct DiagWindowRows {
-  const int64_t* sorted;  // offsets ascending [K]
-  const int64_t* order;   // order[j]: the diagonal (row of values) of sorted[j]
-  int64_t K, L, P;
-  static int64_t lower(const int64_t* a, int64_t n, int64_t v) {
-    int64_t lo = 0, hi = n;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (a[mid] < v) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-  }
-  int64_t begin(int64_t r) const {
-    const int64_t lo = r - L + 1;
-    return lower(sorted, K, lo >= 0 ? lo : lo + P);
-  }
-  int64_t end(int64_t r) const {
-    const int64_t ub = lower(sorted, K, r + 1);
-    return r - L + 1 >= 0 ? ub : K + ub;
-  }
-  bool at(int64_t r, int64_t q, int64_t& col, int64_t& v) const {
-    const int64_t j = q >= K ? q - K : q;
-    const int64_t t = kern::wrap(r - sorted[j], P);
-    col = t;
-    v = order[j] * L + t;
-    return true;
-  }
-};
 
 // Rows of a column-sorted (transposed) pattern: row c holds entries ptr[c] .. ptr[c+1]; entry p reads input column
 // src[p] and value val[p] (both precomputed, so no division per entry).
