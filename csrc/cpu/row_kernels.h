@@ -374,7 +374,9 @@ PADST_ALWAYS_INLINE void mr_body(const MrArgs<T>& a, int64_t b0, int64_t b1) {
 }
 
 template <int VW>
-inline constexpr int kMR = 6;
+inline constexpr int kMR = 6;  // batch rows per register tile (12 measured no faster with AVX-512, and worse permuted)
+inline constexpr int kMRMax = 6;  // the most rows any variant takes: buffer sizes
+static_assert(kMR<4> <= kMRMax && kMR<8> <= kMRMax && kMR<16> <= kMRMax);
 
 inline constexpr int64_t kDiagW = 64;  // at least the widest chunk of diag_chunk (NRV * VW)
 // Batch rows x output vectors per diagonal step (each loaded value vector serves MR rows), by vector width:
@@ -708,14 +710,14 @@ bool block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
   const Isa isa = current_isa();
   const int vw = isa == Isa::kAvx512 ? 16 : (isa == Isa::kAvx2 ? 8 : 4);
   const int nrv = L.outer % (2 * vw) == 0 ? 2 : (L.outer % vw == 0 ? 1 : 0);
-  if (nrv == 0 || B < kMR<4>) return false;
+  if (nrv == 0 || B < kMRMax) return false;
   const int64_t ld = lines * L.outer;
-  const int64_t grain = std::max<int64_t>(kMR<4>, (B / (4 * at::get_num_threads()) / kMR<4>) * kMR<4>);
+  const int64_t grain = std::max<int64_t>(kMRMax, (B / (4 * at::get_num_threads()) / kMRMax) * kMRMax);
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     c10::DataPtr buf;
     MrArgs<T> a{in, in_cols, gather, &L, lines, st, nullptr};
     if (st.scatter) {
-      buf = c10::GetCPUAllocator()->allocate(static_cast<size_t>(kMR<4> * ld) * sizeof(float) + 64);
+      buf = c10::GetCPUAllocator()->allocate(static_cast<size_t>(kMRMax * ld) * sizeof(float) + 64);
       a.zrow = static_cast<float*>(buf.get());
     }
     switch (isa) {
