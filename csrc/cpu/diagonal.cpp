@@ -236,6 +236,17 @@ at::Tensor diag_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::T
   const int64_t K = p.off.size(0);
   auto dv = at::empty({K, std::min(R, C)}, x.options());
   PADST_DISPATCH_FLOATS(x.scalar_type(), "diag_sddmm_cpu", [&] {
+    if constexpr (kVecType<scalar_t>) {
+      if (B >= kMinVecBatch) {
+        // the entries of each output row r of S (shifted form when tall, direct when wide), as in the forward
+        const bool tall = R >= C;
+        rk::rows_dw(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), B, R, C, perm_ptr(p.pout, true),
+                    perm_ptr(p.pin, false),
+                    kern::DiagRows{p.off.data_ptr<int64_t>(), K, std::min(R, C), std::max(R, C), tall},
+                    K * std::min(R, C), dv.data_ptr<scalar_t>());
+        return;
+      }
+    }
     diag_sddmm_kernel<scalar_t>(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), B, R, C, p.pin.fwd.data(),
                                 p.pout.inv.data(), p.off.data_ptr<int64_t>(), K, dv.data_ptr<scalar_t>());
   });

@@ -258,6 +258,13 @@ at::Tensor nm_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   PADST_DISPATCH_FLOATS(x.scalar_type(), "nm_sddmm_cpu", [&] {
     dispatch_index(ic, [&](auto I) {
       using idx_t = decltype(I);
+      if constexpr (kVecType<scalar_t>) {
+        if (B >= kMinVecBatch) {
+          rk::rows_dw(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), B, R, C, nullptr, nullptr,
+                      kern::NmRows<idx_t>{ic.data_ptr<idx_t>(), K}, R * K, dv.data_ptr<scalar_t>());
+          return;
+        }
+      }
       nm_sddmm_kernel<scalar_t, idx_t>(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), B, ic.data_ptr<idx_t>(), R,
                                        K, C, dv.data_ptr<scalar_t>());
     });
