@@ -773,6 +773,7 @@ bool block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
 template <typename T>
 void diag_mm(const DiagArgs<T>& proto, int64_t B) {
   constexpr int64_t MR = kDiagMR<16>;  // the most rows any variant takes at once
+  static_assert(kDiagMR<4> <= MR && kDiagMR<8> <= MR, "the per-thread buffers are sized for kDiagMR<16> rows");
   const Isa isa = current_isa();
   const int64_t grain = std::max<int64_t>(MR, (B / (4 * at::get_num_threads()) / MR) * MR);
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
