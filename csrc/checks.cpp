@@ -227,6 +227,14 @@ void check_diag_values(const char* op, const at::Tensor& values, const at::Tenso
                     values.size(0), "] (one per diagonal), got ", offsets.sizes());
 }
 
+void check_grad_pair(const char* op, const at::Tensor& dy, const at::Tensor& x) {
+  check_matrix(op, "dy", dy);
+  check_matrix(op, "x", x);
+  check_same_dtype(op, "dy", dy, x);
+  check_same_device(op, "dy", dy, x);
+  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
+}
+
 BlockProblem validate_block_mm(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                                const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
                                const at::Tensor& blk_t, const std::optional<at::Tensor>& bias,
@@ -265,11 +273,7 @@ BlockProblem validate_block_mm_t(const char* op, const at::Tensor& dy, const at:
 BlockProblem validate_block_sddmm(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                                   const at::Tensor& col_idx, int64_t block_rows, int64_t block_cols,
                                   const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  check_matrix(op, "dy", dy);
-  check_matrix(op, "x", x);
-  check_same_dtype(op, "dy", dy, x);
-  check_same_device(op, "dy", dy, x);
-  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
+  check_grad_pair(op, dy, x);
   check_index_tensor(op, "row_ptr", row_ptr, 1);
   BlockProblem p{check_block_csr(op, row_ptr, col_idx, block_rows, block_cols, dy.size(1), x.size(1), x), {}, {}};
   p.pin = check_perm(op, "in_perm", in_perm, p.m.C, x);
@@ -294,11 +298,7 @@ NmProblem validate_nm_mm_t(const char* op, const at::Tensor& dy, const at::Tenso
 
 NmProblem validate_nm_sddmm(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& col_idx,
                             int64_t n, int64_t m) {
-  check_matrix(op, "dy", dy);
-  check_matrix(op, "x", x);
-  check_same_dtype(op, "dy", dy, x);
-  check_same_device(op, "dy", dy, x);
-  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
+  check_grad_pair(op, dy, x);
   const int64_t R = dy.size(1), C = x.size(1);
   // Shape-only stand-in for values: check_nm compares col_idx against [R, C*n/m].
   TORCH_CHECK_VALUE(m > 0 && n >= 1 && n < m, op, ": N:M sparsity needs 1 <= N < M, got N=", n, ", M=", m);
@@ -339,11 +339,7 @@ DiagProblem validate_diag_mm_t(const char* op, const at::Tensor& dy, const at::T
 
 DiagProblem validate_diag_sddmm(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
                                 const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  check_matrix(op, "dy", dy);
-  check_matrix(op, "x", x);
-  check_same_dtype(op, "dy", dy, x);
-  check_same_device(op, "dy", dy, x);
-  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
+  check_grad_pair(op, dy, x);
   DiagProblem p;
   p.R = dy.size(1);
   p.C = x.size(1);

@@ -72,6 +72,9 @@ void check_diag_values(const char* op, const at::Tensor& values, const at::Tenso
 // Whole-op validation, shared by every backend (the caller checks the device kind itself). Each returns the
 // validated metadata the kernels need, on the CPU.
 // ---------------------------------------------------------------------------------------------------------
+// dy [B, R] and x [B, C] of a weight-gradient op: matrices of one dtype and device with the same batch.
+void check_grad_pair(const char* op, const at::Tensor& dy, const at::Tensor& x);
+
 struct BlockProblem {
   BlockMeta m;
   Perm pin, pout;

@@ -11,11 +11,7 @@ namespace {
 at::Tensor dense_grad_impl(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& in_perm,
                            const std::optional<at::Tensor>& out_perm) {
   const char* op = "padst::dense_grad";
-  check_matrix(op, "dy", dy);
-  check_matrix(op, "x", x);
-  check_same_dtype(op, "dy", dy, x);
-  check_same_device(op, "dy", dy, x);
-  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
+  check_grad_pair(op, dy, x);
   const int64_t R = dy.size(1), C = x.size(1);
   const Perm pin = check_perm(op, "in_perm", in_perm, C, x);
   const Perm pout = check_perm(op, "out_perm", out_perm, R, x);
