@@ -196,13 +196,41 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
   return y;
 }
 
+// A validated N:M pattern and its transpose, sorted stably by column by a counting sort (O(nnz + C)): column c holds
+// the entries ptr[c] .. ptr[c+1], entry q being values' flat index val[q] of forward row src[q].
+struct NmTransposed {
+  NmProblem p;
+  std::vector<int64_t> ptr, src, val;
+};
+
+NmTransposed transpose_pattern(const NmProblem& p, const at::Tensor& col_idx) {
+  const at::Tensor ci = col_idx.to(at::kLong).contiguous();  // validated: every entry in [0, C)
+  const int64_t* c = ci.data_ptr<int64_t>();
+  const int64_t nnz = p.R * p.K;
+  NmTransposed t{p, std::vector<int64_t>(p.C + 1, 0), std::vector<int64_t>(nnz), std::vector<int64_t>(nnz)};
+  for (int64_t e = 0; e < nnz; ++e) ++t.ptr[c[e] + 1];
+  for (int64_t j = 0; j < p.C; ++j) t.ptr[j + 1] += t.ptr[j];
+  std::vector<int64_t> next(t.ptr.begin(), t.ptr.end() - 1);
+  for (int64_t e = 0; e < nnz; ++e) {
+    const int64_t q = next[c[e]]++;
+    t.src[q] = e / p.K;
+    t.val[q] = e;
+  }
+  return t;
+}
+
 at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_idx, int64_t n,
                        int64_t m) {
   const char* op = "padst::nm_mm_t";
   check_cpu(op, "dy", dy);
   impl::MetaKey key(op);
   key.sig(dy).sig(values).meta(col_idx).val(n).val(m);
-  const NmProblem p = *cached<NmProblem>(std::move(key), [&] { return validate_nm_mm_t(op, dy, values, col_idx, n, m); });
+  // Validation and the pattern's transpose are cached together: both depend on col_idx only.
+  const auto t = cached<NmTransposed>(std::move(key), [&] {
+    const NmProblem q = validate_nm_mm_t(op, dy, values, col_idx, n, m);
+    return transpose_pattern(q, col_idx);
+  });
+  const NmProblem& p = t->p;
   const int64_t R = p.R, K = p.K, B = dy.size(0), C = p.C;
   auto dyc = dy.contiguous();
   auto vc = values.contiguous();
@@ -215,22 +243,11 @@ at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at:
       using idx_t = decltype(I);
       if constexpr (kVecType<scalar_t>) {
         if (B >= kMinVecBatch) {
-          // dx[b, c] = sum over the entries (r, k) with col_idx[r, k] = c of values[r, k] * dy[b, r]: the pattern
-          // transposed by a stable counting sort (O(nnz + C)), then the gathered-row kernel over columns.
-          const idx_t* ci = ic.data_ptr<idx_t>();
-          const int64_t nnz = R * K;
-          std::vector<int64_t> ptr(C + 1, 0), src(nnz), val(nnz);
-          for (int64_t e = 0; e < nnz; ++e) ++ptr[static_cast<int64_t>(ci[e]) + 1];
-          for (int64_t c = 0; c < C; ++c) ptr[c + 1] += ptr[c];
-          std::vector<int64_t> next(ptr.begin(), ptr.end() - 1);
-          for (int64_t e = 0; e < nnz; ++e) {
-            const int64_t q = next[static_cast<int64_t>(ci[e])]++;
-            src[q] = e / K;
-            val[q] = e;
-          }
+          // dx[b, c] = sum over the entries (r, k) with col_idx[r, k] = c of values[r, k] * dy[b, r]: the gathered-row
+          // kernel over the columns of the (cached) transposed pattern.
           const at::Tensor vf = float_values(vc);
           rk::rows_mm(dyc.data_ptr<scalar_t>(), B, R, nullptr, vf.data_ptr<float>(),
-                      rk::CscRows{ptr.data(), src.data(), val.data()}, C,
+                      rk::CscRows{t->ptr.data(), t->src.data(), t->val.data()}, C,
                       rk::Store<scalar_t>{dx.data_ptr<scalar_t>(), C, nullptr, nullptr});
           return;
         }
