@@ -454,6 +454,10 @@ ISA_SHAPES = [
     ("diag", 31, 40, 96, dict(sparsity=0.75)),
     ("diag", 40, 130, 50, dict(sparsity=0.5)),
     ("diag", 17, 64, 64, dict(sparsity=0.9)),
+    # P - L = 16 is under one vector chunk: lanes wrap past P onto the diagonal's start (the gathered path), and
+    # 150 rows cross the forward's 64-row packing groups
+    ("diag", 150, 48, 64, dict(sparsity=0.6)),
+    ("diag", 9, 200, 12, dict(sparsity=0.5)),  # wide, L smaller than one vector
 ]
 
 

@@ -400,23 +400,28 @@ struct DiagArgs {
   const T* in;
   int64_t in_cols;
   const int64_t* in_gather;
-  const float* vals;  // [K][L]
+  const float* vals;  // [K][vld]: row k = kDiagW zeros, then the L values of diagonal k, then kDiagW zeros;
+                      // vals points at row 0's first value
+  int64_t vld;
   const int64_t* off;
   int64_t K, L, P;
   bool shifted;
   int64_t nout;
   Store<T> st;
-  float* xbuf;  // [MR][xld]: the MR input rows, permuted, as float, twice over ([x_p, x_p], then W zeros)
+  float* xbuf;  // [group][xld]: input rows, permuted, as float, [kDiagW zeros, x_p, kDiagW zeros] (shifted form)
+                // or [kDiagW zeros, x_p, x_p, kDiagW zeros] (direct); xbuf points at row 0's x_p
   int64_t xld;
-  float* zrow;  // [MR][nout] when st.scatter is set
+  float* zrow;  // [group][nout] when st.scatter is set
   // shifted form: the offsets ascending and their diagonals, so that a chunk visits only the diagonals that reach
   // it (offsets in the circular window (u0 - L, u0 + W) mod P) instead of all K
   const int64_t* sorted = nullptr;
   const int64_t* order = nullptr;
+  int64_t group = 0;  // rows packed at once (set by diag_mm)
+  int64_t tile = 0;   // outputs per tile (set by diag_mm)
 };
 
 template <int VW, int NRV, int M, typename T>
-PADST_ALWAYS_INLINE void diag_chunk(const DiagArgs<T>& a, int64_t u0, float* zout /* [M][W] */) {
+PADST_ALWAYS_INLINE void diag_chunk(const DiagArgs<T>& a, const float* xg, int64_t u0, float* zout /* [M][W] */) {
   using V = typename Vec<VW>::V;
   constexpr int W = NRV * VW;
   V acc[M][NRV];
@@ -445,51 +450,44 @@ PADST_ALWAYS_INLINE void diag_chunk(const DiagArgs<T>& a, int64_t u0, float* zou
       if (d < 0) d += a.P;
       if (d >= len) break;  // past the window (offsets ascend from s0, circularly)
       k = a.order[j];
-      // the values of a diagonal two steps ahead: a random row of the [K][L] values, from L2
-      const int64_t j2 = j + 2 < a.K ? j + 2 : j + 2 - a.K;
-      int64_t t2 = u0 - a.sorted[j2];
-      if (t2 < 0) t2 += a.P;
-      if (t2 < a.L) __builtin_prefetch(a.vals + a.order[j2] * a.L + t2);
     } else {
       k = q;
       o = a.off[k];
     }
-    int64_t t0, w0;
+    // Value rows and input rows carry kDiagW zeros before and after (DiagArgs::vals, xbuf), so a vector that runs
+    // past the diagonal's end (t >= L) or starts before it (the chunk's first lanes wrap to t = P - W.. P - 1, where
+    // there is no entry) multiplies zeros; lanes past the last output are never stored.
+    const float* vk = a.vals + k * a.vld;
+    int64_t ts, w0;
+    bool fast = true;
     if (a.shifted) {
-      t0 = u0 - o;
+      int64_t t0 = u0 - o;
       if (t0 < 0) t0 += a.P;
-      w0 = t0;
-      if (t0 >= a.L && t0 + W <= a.P) continue;  // no entry of this diagonal in the chunk
+      ts = t0 < a.L ? t0 : t0 - a.P;  // in (-W, L) when the chunk reaches the diagonal
+      if (ts <= -W) continue;          // no entry of this diagonal in the chunk
+      fast = ts < 0 ? W <= a.P : ts + W <= a.P;  // else lanes wrap past P onto the diagonal's start (P < L + W)
+      w0 = ts;
     } else {  // direct form: t = u < L always
-      t0 = u0;
+      ts = u0;
       w0 = u0 + o;
-      if (w0 >= a.P) w0 -= a.P;
+      if (w0 >= a.P) w0 -= a.P;  // the rows hold x twice over, so w0 + j never wraps
     }
-    const float* vk = a.vals + k * a.L;
-    // The x rows are stored twice over (xbuf row = [x_p, x_p]), so w0 + j never needs a wrap; the values are padded
-    // with W zeros. Lanes past the diagonal's end (t >= L) or the last output get a zero weight.
-    const bool full = t0 + W <= a.L && u0 + W <= a.nout;
-    if (full || !a.shifted || t0 + W <= a.P) {
+    if (fast) {
       V wv[NRV];
-      for (int v = 0; v < NRV; ++v) wv[v] = Vec<VW>::load(vk + t0 + v * VW);
-      if (!full) {
-        alignas(64) float mk[W];
-        for (int j = 0; j < W; ++j) mk[j] = (t0 + j < a.L && u0 + j < a.nout) ? 1.0f : 0.0f;
-        for (int v = 0; v < NRV; ++v) wv[v] *= Vec<VW>::load(mk + v * VW);
-      }
+      for (int v = 0; v < NRV; ++v) wv[v] = Vec<VW>::load(vk + ts + v * VW);
       for (int m = 0; m < M; ++m) {
-        const float* xm = a.xbuf + m * a.xld + w0;
+        const float* xm = xg + m * a.xld + w0;
         for (int v = 0; v < NRV; ++v) acc[m][v] += wv[v] * Vec<VW>::load(xm + v * VW);
       }
-    } else {  // shifted form across the wrap of t (rare: once per diagonal): gathered buffers
+    } else {  // shifted form with lanes across the wrap of t (only when P < L + W): gathered buffers
       alignas(64) float wb[W];
       alignas(64) float xb[M][W];
       for (int j = 0; j < W; ++j) {
-        int64_t t = t0 + j;
+        int64_t t = ts + j;
         if (t >= a.P) t -= a.P;
         const bool ok = t < a.L && u0 + j < a.nout;
         wb[j] = ok ? vk[t] : 0.0f;
-        for (int m = 0; m < M; ++m) xb[m][j] = ok ? a.xbuf[m * a.xld + t] : 0.0f;
+        for (int m = 0; m < M; ++m) xb[m][j] = ok ? xg[m * a.xld + t] : 0.0f;
       }
       V wv[NRV];
       for (int v = 0; v < NRV; ++v) wv[v] = Vec<VW>::load(wb + v * VW);
@@ -501,27 +499,43 @@ PADST_ALWAYS_INLINE void diag_chunk(const DiagArgs<T>& a, int64_t u0, float* zou
     for (int v = 0; v < NRV; ++v) Vec<VW>::store(zout + m * W + v * VW, acc[m][v]);
 }
 
-template <int VW, int NRV, int M, typename T>
-PADST_ALWAYS_INLINE void diag_rows(const DiagArgs<T>& a, int64_t b) {
-  constexpr int W = NRV * VW;
-  for (int m = 0; m < M; ++m) {
-    const T* row = a.in + (b + m) * a.in_cols;
-    float* xm = a.xbuf + m * a.xld;
+// Row i of the super-group starting at batch row b, permuted and as float, into xbuf + i * xld (see DiagArgs::xbuf).
+template <typename T>
+PADST_ALWAYS_INLINE void diag_pack(const DiagArgs<T>& a, int64_t b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = a.in + (b + i) * a.in_cols;
+    float* xm = a.xbuf + i * a.xld;  // xbuf points kDiagW floats into the buffer: the front padding
+    for (int64_t c = -kDiagW; c < 0; ++c) xm[c] = 0.0f;
     if (a.in_gather) {
+      // random reads within a row defeat the hardware prefetcher: the next row is fetched meanwhile
+      if (i + 1 < n) {
+        const char* next = reinterpret_cast<const char*>(row + a.in_cols);
+        for (int64_t p = 0; p < a.in_cols * static_cast<int64_t>(sizeof(T)); p += 64) __builtin_prefetch(next + p);
+      }
       for (int64_t c = 0; c < a.in_cols; ++c) xm[c] = static_cast<float>(row[a.in_gather[c]]);
     } else {
       for (int64_t c = 0; c < a.in_cols; ++c) xm[c] = static_cast<float>(row[c]);
     }
-    std::memcpy(xm + a.in_cols, xm, a.in_cols * sizeof(float));
-    for (int64_t c = 2 * a.in_cols; c < a.xld; ++c) xm[c] = 0.0f;
+    int64_t c = a.in_cols;
+    if (!a.shifted) {  // the direct form reads w0 + j past the wrap: a second copy
+      std::memcpy(xm + a.in_cols, xm, a.in_cols * sizeof(float));
+      c += a.in_cols;
+    }
+    for (; c < a.xld - kDiagW; ++c) xm[c] = 0.0f;
   }
+}
+
+// Outputs [u0, u1) of the M packed rows at xg (batch rows b..b+M-1).
+template <int VW, int NRV, int M, typename T>
+PADST_ALWAYS_INLINE void diag_rows(const DiagArgs<T>& a, const float* xg, int64_t b, int64_t zb, int64_t u0, int64_t u1) {
+  constexpr int W = NRV * VW;
   alignas(64) float z[M * W];
-  for (int64_t u0 = 0; u0 < a.nout; u0 += W) {
-    diag_chunk<VW, NRV, M>(a, u0, z);
+  for (; u0 < u1; u0 += W) {
+    diag_chunk<VW, NRV, M>(a, xg, u0, z);
     const int64_t n = a.nout - u0 < W ? a.nout - u0 : W;
     for (int m = 0; m < M; ++m) {
       if (a.st.scatter) {
-        std::memcpy(a.zrow + m * a.nout + u0, z + m * W, n * sizeof(float));
+        std::memcpy(a.zrow + (zb + m) * a.nout + u0, z + m * W, n * sizeof(float));
       } else {
         T* o = a.st.out + (b + m) * a.st.out_cols + u0;
         const float* zm = z + m * W;
@@ -533,24 +547,35 @@ PADST_ALWAYS_INLINE void diag_rows(const DiagArgs<T>& a, int64_t b) {
       }
     }
   }
-  if (a.st.scatter) {
-    for (int m = 0; m < M; ++m) {
-      T* o = a.st.out + (b + m) * a.st.out_cols;
-      const float* zm = a.zrow + m * a.nout;
-      for (int64_t j = 0; j < a.nout; ++j) {
-        const float bias = a.st.bias ? static_cast<float>(a.st.bias[j]) : 0.0f;
-        o[j] = static_cast<T>(zm[a.st.gather[j]] + bias);
-      }
-    }
-  }
 }
 
+// Super-groups of a.group rows are packed once; then output tiles of a.tile outputs outside, groups of MR rows
+// inside, so that the values a tile reaches (a.tile / P of them in the shifted form) stay in L2 for every group.
 template <int VW, int MR, typename T>
 PADST_ALWAYS_INLINE void diag_body(const DiagArgs<T>& a, int64_t b0, int64_t b1) {
   constexpr int NRV = kDiagNRV<VW>;
-  int64_t b = b0;
-  for (; b + MR <= b1; b += MR) diag_rows<VW, NRV, MR>(a, b);
-  for (; b < b1; ++b) diag_rows<VW, NRV, 1>(a, b);
+  constexpr int W = NRV * VW;
+  const int64_t tile = (a.tile + W - 1) / W * W;
+  for (int64_t sb = b0; sb < b1; sb += a.group) {
+    const int64_t sn = std::min<int64_t>(a.group, b1 - sb);
+    diag_pack(a, sb, sn);
+    for (int64_t u0 = 0; u0 < a.nout; u0 += tile) {
+      const int64_t u1 = std::min(u0 + tile, a.nout);
+      int64_t i = 0;
+      for (; i + MR <= sn; i += MR) diag_rows<VW, NRV, MR>(a, a.xbuf + i * a.xld, sb + i, i, u0, u1);
+      for (; i < sn; ++i) diag_rows<VW, NRV, 1>(a, a.xbuf + i * a.xld, sb + i, i, u0, u1);
+    }
+    if (a.st.scatter) {
+      for (int64_t i = 0; i < sn; ++i) {
+        T* o = a.st.out + (sb + i) * a.st.out_cols;
+        const float* zm = a.zrow + i * a.nout;
+        for (int64_t j = 0; j < a.nout; ++j) {
+          const float bias = a.st.bias ? static_cast<float>(a.st.bias[j]) : 0.0f;
+          o[j] = static_cast<T>(zm[a.st.gather[j]] + bias);
+        }
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -769,20 +794,28 @@ bool block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
 }
 
 // Diagonal forward / dx without packing (see DiagArgs); a.xbuf / a.zrow are allocated here.
-// `proto.vals` must hold K*L values followed by kDiagW zeros (the padding the vector loads may touch).
+// `proto.vals` must be laid out as DiagArgs::vals says (the padding the vector loads may touch).
 template <typename T>
 void diag_mm(const DiagArgs<T>& proto, int64_t B) {
   constexpr int64_t MR = kDiagMR<16>;  // the most rows any variant takes at once
   static_assert(kDiagMR<4> <= MR && kDiagMR<8> <= MR, "the per-thread buffers are sized for kDiagMR<16> rows");
   const Isa isa = current_isa();
   const int64_t grain = std::max<int64_t>(MR, (B / (4 * at::get_num_threads()) / MR) * MR);
+  // Output tiles sized so the values they reach (about K * L * tile / P floats in the shifted form, K * tile in the
+  // direct form) take ~256 KB of L2; the shifted form packs 64 rows at once (64 short rows in L2) so each tile's
+  // values serve them all; the direct form's rows are long (two copies of P), so it packs MR rows.
+  const int64_t vbytes = proto.shifted ? proto.K * proto.L * 4 / proto.P : proto.K * 4;  // per output
+  const int64_t tile = std::max<int64_t>(kDiagW, (256 << 10) / std::max<int64_t>(vbytes, 1));
+  const int64_t group = proto.shifted && !proto.st.scatter ? 64 : MR;
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     DiagArgs<T> a = proto;
-    a.xld = 2 * proto.in_cols + kDiagW;
-    const size_t xb = static_cast<size_t>(MR * a.xld), zb = proto.st.scatter ? static_cast<size_t>(MR * proto.nout) : 0;
+    a.group = group;
+    a.tile = tile;
+    a.xld = ((proto.shifted ? 1 : 2) * proto.in_cols + 2 * kDiagW + 15) / 16 * 16;
+    const size_t xb = static_cast<size_t>(group * a.xld), zb = proto.st.scatter ? static_cast<size_t>(group * proto.nout) : 0;
     c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
-    a.xbuf = static_cast<float*>(buf.get());
-    a.zrow = zb ? a.xbuf + xb : nullptr;
+    a.xbuf = static_cast<float*>(buf.get()) + kDiagW;
+    a.zrow = zb ? static_cast<float*>(buf.get()) + xb : nullptr;
     switch (isa) {
       case Isa::kAvx512: diag_avx512(a, b0, b1); break;
       case Isa::kAvx2: diag_avx2(a, b0, b1); break;
