@@ -502,3 +502,20 @@ def test_cpu_validation_cache_sees_in_place_changes():
     c.weight.col_idx[0, 0] = -1
     with pytest.raises(ValueError, match="col_idx holds values"):
         ops.nm_mm(c.x, c.weight.values, c.weight.col_idx, 1, 4)
+
+
+def test_cpu_nm_batch1_compact_index_follows_in_place_changes():
+    """At batch 1 the CPU N:M forward reads a cached uint16 copy of col_idx: an in-place change of the pattern
+    must reach it (same tensor, new version), and int32 / int64 indices give the same result."""
+    perm = make_case("nm", 1, 48, 16, nm=(2, 8), perm="in")
+    torch.testing.assert_close(ops.nm_mm(perm.x, perm.weight.values, perm.weight.col_idx, 2, 8),
+                               perm.x @ perm.weight.to_dense().T)
+    c = make_case("nm", 1, 48, 16, nm=(2, 8), perm="none")
+    w = c.weight
+    torch.testing.assert_close(ops.nm_mm(c.x, w.values, w.col_idx, 2, 8), c.x @ w.to_dense().T)
+    torch.testing.assert_close(ops.nm_mm(c.x, w.values, w.col_idx.int(), 2, 8), c.x @ w.to_dense().T)
+    # move row 0's first entry to a free column of its group (still a valid 2:8 pattern)
+    first = w.col_idx[0, :2].tolist()
+    free = [j for j in range(first[0] // 8 * 8, first[0] // 8 * 8 + 8) if j not in first]
+    w.col_idx[0, 0] = free[0]
+    torch.testing.assert_close(ops.nm_mm(c.x, w.values, w.col_idx, 2, 8), c.x @ w.to_dense().T)

@@ -22,9 +22,14 @@ void nm_fwd_kernel(const T* x, int64_t B, int64_t C, const T* v, const I* idx, i
       for (int64_t r = r0; r < r1; ++r) {
         const T* vr = v + r * K;
         const I* ir = idx + r * K;
-        A acc = bias ? static_cast<A>(bias[r]) : A(0);
-        for (int64_t k = 0; k < K; ++k) acc += static_cast<A>(vr[k]) * static_cast<A>(x[ir[k]]);
-        y[r] = static_cast<T>(acc);
+        // four partial sums: one chain of dependent adds would bound this loop by the add latency
+        A acc[4] = {A(0), A(0), A(0), A(0)};
+        int64_t k = 0;
+        for (; k + 4 <= K; k += 4)
+          for (int j = 0; j < 4; ++j) acc[j] += static_cast<A>(vr[k + j]) * static_cast<A>(x[ir[k + j]]);
+        for (; k < K; ++k) acc[0] += static_cast<A>(vr[k]) * static_cast<A>(x[ir[k]]);
+        const A b = bias ? static_cast<A>(bias[r]) : A(0);
+        y[r] = static_cast<T>(b + ((acc[0] + acc[1]) + (acc[2] + acc[3])));
       }
     });
     return;
@@ -188,6 +193,21 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
                       rk::Store<scalar_t>{y.data_ptr<scalar_t>(), R, nullptr, bc ? bc->data_ptr<scalar_t>() : nullptr});
           return;
         }
+      }
+      if (B == 1 && C <= 65536) {
+        // One token is memory-bound: reading 8-byte (or 4-byte) indices costs more than the values. The pattern's
+        // column indices are kept as uint16 alongside its validation, so each nonzero costs sizeof(T) + 2 bytes.
+        impl::MetaKey ckey("padst::nm_mm/u16");
+        ckey.meta(col_idx);
+        const auto c16 = cached<std::vector<uint16_t>>(std::move(ckey), [&] {
+          std::vector<uint16_t> out(static_cast<size_t>(R * K));
+          const idx_t* src = ic.data_ptr<idx_t>();
+          for (int64_t i = 0; i < R * K; ++i) out[i] = static_cast<uint16_t>(src[i]);
+          return out;
+        });
+        nm_fwd_kernel<scalar_t, uint16_t>(xc.data_ptr<scalar_t>(), B, C, vc.data_ptr<scalar_t>(), c16->data(), R, K,
+                                          bc ? bc->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+        return;
       }
       nm_fwd_kernel<scalar_t, idx_t>(xc.data_ptr<scalar_t>(), B, C, vc.data_ptr<scalar_t>(), ic.data_ptr<idx_t>(), R,
                                      K, bc ? bc->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
