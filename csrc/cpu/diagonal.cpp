@@ -49,19 +49,6 @@ struct DiagWindow {
   }
 };
 
-// The values as float, followed by kDiagW zeros (rk::diag_mm's vector loads may read past the last diagonal).
-// values [K, L] as float rows with kDiagW zeros on either side (rk::DiagArgs::vals); data() points at the first value.
-struct PaddedValues {
-  at::Tensor t;
-  int64_t ld;
-  explicit PaddedValues(const at::Tensor& values)
-      : t(at::zeros({values.size(0), values.size(1) + 2 * rk::kDiagW}, values.options().dtype(at::kFloat))),
-        ld(values.size(1) + 2 * rk::kDiagW) {
-    t.narrow(1, rk::kDiagW, values.size(1)).copy_(values);
-  }
-  const float* data() const { return t.data_ptr<float>() + rk::kDiagW; }
-};
-
 constexpr int64_t TB = 8;  // batch rows per task: each diagonal is loaded once per tile
 
 // out[b, dst[j]] / out[b, j] = buf[...]: gather/scatter helpers with the permutation fused in.
@@ -170,8 +157,8 @@ at::Tensor diag_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::
         const rk::Store<scalar_t> st{y.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true),
                                      bc ? bc->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false)};
         const DiagWindow win(p.off);
-        const PaddedValues vp(values);
-        rk::diag_mm(rk::DiagArgs<scalar_t>{xc.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), vp.data(), vp.ld,
+        const at::Tensor vp = values.to(at::kFloat).contiguous();
+        rk::diag_mm(rk::DiagArgs<scalar_t>{xc.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), vp.data_ptr<float>(), values.size(1),
                                            p.off.data_ptr<int64_t>(), values.size(0), std::min(R, C), std::max(R, C),
                                            /*shifted=*/tall, R, st, nullptr, 0, nullptr, win.sorted.data(),
                                            win.order.data()},
@@ -211,8 +198,8 @@ at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const a
         const rk::Store<scalar_t> st{dx.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), nullptr,
                                      perm_ptr(p.pin, true)};
         const DiagWindow win(p.off);
-        const PaddedValues vp(values);
-        rk::diag_mm(rk::DiagArgs<scalar_t>{dyc.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true), vp.data(), vp.ld,
+        const at::Tensor vp = values.to(at::kFloat).contiguous();
+        rk::diag_mm(rk::DiagArgs<scalar_t>{dyc.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true), vp.data_ptr<float>(), values.size(1),
                                            p.off.data_ptr<int64_t>(), values.size(0), std::min(R, C), std::max(R, C),
                                            /*shifted=*/!tall, C, st, nullptr, 0, nullptr, win.sorted.data(),
                                            win.order.data()},

@@ -9,7 +9,8 @@
 //    one block line in registers, inputs read in place through the permutation, outputs stored as vectors.
 //    block_body is the packed variant, kept for block sides that are not whole vectors (e.g. 12x20).
 //  - diag_body (diagonal forward and dx): runs of consecutive outputs against runs of values and inputs,
-//    element-wise, MR batch rows per step, visiting only the diagonals that reach a chunk.
+//    element-wise, MR batch rows per step; the values are first repacked by output chunk (DiagPacked) so that a
+//    chunk streams its values contiguously and meets no edge cases.
 //  - dw_body (block dW): batch tiles of dy (transposed) and x packed once for all blocks, register tiles per block.
 // Permuted outputs are written back by gathering from a row / tile buffer, never scattered value by value.
 #pragma once
@@ -387,21 +388,19 @@ template <int VW>
 inline constexpr int kDiagNRV = VW == 4 ? 4 : 2;
 
 // ---------------------------------------------------------------------------------------------------------
-// Diagonals without packing. Every diagonal maps a run of consecutive outputs u to consecutive value indices t
-// and consecutive inputs w (kernels/entries.h DiagRows, with u the output index):
+// Diagonals. Every diagonal maps a run of consecutive outputs u to consecutive value indices t and consecutive
+// inputs w (kernels/entries.h DiagRows, with u the output index):
 //   shifted form: t = (u - o) mod P (an entry only if t < L), w = t      (tall forward, wide dx)
 //   direct form:  t = u,                                w = (u + o) mod P  (wide forward, tall dx)
 // so a chunk of NRV*VW outputs takes, per diagonal, element-wise products of a vector of values and a vector
-// of inputs, MR batch rows at a time. A chunk that meets the wrap or the end of the diagonal goes through
-// small gathered buffers (zero where there is no entry) instead.
+// of inputs, MR batch rows at a time (the values repacked per chunk, DiagPacked below).
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
 struct DiagArgs {
   const T* in;
   int64_t in_cols;
   const int64_t* in_gather;
-  const float* vals;  // [K][vld]: row k = kDiagW zeros, then the L values of diagonal k, then kDiagW zeros;
-                      // vals points at row 0's first value
+  const float* vals;  // [K][vld]: the L values of diagonal k in row k, as float
   int64_t vld;
   const int64_t* off;
   int64_t K, L, P;
@@ -418,7 +417,96 @@ struct DiagArgs {
   const int64_t* order = nullptr;
   int64_t group = 0;  // rows packed at once (set by diag_mm)
   int64_t tile = 0;   // outputs per tile (set by diag_mm)
+  // set by diag_mm: the values packed by chunk of W outputs (DiagPacked)
+  const float* pv = nullptr;
+  const int32_t* px = nullptr;
+  const int64_t* pptr = nullptr;
 };
+
+// ---------------------------------------------------------------------------------------------------------
+// The values repacked by output chunk: chunk c (outputs c*W .. c*W + W - 1) owns items pptr[c] .. pptr[c+1]; item i
+// holds W values pv[i*W ..] (zero in lanes without an entry) and the input offset px[i] of its lane 0, so that the
+// kernel reads one contiguous stream of values per chunk and one input vector per item and row, with no edge cases:
+// lanes past the diagonal's end, before its start or past the wrap are zeros here, and the input rows carry
+// kDiagW zeros on either side for the loads those lanes make.
+//   shifted form: lane j of a diagonal with offset o is t = (u0 + j - o) mod P, an entry if t < L, input t; the
+//                 lanes split where t wraps (one item per wrap count, only when P < L + W);
+//   direct form:  lane j is t = u0 + j (an entry if t < L), input (t + o) mod P: one item, the rows hold x twice.
+// ---------------------------------------------------------------------------------------------------------
+struct DiagPacked {
+  std::vector<float> v;
+  std::vector<int32_t> x;
+  std::vector<int64_t> ptr;
+};
+
+template <typename T, typename F>
+void diag_items(const DiagArgs<T>& a, int64_t W, int64_t u0, F&& emit /* (k, xoff, vbase, q_lo, q_hi) */) {
+  if (!a.shifted) {
+    for (int64_t k = 0; k < a.K; ++k) {
+      int64_t w0 = u0 + a.off[k];
+      if (w0 >= a.P) w0 -= a.P;
+      emit(k, w0, u0, int64_t{0}, W);
+    }
+    return;
+  }
+  // offsets in the circular window [u0 - L + 1, u0 + W - 1] reach the chunk: from the first sorted offset >= its
+  // start, at most K of them
+  int64_t s0 = u0 - a.L + 1;
+  while (s0 < 0) s0 += a.P;
+  const int64_t len = std::min(a.L + W - 1, a.P);
+  const int64_t start = std::lower_bound(a.sorted, a.sorted + a.K, s0) - a.sorted;
+  for (int64_t q = 0; q < a.K; ++q) {
+    const int64_t j = start + q < a.K ? start + q : start + q - a.K;
+    int64_t d = a.sorted[j] - s0;
+    if (d < 0) d += a.P;
+    if (d >= len) break;
+    const int64_t k = a.order[j];
+    int64_t ts = (u0 - a.sorted[j]) % a.P;  // lane 0's t, taken in (-P, P)
+    if (ts >= a.L) ts -= a.P;
+    // lanes [lo, hi) share one wrap count n = floor((ts + lane) / P): input and value index ts + lane - n * P
+    for (int64_t lo = 0; lo < W;) {
+      const int64_t t = ts + lo;
+      const int64_t n = t >= 0 ? t / a.P : -((-t + a.P - 1) / a.P);
+      const int64_t hi = std::min(W, (n + 1) * a.P - ts);
+      const int64_t base = ts - n * a.P;
+      if (base + lo < a.L) emit(k, base, base, lo, hi);  // some lane of the run holds an entry
+      lo = hi;
+    }
+  }
+}
+
+template <typename T>
+DiagPacked diag_pack_values(const DiagArgs<T>& a, int64_t W) {
+  DiagPacked p;
+  const int64_t nc = (a.nout + W - 1) / W;
+  p.ptr.assign(nc + 1, 0);
+  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t n = 0;
+      diag_items(a, W, c * W, [&](int64_t, int64_t, int64_t, int64_t, int64_t) { ++n; });
+      p.ptr[c + 1] = n;
+    }
+  });
+  for (int64_t c = 0; c < nc; ++c) p.ptr[c + 1] += p.ptr[c];
+  p.v.assign(static_cast<size_t>(p.ptr[nc] * W), 0.0f);
+  p.x.resize(static_cast<size_t>(p.ptr[nc]));
+  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t i = p.ptr[c];
+      const int64_t u0 = c * W;
+      diag_items(a, W, u0, [&](int64_t k, int64_t xoff, int64_t vbase, int64_t lo, int64_t hi) {
+        const float* vk = a.vals + k * a.vld;
+        float* dst = p.v.data() + i * W;
+        for (int64_t j = lo; j < hi; ++j) {
+          const int64_t t = vbase + j;
+          if (t >= 0 && t < a.L && u0 + j < a.nout) dst[j] = vk[t];
+        }
+        p.x[i++] = static_cast<int32_t>(xoff);
+      });
+    }
+  });
+  return p;
+}
 
 template <int VW, int NRV, int M, typename T>
 PADST_ALWAYS_INLINE void diag_chunk(const DiagArgs<T>& a, const float* xg, int64_t u0, float* zout /* [M][W] */) {
@@ -427,73 +515,13 @@ PADST_ALWAYS_INLINE void diag_chunk(const DiagArgs<T>& a, const float* xg, int64
   V acc[M][NRV];
   for (int m = 0; m < M; ++m)
     for (int v = 0; v < NRV; ++v) acc[m][v] = V{};
-  int64_t q = 0, qn = a.K, s0 = 0, len = a.P;
-  const bool window = a.sorted && a.shifted;
-  if (window) {
-    s0 = u0 - a.L + 1;
-    if (s0 < 0) s0 += a.P;
-    len = a.L + W - 1 < a.P ? a.L + W - 1 : a.P;
-    int64_t lo = 0, hi = a.K;  // first sorted offset >= s0
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (a.sorted[mid] < s0) lo = mid + 1; else hi = mid;
-    }
-    q = lo;
-    qn = lo + a.K;
-  }
-  for (; q < qn; ++q) {
-    int64_t k, o;
-    if (window) {
-      const int64_t j = q >= a.K ? q - a.K : q;
-      o = a.sorted[j];
-      int64_t d = o - s0;
-      if (d < 0) d += a.P;
-      if (d >= len) break;  // past the window (offsets ascend from s0, circularly)
-      k = a.order[j];
-    } else {
-      k = q;
-      o = a.off[k];
-    }
-    // Value rows and input rows carry kDiagW zeros before and after (DiagArgs::vals, xbuf), so a vector that runs
-    // past the diagonal's end (t >= L) or starts before it (the chunk's first lanes wrap to t = P - W.. P - 1, where
-    // there is no entry) multiplies zeros; lanes past the last output are never stored.
-    const float* vk = a.vals + k * a.vld;
-    int64_t ts, w0;
-    bool fast = true;
-    if (a.shifted) {
-      int64_t t0 = u0 - o;
-      if (t0 < 0) t0 += a.P;
-      ts = t0 < a.L ? t0 : t0 - a.P;  // in (-W, L) when the chunk reaches the diagonal
-      if (ts <= -W) continue;          // no entry of this diagonal in the chunk
-      fast = ts < 0 ? W <= a.P : ts + W <= a.P;  // else lanes wrap past P onto the diagonal's start (P < L + W)
-      w0 = ts;
-    } else {  // direct form: t = u < L always
-      ts = u0;
-      w0 = u0 + o;
-      if (w0 >= a.P) w0 -= a.P;  // the rows hold x twice over, so w0 + j never wraps
-    }
-    if (fast) {
-      V wv[NRV];
-      for (int v = 0; v < NRV; ++v) wv[v] = Vec<VW>::load(vk + ts + v * VW);
-      for (int m = 0; m < M; ++m) {
-        const float* xm = xg + m * a.xld + w0;
-        for (int v = 0; v < NRV; ++v) acc[m][v] += wv[v] * Vec<VW>::load(xm + v * VW);
-      }
-    } else {  // shifted form with lanes across the wrap of t (only when P < L + W): gathered buffers
-      alignas(64) float wb[W];
-      alignas(64) float xb[M][W];
-      for (int j = 0; j < W; ++j) {
-        int64_t t = ts + j;
-        if (t >= a.P) t -= a.P;
-        const bool ok = t < a.L && u0 + j < a.nout;
-        wb[j] = ok ? vk[t] : 0.0f;
-        for (int m = 0; m < M; ++m) xb[m][j] = ok ? xg[m * a.xld + t] : 0.0f;
-      }
-      V wv[NRV];
-      for (int v = 0; v < NRV; ++v) wv[v] = Vec<VW>::load(wb + v * VW);
-      for (int m = 0; m < M; ++m)
-        for (int v = 0; v < NRV; ++v) acc[m][v] += wv[v] * Vec<VW>::load(xb[m] + v * VW);
-    }
+  const int64_t c = u0 / W;
+  for (int64_t i = a.pptr[c], e = a.pptr[c + 1]; i < e; ++i) {
+    V wv[NRV];
+    for (int v = 0; v < NRV; ++v) wv[v] = Vec<VW>::load(a.pv + i * W + v * VW);
+    const float* xi = xg + a.px[i];
+    for (int m = 0; m < M; ++m)
+      for (int v = 0; v < NRV; ++v) acc[m][v] += wv[v] * Vec<VW>::load(xi + m * a.xld + v * VW);
   }
   for (int m = 0; m < M; ++m)
     for (int v = 0; v < NRV; ++v) Vec<VW>::store(zout + m * W + v * VW, acc[m][v]);
@@ -807,10 +835,15 @@ void diag_mm(const DiagArgs<T>& proto, int64_t B) {
   const int64_t vbytes = proto.shifted ? proto.K * proto.L * 4 / proto.P : proto.K * 4;  // per output
   const int64_t tile = std::max<int64_t>(kDiagW, (256 << 10) / std::max<int64_t>(vbytes, 1));
   const int64_t group = proto.shifted && !proto.st.scatter ? 64 : MR;
+  const int64_t W = isa == Isa::kAvx512 ? kDiagNRV<16> * 16 : (isa == Isa::kAvx2 ? kDiagNRV<8> * 8 : kDiagNRV<4> * 4);
+  const DiagPacked packed = diag_pack_values(proto, W);
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     DiagArgs<T> a = proto;
     a.group = group;
     a.tile = tile;
+    a.pv = packed.v.data();
+    a.px = packed.x.data();
+    a.pptr = packed.ptr.data();
     a.xld = ((proto.shifted ? 1 : 2) * proto.in_cols + 2 * kDiagW + 15) / 16 * 16;
     const size_t xb = static_cast<size_t>(group * a.xld), zb = proto.st.scatter ? static_cast<size_t>(group * proto.nout) : 0;
     c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
