@@ -407,8 +407,8 @@ struct DiagArgs {
   bool shifted;
   int64_t nout;
   Store<T> st;
-  float* xbuf;  // [group][xld]: input rows, permuted, as float, [kDiagW zeros, x_p, kDiagW zeros] (shifted form)
-                // or [kDiagW zeros, x_p, x_p, kDiagW zeros] (direct); xbuf points at row 0's x_p
+  float* xbuf;  // [group][xld]: input rows, permuted, as float, [kDiagW zeros, x_p, kDiagW zeros]; xbuf points at
+                // row 0's x_p
   int64_t xld;
   float* zrow;  // [group][nout] when st.scatter is set
   // shifted form: the offsets ascending and their diagonals, so that a chunk visits only the diagonals that reach
@@ -431,7 +431,8 @@ struct DiagArgs {
 // kDiagW zeros on either side for the loads those lanes make.
 //   shifted form: lane j of a diagonal with offset o is t = (u0 + j - o) mod P, an entry if t < L, input t; the
 //                 lanes split where t wraps (one item per wrap count, only when P < L + W);
-//   direct form:  lane j is t = u0 + j (an entry if t < L), input (t + o) mod P: one item, the rows hold x twice.
+//   direct form:  lane j is t = u0 + j (an entry if t < L), input (t + o) mod P: one item, two where the input
+//                 wraps.
 // ---------------------------------------------------------------------------------------------------------
 struct DiagPacked {
   std::vector<float> v;
@@ -445,7 +446,10 @@ void diag_items(const DiagArgs<T>& a, int64_t W, int64_t u0, F&& emit /* (k, xof
     for (int64_t k = 0; k < a.K; ++k) {
       int64_t w0 = u0 + a.off[k];
       if (w0 >= a.P) w0 -= a.P;
-      emit(k, w0, u0, int64_t{0}, W);
+      // lanes up to the input wrap, then (only when some lane there holds an entry) the rest from the row's start
+      const int64_t split = std::min(W, a.P - w0);
+      emit(k, w0, u0, int64_t{0}, split);
+      if (split < W && u0 + split < a.L) emit(k, w0 - a.P, u0, split, W);
     }
     return;
   }
@@ -544,12 +548,7 @@ PADST_ALWAYS_INLINE void diag_pack(const DiagArgs<T>& a, int64_t b, int64_t n) {
     } else {
       for (int64_t c = 0; c < a.in_cols; ++c) xm[c] = static_cast<float>(row[c]);
     }
-    int64_t c = a.in_cols;
-    if (!a.shifted) {  // the direct form reads w0 + j past the wrap: a second copy
-      std::memcpy(xm + a.in_cols, xm, a.in_cols * sizeof(float));
-      c += a.in_cols;
-    }
-    for (; c < a.xld - kDiagW; ++c) xm[c] = 0.0f;
+    for (int64_t c = a.in_cols; c < a.xld - kDiagW; ++c) xm[c] = 0.0f;
   }
 }
 
@@ -831,7 +830,7 @@ void diag_mm(const DiagArgs<T>& proto, int64_t B) {
   const int64_t grain = std::max<int64_t>(MR, (B / (4 * at::get_num_threads()) / MR) * MR);
   // Output tiles sized so the values they reach (about K * L * tile / P floats in the shifted form, K * tile in the
   // direct form) take ~256 KB of L2; the shifted form packs 64 rows at once (64 short rows in L2) so each tile's
-  // values serve them all; the direct form's rows are long (two copies of P), so it packs MR rows.
+  // values serve them all; the direct form reads a whole (long) input row per chunk, so it packs MR rows.
   const int64_t vbytes = proto.shifted ? proto.K * proto.L * 4 / proto.P : proto.K * 4;  // per output
   const int64_t tile = std::max<int64_t>(kDiagW, (256 << 10) / std::max<int64_t>(vbytes, 1));
   const int64_t group = proto.shifted && !proto.st.scatter ? 64 : MR;
@@ -844,7 +843,7 @@ void diag_mm(const DiagArgs<T>& proto, int64_t B) {
     a.pv = packed.v.data();
     a.px = packed.x.data();
     a.pptr = packed.ptr.data();
-    a.xld = ((proto.shifted ? 1 : 2) * proto.in_cols + 2 * kDiagW + 15) / 16 * 16;
+    a.xld = (proto.in_cols + 2 * kDiagW + 15) / 16 * 16;
     const size_t xb = static_cast<size_t>(group * a.xld), zb = proto.st.scatter ? static_cast<size_t>(group * proto.nout) : 0;
     c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
     a.xbuf = static_cast<float*>(buf.get()) + kDiagW;
