@@ -64,8 +64,8 @@ struct Vec {
 };
 
 // xT[c*kTB + t] = in[b0 + t, gather ? gather[c] : c] as float, zero for t >= tb.
-// Identity: column by column, each packed column (128 bytes) written whole while the tile's input rows stay in
-// L1/L2. Permuted: row by row (measured faster: a permuted column order would touch 32 new input lines per column).
+// Identity: by strips of columns (below). Permuted: row by row (measured faster: a permuted column order would touch
+// 32 new input lines per column).
 template <typename T>
 PADST_ALWAYS_INLINE void pack_body(const T* in, int64_t in_cols, const int64_t* gather, int64_t b0, int64_t tb,
                                    float* xT) {
@@ -82,12 +82,22 @@ PADST_ALWAYS_INLINE void pack_body(const T* in, int64_t in_cols, const int64_t* 
     }
     return;
   }
-  for (int64_t c = 0; c < in_cols; ++c) {
-    const T* col = base + c;
-    float* out = xT + c * kTB;
-    int64_t t = 0;
-    for (; t < tb; ++t) out[t] = static_cast<float>(col[t * in_cols]);
-    for (; t < kTB; ++t) out[t] = 0.0f;
+  // Identity: strips of 16 columns, each input row's strip read as one contiguous run, the strip's packed columns
+  // (16 x 128 bytes) staying in L1. Reading a whole column at a time instead strides by the row length, and with
+  // rows a multiple of 4 KB long (3072 floats) all 32 reads of a column fall into one L1 set: measured 40% of the
+  // N:M forward at 1024x3072 that way.
+  constexpr int64_t kStrip = 16;
+  for (int64_t c0 = 0; c0 < in_cols; c0 += kStrip) {
+    const int64_t cn = in_cols - c0 < kStrip ? in_cols - c0 : kStrip;
+    float* out = xT + c0 * kTB;
+    for (int64_t t = 0; t < kTB; ++t) {
+      if (t < tb) {
+        const T* row = base + t * in_cols + c0;
+        for (int64_t j = 0; j < cn; ++j) out[j * kTB + t] = static_cast<float>(row[j]);
+      } else {
+        for (int64_t j = 0; j < cn; ++j) out[j * kTB + t] = 0.0f;
+      }
+    }
   }
 }
 
