@@ -519,3 +519,19 @@ def test_cpu_nm_batch1_compact_index_follows_in_place_changes():
     free = [j for j in range(first[0] // 8 * 8, first[0] // 8 * 8 + 8) if j not in first]
     w.col_idx[0, 0] = free[0]
     torch.testing.assert_close(ops.nm_mm(c.x, w.values, w.col_idx, 2, 8), c.x @ w.to_dense().T)
+
+
+@pytest.mark.parametrize("cpu_isa", list(_isas()), indirect=True)
+@pytest.mark.parametrize("C,R,nm", [(48, 24, (3, 8)), (160, 70, (1, 20)), (800, 33, (1, 16)), (768, 40, (2, 24))],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_nm_batch1_isa_variants(C, R, nm, dtype, cpu_isa):
+    """Batch-1 N:M forward (the gathered dot products, K = 18, 8, 50 and 64 entries per row: the masked AVX-512
+    tail, K under one vector, 32 + 16 + tail, whole vectors) on every ISA, with and without a folded permutation."""
+    for perm in ("none", "in"):
+        c = make_case("nm", 1, C, R, nm=nm, perm=perm, dtype=dtype)
+        w = c.weight
+        y = ops.nm_mm(c.x, w.values, w.col_idx, *nm, c.bias)
+        dense = w.to_dense()
+        assert_close_to_reference(y, c.x.double() @ dense.double().T + c.bias.double(),
+                                  torch.nn.functional.linear(c.x, dense, c.bias), what=f"{cpu_isa} {perm}")

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "gather_dot.h"
 
 namespace padst::cpu {
 namespace {
@@ -205,8 +206,13 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
           for (int64_t i = 0; i < R * K; ++i) out[i] = static_cast<uint16_t>(src[i]);
           return out;
         });
-        nm_fwd_kernel<scalar_t, uint16_t>(xc.data_ptr<scalar_t>(), B, C, vc.data_ptr<scalar_t>(), c16->data(), R, K,
-                                          bc ? bc->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          gd::nm_gemv(xc.data_ptr<float>(), vc.data_ptr<float>(), c16->data(), R, K,
+                      bc ? bc->data_ptr<float>() : nullptr, y.data_ptr<float>());
+        } else {
+          nm_fwd_kernel<scalar_t, uint16_t>(xc.data_ptr<scalar_t>(), B, C, vc.data_ptr<scalar_t>(), c16->data(), R,
+                                            K, bc ? bc->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+        }
         return;
       }
       nm_fwd_kernel<scalar_t, idx_t>(xc.data_ptr<scalar_t>(), B, C, vc.data_ptr<scalar_t>(), ic.data_ptr<idx_t>(), R,
