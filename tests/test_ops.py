@@ -535,3 +535,15 @@ def test_cpu_nm_batch1_isa_variants(C, R, nm, dtype, cpu_isa):
         dense = w.to_dense()
         assert_close_to_reference(y, c.x.double() @ dense.double().T + c.bias.double(),
                                   torch.nn.functional.linear(c.x, dense, c.bias), what=f"{cpu_isa} {perm}")
+
+
+@pytest.mark.parametrize("B", [1, 9])
+def test_cpu_nm_wide_input_keeps_full_indices(B):
+    """Past 65536 input columns the CPU N:M forward cannot use its uint16 copy of col_idx and reads the indices
+    as given (int64 and int32)."""
+    c = make_case("nm", B, 65544, 4, nm=(1, 8), perm="in")
+    w = c.weight
+    want = c.x.double() @ w.to_dense().double().T + c.bias.double()
+    for idx in (w.col_idx, w.col_idx.int()):
+        y = ops.nm_mm(c.x, w.values, idx, 1, 8, c.bias)
+        assert_close_to_reference(y, want, torch.nn.functional.linear(c.x, w.to_dense(), c.bias))

@@ -183,41 +183,49 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
   std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   auto y = at::empty({B, R}, x.options());
   if (y.numel() == 0) return y;  // also keeps the tiling arithmetic below free of divisions by zero
+  // The column indices as uint16 (C <= 65536), cached with the pattern like its validation: each nonzero then costs
+  // sizeof(T) + 2 bytes to stream instead of sizeof(T) + 8. That is most of a token's cost at batch 1 (memory-bound),
+  // and the batched kernel streams the whole pattern once per 32-row tile.
+  std::shared_ptr<const std::vector<uint16_t>> c16;
+  if (C <= 65536) {
+    impl::MetaKey ckey("padst::nm_mm/u16");
+    ckey.meta(col_idx);
+    c16 = cached<std::vector<uint16_t>>(std::move(ckey), [&] {
+      std::vector<uint16_t> out(static_cast<size_t>(R * K));
+      dispatch_index(ic, [&](auto I) {
+        using idx_t = decltype(I);
+        const idx_t* src = ic.data_ptr<idx_t>();
+        for (int64_t i = 0; i < R * K; ++i) out[i] = static_cast<uint16_t>(src[i]);  // validated: in [0, C)
+      });
+      return out;
+    });
+  }
   PADST_DISPATCH_FLOATS(x.scalar_type(), "nm_mm_cpu", [&] {
-    dispatch_index(ic, [&](auto I) {
-      using idx_t = decltype(I);
+    auto run = [&](const auto* idx) {
+      using idx_t = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
       if constexpr (kVecType<scalar_t>) {
         if (B >= kMinVecBatch) {
           const at::Tensor vf = float_values(vc);
-          rk::rows_mm(xc.data_ptr<scalar_t>(), B, C, nullptr, vf.data_ptr<float>(),
-                      kern::NmRows<idx_t>{ic.data_ptr<idx_t>(), K}, R,
+          rk::rows_mm(xc.data_ptr<scalar_t>(), B, C, nullptr, vf.data_ptr<float>(), kern::NmRows<idx_t>{idx, K}, R,
                       rk::Store<scalar_t>{y.data_ptr<scalar_t>(), R, nullptr, bc ? bc->data_ptr<scalar_t>() : nullptr});
           return;
         }
       }
-      if (B == 1 && C <= 65536) {
-        // One token is memory-bound: reading 8-byte (or 4-byte) indices costs more than the values. The pattern's
-        // column indices are kept as uint16 alongside its validation, so each nonzero costs sizeof(T) + 2 bytes.
-        impl::MetaKey ckey("padst::nm_mm/u16");
-        ckey.meta(col_idx);
-        const auto c16 = cached<std::vector<uint16_t>>(std::move(ckey), [&] {
-          std::vector<uint16_t> out(static_cast<size_t>(R * K));
-          const idx_t* src = ic.data_ptr<idx_t>();
-          for (int64_t i = 0; i < R * K; ++i) out[i] = static_cast<uint16_t>(src[i]);
-          return out;
-        });
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          gd::nm_gemv(xc.data_ptr<float>(), vc.data_ptr<float>(), c16->data(), R, K,
-                      bc ? bc->data_ptr<float>() : nullptr, y.data_ptr<float>());
-        } else {
-          nm_fwd_kernel<scalar_t, uint16_t>(xc.data_ptr<scalar_t>(), B, C, vc.data_ptr<scalar_t>(), c16->data(), R,
-                                            K, bc ? bc->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<idx_t, uint16_t>) {
+        if (B == 1) {
+          gd::nm_gemv(xc.data_ptr<float>(), vc.data_ptr<float>(), idx, R, K, bc ? bc->data_ptr<float>() : nullptr,
+                      y.data_ptr<float>());
+          return;
         }
-        return;
       }
-      nm_fwd_kernel<scalar_t, idx_t>(xc.data_ptr<scalar_t>(), B, C, vc.data_ptr<scalar_t>(), ic.data_ptr<idx_t>(), R,
-                                     K, bc ? bc->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
-    });
+      nm_fwd_kernel<scalar_t, idx_t>(xc.data_ptr<scalar_t>(), B, C, vc.data_ptr<scalar_t>(), idx, R, K,
+                                     bc ? bc->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+    };
+    if (c16) {
+      run(c16->data());
+    } else {
+      dispatch_index(ic, [&](auto I) { run(ic.data_ptr<decltype(I)>()); });
+    }
   });
   return y;
 }
