@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -453,8 +454,10 @@ struct DiagPacked {
 template <typename T, typename F>
 void diag_items(const DiagArgs<T>& a, int64_t W, int64_t u0, F&& emit /* (k, xoff, vbase, q_lo, q_hi) */) {
   if (!a.shifted) {
-    for (int64_t k = 0; k < a.K; ++k) {
-      int64_t w0 = u0 + a.off[k];
+    // in ascending offsets, so that consecutive items read overlapping or nearby inputs (L1) instead of random ones
+    for (int64_t j = 0; j < a.K; ++j) {
+      const int64_t k = a.order[j];
+      int64_t w0 = u0 + a.sorted[j];
       if (w0 >= a.P) w0 -= a.P;
       // lanes up to the input wrap, then (only when some lane there holds an entry) the rest from the row's start
       const int64_t split = std::min(W, a.P - w0);
@@ -509,11 +512,11 @@ DiagPacked diag_pack_values(const DiagArgs<T>& a, int64_t W) {
       int64_t i = p.ptr[c];
       const int64_t u0 = c * W;
       diag_items(a, W, u0, [&](int64_t k, int64_t xoff, int64_t vbase, int64_t lo, int64_t hi) {
-        const float* vk = a.vals + k * a.vld;
-        float* dst = p.v.data() + i * W;
-        for (int64_t j = lo; j < hi; ++j) {
-          const int64_t t = vbase + j;
-          if (t >= 0 && t < a.L && u0 + j < a.nout) dst[j] = vk[t];
+        // lanes j in [lo, hi) with an entry: 0 <= vbase + j < L and u0 + j < nout, one run
+        const int64_t j0 = std::max(lo, -vbase), j1 = std::min({hi, a.L - vbase, a.nout - u0});
+        if (j1 > j0) {
+          std::memcpy(p.v.data() + i * W + j0, a.vals + k * a.vld + vbase + j0,
+                      static_cast<size_t>(j1 - j0) * sizeof(float));
         }
         p.x[i++] = static_cast<int32_t>(xoff);
       });
