@@ -449,6 +449,8 @@ ISA_SHAPES = [
     ("block", 130, 96, 64, dict(block=(16, 32), sparsity=0.5)),  # dW over several 64-row batch tiles
     ("block", 33, 80, 48, dict(block=(12, 20), sparsity=0.75)),
     ("block", 70, 128, 64, dict(block=(32, 32), sparsity=0.5)),
+    # rows of 8 KB (float32) / 4 KB (bfloat16): a permuted input is packed too (its rows would alias in L1)
+    ("block", 13, 2048, 32, dict(block=(32, 16), sparsity=0.9)),
     ("nm", 9, 48, 24, dict(nm=(3, 8))),
     ("nm", 65, 160, 70, dict(nm=(1, 20))),
     ("diag", 31, 40, 96, dict(sparsity=0.75)),
@@ -465,15 +467,18 @@ ISA_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", ISA_SHAPES, ids=_shape_id)
 def test_cpu_isa_variants(shape, dtype, cpu_isa):
-    perm = "in" if shape[0] == "nm" else "both"
-    case = _make(shape, perm, dtype, "cpu")
-    gen = torch.Generator().manual_seed(3)
-    dy = torch.randn(case.B, case.R, generator=gen, dtype=torch.float64).to(dtype)
-    v, x, b = case.weight.values, case.x, case.bias
-    assert_close_to_reference(fwd(case, x, v, b, ops), fwd(case, _f64(x), _f64(v), _f64(b), ref),
-                              fwd(case, x, v, b, ref), "forward")
-    assert_close_to_reference(dx(case, dy, v, ops), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref), "dx")
-    assert_close_to_reference(dw(case, dy, x, ops), dw(case, _f64(dy), _f64(x), ref), dw(case, dy, x, ref), "dW")
+    # identity and permuted inputs take different paths (packed copies vs reads through the permutation)
+    for perm in ("none", "in") if shape[0] == "nm" else ("none", "both"):
+        case = _make(shape, perm, dtype, "cpu")
+        gen = torch.Generator().manual_seed(3)
+        dy = torch.randn(case.B, case.R, generator=gen, dtype=torch.float64).to(dtype)
+        v, x, b = case.weight.values, case.x, case.bias
+        assert_close_to_reference(fwd(case, x, v, b, ops), fwd(case, _f64(x), _f64(v), _f64(b), ref),
+                                  fwd(case, x, v, b, ref), f"{perm} forward")
+        assert_close_to_reference(dx(case, dy, v, ops), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref),
+                                  f"{perm} dx")
+        assert_close_to_reference(dw(case, dy, x, ops), dw(case, _f64(dy), _f64(x), ref), dw(case, dy, x, ref),
+                                  f"{perm} dW")
 
 
 def test_cpu_isa_switch_rejects_unknown():

@@ -307,6 +307,8 @@ struct MrArgs {
   int64_t lines;
   Store<T> st;               // st.gather: inverse of st.scatter (needed when scatter is set)
   float* zrow;               // [MR][lines * outer] when st.scatter is set
+  float* xrow = nullptr;     // [MR + 1][xld]: the group's input rows, permuted, as float, or null: read in place
+  int64_t xld = 0;
 };
 
 template <int VW, int NRV, int MR, typename T>
@@ -316,19 +318,34 @@ PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t line, in
   V acc[MR][NRV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NRV; ++v) acc[m][v] = V{};
-  const T* rows[MR];
-  for (int m = 0; m < MR; ++m) rows[m] = a.in + (b + m) * a.in_cols;
-  for (int64_t q = L.ptr[line]; q < L.ptr[line + 1]; ++q) {
-    const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0;
-    const int64_t c0 = L.idx[q] * L.inner;
-    const int64_t* g = a.in_gather ? a.in_gather + c0 : nullptr;
-    for (int64_t i = 0; i < L.inner; ++i) {
-      V w[NRV];
-      for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
-      const int64_t src = g ? g[i] : c0 + i;
-      for (int m = 0; m < MR; ++m) {
-        const float xs = static_cast<float>(rows[m][src]);
-        for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
+  if (a.xrow) {  // rows packed by mr_rows
+    for (int64_t q = L.ptr[line]; q < L.ptr[line + 1]; ++q) {
+      const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0;
+      const float* xq = a.xrow + L.idx[q] * L.inner;
+      for (int64_t i = 0; i < L.inner; ++i) {
+        V w[NRV];
+        for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
+        for (int m = 0; m < MR; ++m) {
+          const V xs = Vec<VW>::bcast(xq[m * a.xld + i]);
+          for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
+        }
+      }
+    }
+  } else {  // in place, through the permutation (one index load per input column for MR rows)
+    const T* rows[MR];
+    for (int m = 0; m < MR; ++m) rows[m] = a.in + (b + m) * a.in_cols;
+    for (int64_t q = L.ptr[line]; q < L.ptr[line + 1]; ++q) {
+      const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0;
+      const int64_t c0 = L.idx[q] * L.inner;
+      const int64_t* g = a.in_gather ? a.in_gather + c0 : nullptr;
+      for (int64_t i = 0; i < L.inner; ++i) {
+        V w[NRV];
+        for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
+        const int64_t src = g ? g[i] : c0 + i;
+        for (int m = 0; m < MR; ++m) {
+          const float xs = static_cast<float>(rows[m][src]);
+          for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
+        }
       }
     }
   }
@@ -364,6 +381,21 @@ template <int VW, int NRV, int M, typename T>
 PADST_ALWAYS_INLINE void mr_rows(const MrArgs<T>& a, int64_t b) {
   const BlockLine& L = *a.L;
   const int64_t ld = a.lines * L.outer;
+  // The M input rows as float, permuted, into rows xld apart (when block_mm_mr set a.xrow). Read in place, rows a
+  // multiple of 4 KB long (3072 floats) put the M values that one column step reads into a single L1 set.
+  if (a.xrow) {
+    for (int m = 0; m < M; ++m) {
+      const T* row = a.in + (b + m) * a.in_cols;
+      float* xm = a.xrow + m * a.xld;
+      if (a.in_gather) {
+        float* tmp = a.xrow + M * a.xld;  // the row in order first (a sequential read), then gathered from L1
+        for (int64_t c = 0; c < a.in_cols; ++c) tmp[c] = static_cast<float>(row[c]);
+        for (int64_t c = 0; c < a.in_cols; ++c) xm[c] = tmp[a.in_gather[c]];
+      } else {
+        for (int64_t c = 0; c < a.in_cols; ++c) xm[c] = static_cast<float>(row[c]);
+      }
+    }
+  }
   for (int64_t line = 0; line < a.lines; ++line)
     for (int64_t o0 = 0; o0 < L.outer; o0 += NRV * VW) mr_tile<VW, NRV, M>(a, b, line, o0);
   if (a.st.scatter) {  // write back the M finished rows by gathering
@@ -818,12 +850,18 @@ bool block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
   const int64_t ld = lines * L.outer;
   const int64_t grain = std::max<int64_t>(kMRMax, (B / (4 * at::get_num_threads()) / kMRMax) * kMRMax);
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    c10::DataPtr buf;
     MrArgs<T> a{in, in_cols, gather, &L, lines, st, nullptr};
-    if (st.scatter) {
-      buf = c10::GetCPUAllocator()->allocate(static_cast<size_t>(kMRMax * ld) * sizeof(float) + 64);
-      a.zrow = static_cast<float*>(buf.get());
-    }
+    // Packing the rows of each group costs one pass over them; it pays for every identity input (a plain copy, and
+    // conversion once instead of per use), and for a permuted one whose rows alias in L1 (a multiple of 4 KB);
+    // otherwise a permuted input is read in place (at 95% sparsity a column is used about once: a separate
+    // gathering pass would cost more than the index loads).
+    const bool pack = gather == nullptr || (in_cols * static_cast<int64_t>(sizeof(T))) % 4096 == 0;
+    a.xld = (in_cols + 15) / 16 * 16 + 16;  // not a multiple of 4 KB: the rows' columns fall into different L1 sets
+    const size_t xb = pack ? static_cast<size_t>((kMRMax + 1) * a.xld) : 0;
+    const size_t zb = st.scatter ? static_cast<size_t>(kMRMax * ld) : 0;
+    c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
+    a.xrow = pack ? static_cast<float*>(buf.get()) : nullptr;
+    a.zrow = zb ? static_cast<float*>(buf.get()) + xb : nullptr;
     switch (isa) {
       case Isa::kAvx512: nrv == 2 ? mr_avx512<2>(a, b0, b1) : mr_avx512<1>(a, b0, b1); break;
       case Isa::kAvx2: nrv == 2 ? mr_avx2<2>(a, b0, b1) : mr_avx2<1>(a, b0, b1); break;
@@ -833,8 +871,7 @@ bool block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
   return true;
 }
 
-// Diagonal forward / dx without packing (see DiagArgs); a.xbuf / a.zrow are allocated here.
-// `proto.vals` must be laid out as DiagArgs::vals says (the padding the vector loads may touch).
+// Diagonal forward / dx (see DiagArgs): the values repacked by chunk (DiagPacked), a.xbuf / a.zrow allocated here.
 template <typename T>
 void diag_mm(const DiagArgs<T>& proto, int64_t B) {
   constexpr int64_t MR = kDiagMR<16>;  // the most rows any variant takes at once
