@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine:
 #   ./run.sh demo [args]    set up, then train a permuted sparse MLP on bundled data (python -m padst_ext.demo)
+#   ./run.sh train [args]   set up, then padst-train (e.g. ./run.sh train vit --quick: a sparse ViT on Fashion-MNIST)
 #   ./run.sh test [args]    set up, then run the test suite (python -m pytest -q tests)
 #   ./run.sh bench [args]   set up, then python benchmarks/cpu_ops.py
 #   ./run.sh setup          only the set-up
@@ -37,7 +38,8 @@ cmd=${1:-}
 case "${cmd}" in
   setup) setup ;;
   demo) setup; exec "${PY}" -m padst_ext.demo "$@" ;;
+  train) setup; exec "${PY}" -m padst_ext.recipes "$@" ;;
   test) setup; exec "${PY}" -m pytest -q tests "$@" ;;
   bench) setup; exec "${PY}" benchmarks/cpu_ops.py "$@" ;;
-  *) echo "usage: ./run.sh demo|test|bench|setup [args]" >&2; exit 2 ;;
+  *) echo "usage: ./run.sh demo|train|test|bench|setup [args]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,153 @@
+"""Real data for the recipes, found locally or unpacked from a package; nothing is fetched from a data hub.
+
+Fashion-MNIST (60k train / 10k test, 28x28 grey, 10 classes) comes as the four IDX gz files of the Debian package
+``dataset-fashion-mnist``. :func:`fashion_mnist` looks for them, in order, in ``data_dir``, ``$PADST_DATA_DIR``,
+the package's install path (``/usr/share/datasets/fashion-mnist``) and the cache (``$PADST_CACHE``, default
+``~/.cache/padst_ext``); when none has them it runs ``apt-get download dataset-fashion-mnist`` and unpacks the
+``.deb`` into the cache with ``dpkg-deb -x`` (no root needed). The decoded tensors are cached as one ``.pt`` file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+FASHION_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+FASHION_DEB = "dataset-fashion-mnist"
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+
+_IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32,
+               0x0E: torch.float64}
+
+
+def cache_dir() -> Path:
+    """Where prepared data is cached: ``$PADST_CACHE`` or ``~/.cache/padst_ext``."""
+    return Path(os.environ.get("PADST_CACHE", Path.home() / ".cache" / "padst_ext"))
+
+
+def read_idx(path: Path) -> Tensor:
+    """An IDX file (gzip-compressed or not) as a tensor. Raises ValueError on a malformed file."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file (magic bytes {data[:4]!r})")
+    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = 1
+    for n in shape:
+        count *= n
+    body = data[4 + 4 * ndim:]
+    if len(body) != count * itemsize:
+        raise ValueError(f"{path}: IDX body holds {len(body)} bytes, the header {tuple(shape)} needs "
+                         f"{count * itemsize}")
+    t = torch.frombuffer(bytearray(body), dtype=torch.uint8)
+    if itemsize > 1:  # IDX is big-endian
+        t = t.view(-1, itemsize).flip(-1).reshape(-1)
+    return t.view(dtype).reshape(shape).clone()
+
+
+def _has_files(d: Optional[Path]) -> bool:
+    return d is not None and all((d / f).is_file() for f in FASHION_FILES.values())
+
+
+def _unpack_deb(dest: Path) -> Path:
+    """apt-get download the Debian package and unpack it under ``dest``; returns the directory of the IDX files."""
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise FileNotFoundError(
+                f"Fashion-MNIST not found and `{tool}` is missing to fetch the Debian package {FASHION_DEB!r}: pass "
+                f"--data-dir with the four IDX files ({', '.join(FASHION_FILES.values())})")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run(["apt-get", "download", FASHION_DEB], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob("*.deb"))
+        if run.returncode != 0 or not debs:
+            raise FileNotFoundError(f"`apt-get download {FASHION_DEB}` failed ({run.stderr.strip()[-300:]}): pass "
+                                    "--data-dir with the four Fashion-MNIST IDX files")
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(dest)], check=True)
+    found = dest / FASHION_SYSTEM_DIR.relative_to("/")
+    if not _has_files(found):
+        raise FileNotFoundError(f"the unpacked {FASHION_DEB} package has no IDX files under {found}")
+    return found
+
+
+def find_fashion_mnist(data_dir: Optional[os.PathLike] = None, fetch: bool = True) -> Path:
+    """The directory holding the four Fashion-MNIST IDX gz files (see the module docstring for the search order)."""
+    if data_dir is not None:
+        d = Path(data_dir)
+        if not _has_files(d):
+            missing = [f for f in FASHION_FILES.values() if not (d / f).is_file()]
+            raise FileNotFoundError(f"--data-dir {d} lacks {', '.join(missing)}")
+        return d
+    unpacked = cache_dir() / "fashion-mnist-deb"
+    candidates = [Path(os.environ["PADST_DATA_DIR"]) if os.environ.get("PADST_DATA_DIR") else None,
+                  FASHION_SYSTEM_DIR, unpacked / FASHION_SYSTEM_DIR.relative_to("/")]
+    for d in candidates:
+        if _has_files(d):
+            return d
+    if not fetch:
+        raise FileNotFoundError("Fashion-MNIST not found; install the Debian package dataset-fashion-mnist or pass "
+                                "--data-dir")
+    return _unpack_deb(unpacked)
+
+
+def fashion_mnist(data_dir: Optional[os.PathLike] = None, fetch: bool = True) -> Dict[str, Tensor]:
+    """Fashion-MNIST as ``{"train_images": uint8 [60000, 28, 28], "train_labels": int64 [60000], "test_images",
+    "test_labels"}``; decoded once and cached next to the cache directory's other data."""
+    d = find_fashion_mnist(data_dir, fetch)
+    stamp = "-".join(f"{(d / f).stat().st_size}.{int((d / f).stat().st_mtime)}" for f in FASHION_FILES.values())
+    key = hashlib.sha1(f"{d.resolve()}|{stamp}".encode()).hexdigest()[:12]
+    cached = cache_dir() / f"fashion-mnist-{key}.pt"
+    if cached.is_file():
+        try:
+            return torch.load(cached, weights_only=True)
+        except Exception:  # a partial or stale cache file: decode again
+            pass
+    out = {k: read_idx(d / f) for k, f in FASHION_FILES.items()}
+    for k in ("train_labels", "test_labels"):
+        out[k] = out[k].long()
+    for split in ("train", "test"):
+        n_img, n_lab = out[f"{split}_images"].shape[0], out[f"{split}_labels"].shape[0]
+        if n_img != n_lab:
+            raise ValueError(f"{d}: {n_img} {split} images but {n_lab} labels")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    torch.save(out, tmp)
+    tmp.replace(cached)
+    return out
+
+
+def image_split(data: Dict[str, Tensor], split: str, valid: int = 5000, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """``"train"`` / ``"valid"`` (the last ``valid`` of a fixed shuffle of the 60k training images, for choosing
+    settings) / ``"test"``: images as float in [0, 1] with a channel dimension, and labels."""
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+    if split == "test":
+        return data["test_images"].unsqueeze(1).float().div_(255), data["test_labels"]
+    n = data["train_images"].shape[0]
+    if not 0 <= valid < n:
+        raise ValueError(f"valid must be in [0, {n}), got {valid}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    idx = order[n - valid:] if split == "valid" else order[:n - valid]
+    return data["train_images"][idx].unsqueeze(1).float().div_(255), data["train_labels"][idx]

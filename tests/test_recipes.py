@@ -1,0 +1,147 @@
+"""Data loading and the training recipe (padst-train), on small synthetic IDX files so that the suite stays fast and
+needs no download; the real-data runs are the recipes themselves (README, docs/results.md)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import pytest
+import torch
+
+from padst_ext import data as D
+from padst_ext import recipes as R
+
+
+def write_idx(path, t: torch.Tensor, code: int = 0x08, compress: bool = True) -> None:
+    header = bytes([0, 0, code, t.dim()]) + struct.pack(f">{t.dim()}I", *t.shape)
+    body = t.contiguous().numpy().astype(t.numpy().dtype.newbyteorder(">")).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(header + body)
+
+
+def fake_fashion(tmp_path, n_train=96, n_test=40, seed=0):
+    """Four IDX gz files with the real names: noisy images whose class sets their brightness (learnable from any
+    patch)."""
+    gen = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=gen, dtype=torch.uint8)
+        noise = torch.randint(-12, 13, (n, 28, 28), generator=gen)
+        images = (20 + 23 * labels.long()[:, None, None] + noise).clamp(0, 255).to(torch.uint8)
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
+    return tmp_path
+
+
+def test_read_idx_roundtrip_and_dtypes(tmp_path):
+    u8 = torch.randint(0, 255, (3, 4, 5), dtype=torch.uint8)
+    write_idx(tmp_path / "a.gz", u8)
+    assert torch.equal(D.read_idx(tmp_path / "a.gz"), u8)
+    i32 = torch.tensor([[1, -2, 70000], [3, 4, -5]], dtype=torch.int32)
+    write_idx(tmp_path / "b", i32, code=0x0C, compress=False)  # big-endian multi-byte values
+    assert torch.equal(D.read_idx(tmp_path / "b"), i32)
+
+
+def test_read_idx_rejects_malformed(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        D.read_idx(tmp_path / "bad")
+    write_idx(tmp_path / "short", torch.zeros(2, 3, dtype=torch.uint8), compress=False)
+    raw = (tmp_path / "short").read_bytes()
+    (tmp_path / "short").write_bytes(raw[:-1])
+    with pytest.raises(ValueError, match="needs 6"):
+        D.read_idx(tmp_path / "short")
+
+
+def test_fashion_mnist_from_data_dir_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "fm").mkdir()
+    d = fake_fashion(tmp_path / "fm")
+    ds = D.fashion_mnist(d)
+    assert ds["train_images"].shape == (96, 28, 28) and ds["train_labels"].dtype == torch.int64
+    assert len(list((tmp_path / "cache").glob("fashion-mnist-*.pt"))) == 1
+    again = D.fashion_mnist(d)
+    assert all(torch.equal(ds[k], again[k]) for k in ds)
+    x, y = D.image_split(ds, "train", valid=16)
+    xv, yv = D.image_split(ds, "valid", valid=16)
+    assert x.shape == (80, 1, 28, 28) and xv.shape == (16, 1, 28, 28) and 0 <= float(x.min()) <= float(x.max()) <= 1
+    with pytest.raises(ValueError, match="split must be"):
+        D.image_split(ds, "validation")
+
+
+def test_fashion_mnist_missing_files_name_them(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte.gz"):
+        D.fashion_mnist(tmp_path)
+
+
+def _vit_argv(d, out, structure="block", permute=True, epochs=1, extra=()):
+    return ["vit", "--data-dir", str(d), "--out", str(out), "--structure", structure, "--sparsity", "0.75",
+            "--width", "32", "--depth", "2", "--heads", "2", "--block-size", "8", "--epochs", str(epochs),
+            "--batch-size", "32", "--valid", "16", "--threads", "1", "--update-interval", "1", "--speed-steps", "1",
+            "--infer-batch", "8", "--no-progress", "--permute" if permute else "--no-permute", *extra]
+
+
+@pytest.mark.parametrize("structure,permute", [("block", True), ("nm", True), ("diagonal", False),
+                                               ("unstructured", False), ("dense", False)])
+def test_train_vit_smoke(tmp_path, monkeypatch, structure, permute):
+    """A few steps of every structure: metrics, summary and a checkpoint are written."""
+    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "fm"
+    d.mkdir()
+    fake_fashion(d)
+    out = tmp_path / "run"
+    s = R.main(_vit_argv(d, out, structure, permute))
+    assert s["structure"] == structure and 0 <= s["test_acc"] <= 1 and s["train_speedup"] > 0
+    assert s["sparse_layers"] == (0 if structure == "dense" else 2 * 4 - 1)  # the first block's qkv stays dense
+    if structure != "dense":
+        assert abs(s["density"] - 0.25) < 0.1
+    assert json.loads((out / "summary.json").read_text())["test_acc"] == s["test_acc"]
+    assert (out / "metrics.csv").read_text().startswith("epoch,train_loss")
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_train_vit_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    """A run interrupted after its first epoch and resumed with --resume ends exactly where an uninterrupted run
+    does (model, optimizer, schedule, DST state and data order all restored)."""
+    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "fm"
+    d.mkdir()
+    fake_fashion(d)
+    full = R.main(_vit_argv(d, tmp_path / "full", epochs=2, extra=["--no-speed"]))
+
+    real_evaluate, calls = R.evaluate, []
+
+    def interrupt_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2's validation: epoch 1's checkpoint is on disk, epoch 2's is not
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(R, "evaluate", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        R.main(_vit_argv(d, tmp_path / "cut", epochs=2, extra=["--no-speed"]))
+    monkeypatch.setattr(R, "evaluate", real_evaluate)
+    resumed = R.main(_vit_argv(d, tmp_path / "cut", epochs=2, extra=["--no-speed", "--resume"]))
+    assert resumed["test_acc"] == full["test_acc"] and resumed["valid_acc"] == full["valid_acc"]
+    a = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
+    b = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[:4] for r in a] == [r.split(",")[:4] for r in b]  # all but the epoch's wall time
+
+
+def test_train_vit_learns(tmp_path, monkeypatch):
+    """On the synthetic task (class = brightness) a sparse permuted ViT gets well above chance."""
+    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "fm"
+    d.mkdir()
+    fake_fashion(d, n_train=640, n_test=100)
+    s = R.main(["vit", "--data-dir", str(d), "--out", str(tmp_path / "run"), "--structure", "block", "--sparsity",
+                "0.5", "--width", "32", "--depth", "2", "--heads", "2", "--block-size", "8", "--epochs", "4",
+                "--batch-size", "32", "--valid", "40", "--threads", "1", "--lr", "3e-3", "--no-speed",
+                "--no-progress"])
+    assert s["test_acc"] > 0.3, s  # chance is 0.1; about 0.5 after these 4 epochs
+
+
+def test_cli_rejects_bad_sparsity():
+    with pytest.raises(SystemExit, match="--sparsity"):
+        R.main(["vit", "--sparsity", "1.5"])
