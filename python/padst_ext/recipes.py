@@ -1,14 +1,18 @@
-"""Training recipes: ``padst-train vit ...`` (also ``python -m padst_ext.recipes vit ...``).
+"""Training recipes: ``padst-train vit|gpt2 ...`` (also ``python -m padst_ext.recipes vit|gpt2 ...``).
 
-A small ViT (timm ``VisionTransformer`` for 28x28 inputs, patch 4) trained from scratch on Fashion-MNIST
-(:mod:`padst_ext.data`), its transformer blocks' linear layers made sparse by :func:`padst_ext.sparsify` (the first
-and last linear layers stay dense) and trained with dynamic sparse training (:class:`padst_ext.DST`: RigL, SET or a
-static mask), with or without a learned permutation. Prints accuracy and the speed of the sparse model against a
-dense twin measured in the same run; writes ``metrics.csv`` (one row per epoch), ``summary.json`` and
-``checkpoint.pt`` (resumable with ``--resume``) under ``--out``.
+- ``vit``: a small ViT (timm ``VisionTransformer`` for 28x28 inputs, patch 4) trained from scratch on Fashion-MNIST.
+- ``gpt2``: a small GPT-2 (Hugging Face ``GPT2LMHeadModel``) trained from scratch on English Wikipedia articles
+  (or ``--text FILE``), GPT-2 BPE through tiktoken, offline.
+
+The transformer blocks' linear layers are made sparse by :func:`padst_ext.sparsify` (the first and last linear
+layers, and tied ones, stay dense) and trained with dynamic sparse training (:class:`padst_ext.DST`: RigL, SET or a
+static mask), with or without a learned permutation. Each run prints its validation metric as it goes, the test
+accuracy / perplexity at the end and the speed of the sparse model against a dense twin measured in the same run,
+and writes ``metrics.csv``, ``summary.json`` and ``checkpoint.pt`` (resumable with ``--resume``) under ``--out``.
 
     padst-train vit --quick                                   # a short run (about 2 minutes on 2 cores)
     padst-train vit --structure nm --sparsity 0.95 --permute --algorithm rigl --epochs 10
+    padst-train gpt2 --structure block --sparsity 0.9 --steps 2000
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def build_vit(width: int, depth: int, heads: int, mlp_ratio: float = 4.0, num_cl
                              global_pool="token")
 
 
-def make_sparse(model: nn.Module, args) -> List[str]:
+def make_sparse(model: nn.Module, args, include=("blocks.*",)) -> List[str]:
     """Sparsify the blocks' linear layers in place as ``args`` says; returns the replaced layer names."""
     if args.structure == "dense":
         return []
@@ -55,7 +59,7 @@ def make_sparse(model: nn.Module, args) -> List[str]:
         kw["block_size"] = args.block_size
     if kw["permute"]:
         kw.update(perm_init=args.perm_init, perm_lambda=args.perm_lambda, harden_step=args.harden_step)
-    report = sparsify(model, args.structure, args.sparsity, include=["blocks.*"], **kw)
+    report = sparsify(model, args.structure, args.sparsity, include=list(include), **kw)
     return [name for name, _ in report.replaced]
 
 
@@ -77,18 +81,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(1, x.shape[0])
 
 
-def time_train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, device) -> float:
-    """Median seconds of a forward + backward + AdamW step on one batch (a copy of the model: nothing learned)."""
+def time_train_steps(model: nn.Module, loss_fn, steps: int, device) -> float:
+    """Median seconds of a forward + backward + AdamW step, ``loss_fn(model)`` on one fixed batch (on a copy of the
+    model: nothing is learned)."""
     import copy
 
     m = copy.deepcopy(model).to(device).train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    xb, yb = x.to(device), y.to(device)
     times = []
     for i in range(steps + 2):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(m(xb), yb).backward()
+        loss_fn(m).backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -99,6 +103,7 @@ def time_train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: 
 
 @torch.inference_mode()
 def time_inference(model: nn.Module, x: torch.Tensor, reps: int, device) -> float:
+    """Median seconds of ``model(x)`` in eval and inference mode."""
     m = model.to(device).eval()
     xb = x.to(device)
     times = []
@@ -112,10 +117,90 @@ def time_inference(model: nn.Module, x: torch.Tensor, reps: int, device) -> floa
     return statistics.median(times)
 
 
+class Run:
+    """What both tasks share: the optimizer (AdamW, one-cycle schedule), DST over the sparse layers, and the
+    output folder (``checkpoint.pt`` written atomically after every evaluation, ``metrics.csv``)."""
+
+    def __init__(self, model: nn.Module, sparse_layers: List[str], total_steps: int, args, out: Path):
+        self.model, self.out, self.args = model, out, args
+        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=args.lr, total_steps=total_steps,
+                                                         pct_start=0.1)
+        self.dst = None
+        if sparse_layers:
+            self.dst = DST(model, self.opt, algorithm=args.algorithm, update_interval=args.update_interval,
+                           drop_fraction=args.drop_fraction, total_steps=total_steps, seed=args.seed)
+        self.rows: List[Dict] = []
+        self.done = 0  # epochs (ViT) or steps (GPT-2) completed
+        self.path = out / "checkpoint.pt"
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+
+    def resume(self) -> int:
+        if self.args.resume and self.path.is_file():
+            ck = torch.load(self.path, weights_only=False)
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            self.sched.load_state_dict(ck["scheduler"])
+            if self.dst is not None:
+                self.dst.load_state_dict(ck["dst"])
+            self.done, self.rows = ck["done"], ck["rows"]
+            print(f"[padst-train] resumed {self.path} at {self.done}")
+        return self.done
+
+    def save(self, done: int, row: Dict) -> None:
+        self.done = done
+        self.rows.append(row)
+        ck = dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                  dst=self.dst.state_dict() if self.dst is not None else None, done=done, rows=self.rows,
+                  args=vars(self.args))
+        torch.save(ck, self.path.with_suffix(".tmp"))
+        self.path.with_suffix(".tmp").replace(self.path)
+        with open(self.out / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            w.writeheader()
+            w.writerows(self.rows)
+
+
+def summarize(model: nn.Module, args, sparse_layers: List[str], out: Path, summary: Dict) -> Dict:
+    """Adds the sparse layers' realised density, writes ``summary.json`` and prints the closing lines."""
+    permute = bool(args.permute and args.structure not in ("dense", "unstructured"))
+    summary = dict(structure=args.structure, sparsity=args.sparsity, permute=permute, algorithm=args.algorithm,
+                   seed=args.seed, sparse_layers=len(sparse_layers), threads=args.threads, device=args.device,
+                   **summary)
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    if layers:
+        summary["density"] = sum(m.density * m.in_features * m.out_features for m in layers) / \
+            sum(m.in_features * m.out_features for m in layers)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    metric = ", ".join(f"{k.replace('_', ' ')} {summary[k]:.4f}" for k in ("test_acc", "test_ppl") if k in summary)
+    msg = f"[padst-train] {out.name}: {metric}"
+    if "train_speedup" in summary:
+        msg += (f"; vs the dense twin: training step {summary['train_speedup']:.2f}x, inference "
+                f"{summary['infer_speedup']:.2f}x ({args.threads} threads)")
+    print(msg)
+    print(f"[padst-train] wrote {out}/summary.json, metrics.csv, checkpoint.pt")
+    return summary
+
+
+def speed(model: nn.Module, dense_twin: nn.Module, loss_fn, x_infer: torch.Tensor, args, device) -> Dict:
+    """Training-step and inference time of the sparse model (exported for inference) against its dense twin."""
+    t_sparse = time_train_steps(model, loss_fn, args.speed_steps, device)
+    t_dense = time_train_steps(dense_twin, loss_fn, args.speed_steps, device)
+    i_sparse = time_inference(export(model), x_infer, args.speed_steps, device)
+    i_dense = time_inference(dense_twin, x_infer, args.speed_steps, device)
+    return dict(train_step_s=t_sparse, dense_train_step_s=t_dense, train_speedup=t_dense / t_sparse,
+                infer_s=i_sparse, dense_infer_s=i_dense, infer_speedup=i_dense / i_sparse)
+
+
 def run_name(args) -> str:
     perm = "perm" if args.permute and args.structure not in ("dense", "unstructured") else "noperm"
     sp = "" if args.structure == "dense" else f"-{args.sparsity:g}"
-    return f"vit-{args.structure}{sp}-{perm}-{args.algorithm}-s{args.seed}"
+    return f"{args.task}-{args.structure}{sp}-{perm}-{args.algorithm}-s{args.seed}"
 
 
 def train_vit(args) -> Dict:
@@ -139,24 +224,8 @@ def train_vit(args) -> Dict:
     sparse_layers = make_sparse(model, args)
     dense_twin = build_vit(args.width, args.depth, args.heads, seed=args.seed)  # for the speed ratios
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total_steps, pct_start=0.1)
-    dst = None
-    if sparse_layers:
-        dst = DST(model, opt, algorithm=args.algorithm, update_interval=args.update_interval,
-                  drop_fraction=args.drop_fraction, total_steps=total_steps, seed=args.seed)
-
-    start_epoch, rows = 0, []
-    ckpt_path = out / "checkpoint.pt"
-    if args.resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if dst is not None:
-            dst.load_state_dict(ck["dst"])
-        start_epoch, rows = ck["epoch"], ck["rows"]
-        print(f"[padst-train] resumed {ckpt_path} after epoch {start_epoch}")
+    run = Run(model, sparse_layers, total_steps, args, out)
+    start_epoch = run.resume()
 
     from tqdm import tqdm
 
@@ -172,57 +241,146 @@ def train_vit(args) -> Dict:
             xb, yb = xb.to(device), yb.to(device)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb, label_smoothing=args.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            run.step(loss)
             loss_sum += float(loss.detach()) * yb.shape[0]
             correct += int((logits.argmax(-1) == yb).sum())
             seen += yb.shape[0]
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
         row = dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
                    valid_acc=evaluate(model, xva, yva, 512, device), epoch_s=time.perf_counter() - t0)
-        rows.append(row)
         print(f"[padst-train] epoch {row['epoch']}: loss {row['train_loss']:.4f}, train {row['train_acc']:.4f}, "
               f"valid {row['valid_acc']:.4f} ({row['epoch_s']:.0f} s)")
-        ck = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                  dst=dst.state_dict() if dst is not None else None, epoch=epoch + 1, rows=rows, args=vars(args))
-        torch.save(ck, ckpt_path.with_suffix(".tmp"))
-        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
-        with open(out / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        run.save(epoch + 1, row)
 
-    test_acc = evaluate(model, xte, yte, 512, device)
-    summary = dict(task="vit-fashion-mnist", structure=args.structure, sparsity=args.sparsity,
-                   permute=bool(args.permute and args.structure not in ("dense", "unstructured")),
-                   algorithm=args.algorithm, seed=args.seed, epochs=args.epochs, train_examples=int(xtr.shape[0]),
-                   width=args.width, depth=args.depth, sparse_layers=len(sparse_layers),
-                   valid_acc=rows[-1]["valid_acc"] if rows else None, test_acc=test_acc, threads=args.threads,
-                   device=str(device))
-    if sparse_layers:
-        layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
-        summary["density"] = sum(m.density * m.in_features * m.out_features for m in layers) / \
-            sum(m.in_features * m.out_features for m in layers)
+    summary = dict(task="vit-fashion-mnist", epochs=args.epochs, train_examples=int(xtr.shape[0]),
+                   width=args.width, depth=args.depth, valid_acc=run.rows[-1]["valid_acc"] if run.rows else None,
+                   test_acc=evaluate(model, xte, yte, 512, device))
     if not args.no_speed:
-        xb, yb = xtr[:args.batch_size], ytr[:args.batch_size]
-        t_sparse = time_train_steps(model, xb, yb, args.speed_steps, device)
-        t_dense = time_train_steps(dense_twin, xb, yb, args.speed_steps, device)
-        xi = xte[:args.infer_batch]
-        i_sparse = time_inference(export(model), xi, args.speed_steps, device)
-        i_dense = time_inference(dense_twin, xi, args.speed_steps, device)
-        summary.update(train_step_s=t_sparse, dense_train_step_s=t_dense, train_speedup=t_dense / t_sparse,
-                       infer_s=i_sparse, dense_infer_s=i_dense, infer_speedup=i_dense / i_sparse)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    msg = f"[padst-train] {run_name(args)}: test accuracy {test_acc:.4f}"
-    if "train_speedup" in summary:
-        msg += (f"; vs the dense twin: training step {summary['train_speedup']:.2f}x, inference "
-                f"{summary['infer_speedup']:.2f}x (batch {args.batch_size} / {args.infer_batch}, "
-                f"{args.threads} threads)")
-    print(msg)
-    print(f"[padst-train] wrote {out}/summary.json, metrics.csv, checkpoint.pt")
-    return summary
+        xb, yb = xtr[:args.batch_size].to(device), ytr[:args.batch_size].to(device)
+        summary.update(speed(model, dense_twin, lambda m: F.cross_entropy(m(xb), yb), xte[:args.infer_batch],
+                             args, device))
+    return summarize(model, args, sparse_layers, out, summary)
+
+
+def build_gpt2(width: int, depth: int, heads: int, context: int, seed: int = 0) -> nn.Module:
+    """A small GPT-2 (Hugging Face ``GPT2LMHeadModel``, GPT-2's 50257-token vocabulary, tied embeddings)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=50257, n_positions=context, n_embd=width, n_layer=depth, n_head=heads,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of ``x [B, T + 1]`` (inputs x[:, :-1], targets x[:, 1:])."""
+    logits = model(input_ids=x[:, :-1]).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+def windows(tokens: torch.Tensor, context: int, starts: torch.Tensor) -> torch.Tensor:
+    return tokens[starts[:, None] + torch.arange(context + 1)].long()
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, context: int, batch: int, device,
+               max_windows: Optional[int] = None) -> float:
+    """exp(mean next-token loss) over consecutive non-overlapping windows of ``tokens``."""
+    was = model.training
+    model.eval()
+    n = (tokens.numel() - 1) // context
+    if max_windows:
+        n = min(n, max_windows)
+    starts = torch.arange(n) * context
+    total, count = 0.0, 0
+    for i in range(0, n, batch):
+        x = windows(tokens, context, starts[i:i + batch]).to(device)
+        total += float(lm_loss(model, x)) * x.shape[0]
+        count += x.shape[0]
+    model.train(was)
+    return math.exp(total / max(1, count))
+
+
+def train_gpt2(args) -> Dict:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = Path(args.out) if args.out else Path("runs") / run_name(args)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = D.text_tokens(args.text, progress=not args.no_progress)
+    train, valid, test = tok["train"], tok["valid"], tok["test"]
+    if train.numel() <= args.context + 1:
+        raise SystemExit(f"the training text has {train.numel()} tokens, fewer than --context {args.context} + 1")
+    if args.permute and args.harden_step is None and args.structure not in ("dense", "unstructured"):
+        args.harden_step = int(args.harden_at * args.steps)
+
+    model = build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed)
+    sparse_layers = make_sparse(model, args, include=["transformer.h.*"])
+    dense_twin = build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed)
+    model.to(device)
+    run = Run(model, sparse_layers, args.steps, args, out)
+    start = run.resume()
+
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(args.seed)
+    high = train.numel() - args.context - 1
+    for _ in range(start):  # the same batches as an uninterrupted run
+        torch.randint(0, high, (args.batch_size,), generator=gen)
+    model.train()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, leave=False, disable=args.no_progress,
+               desc="steps")
+    t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+    for step in bar:
+        x = windows(train, args.context, torch.randint(0, high, (args.batch_size,), generator=gen)).to(device)
+        loss = lm_loss(model, x)
+        run.step(loss)
+        loss_sum, seen = loss_sum + float(loss.detach()), seen + 1
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            row = dict(step=step + 1, train_loss=loss_sum / seen,
+                       valid_ppl=perplexity(model, valid, args.context, args.batch_size, device),
+                       interval_s=time.perf_counter() - t0)
+            print(f"[padst-train] step {row['step']}: loss {row['train_loss']:.4f}, valid perplexity "
+                  f"{row['valid_ppl']:.2f} ({row['interval_s']:.0f} s)")
+            run.save(step + 1, row)
+            t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+
+    summary = dict(task="gpt2-wikipedia" if args.text is None else f"gpt2-{Path(args.text).name}", steps=args.steps,
+                   train_tokens=int(train.numel()), width=args.width, depth=args.depth, context=args.context,
+                   valid_ppl=run.rows[-1]["valid_ppl"] if run.rows else None,
+                   test_ppl=perplexity(model, test, args.context, args.batch_size, device))
+    if not args.no_speed:
+        xb = windows(train, args.context, torch.arange(args.batch_size) * args.context).to(device)
+        summary.update(speed(model, dense_twin, lambda m: lm_loss(m, xb), xb[:, :-1], args, device))
+    return summarize(model, args, sparse_layers, out, summary)
+
+
+def _common(p: argparse.ArgumentParser, width: int, depth: int, heads: int, lr: float) -> None:
+    p.add_argument("--structure", choices=STRUCTURES, default="block")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--permute", action=argparse.BooleanOptionalAction, default=True,
+                   help="learn a permutation per sparse layer (not for dense / unstructured)")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="rigl")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--perm-init", default="random", choices=("random", "identity", "uniform"))
+    p.add_argument("--perm-lambda", type=float, default=1e-3)
+    p.add_argument("--harden-step", type=int, default=None, help="harden the permutations at this step at the latest")
+    p.add_argument("--harden-at", type=float, default=0.5, help="... or at this fraction of training (default 0.5)")
+    p.add_argument("--update-interval", type=int, default=100, help="DST: steps between mask updates")
+    p.add_argument("--drop-fraction", type=float, default=0.3)
+    p.add_argument("--width", type=int, default=width)
+    p.add_argument("--depth", type=int, default=depth)
+    p.add_argument("--heads", type=int, default=heads)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="output folder (default runs/<run name>)")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint.pt")
+    p.add_argument("--no-speed", action="store_true", help="skip timing against the dense twin")
+    p.add_argument("--speed-steps", type=int, default=5)
+    p.add_argument("--no-progress", action="store_true")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -230,55 +388,42 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="task", required=True)
     v = sub.add_parser("vit", help="a small ViT on Fashion-MNIST")
-    v.add_argument("--structure", choices=STRUCTURES, default="block")
-    v.add_argument("--sparsity", type=float, default=0.9)
-    v.add_argument("--permute", action=argparse.BooleanOptionalAction, default=True,
-                   help="learn a permutation per sparse layer (not for dense / unstructured)")
-    v.add_argument("--algorithm", choices=ALGORITHMS, default="rigl")
-    v.add_argument("--block-size", type=int, default=16)
-    v.add_argument("--perm-init", default="random", choices=("random", "identity", "uniform"))
-    v.add_argument("--perm-lambda", type=float, default=1e-3)
-    v.add_argument("--harden-step", type=int, default=None, help="harden the permutations at this step at the latest")
-    v.add_argument("--harden-at", type=float, default=0.5, help="... or at this fraction of training (default 0.5)")
-    v.add_argument("--update-interval", type=int, default=100, help="DST: steps between mask updates")
-    v.add_argument("--drop-fraction", type=float, default=0.3)
-    v.add_argument("--width", type=int, default=192)
-    v.add_argument("--depth", type=int, default=6)
-    v.add_argument("--heads", type=int, default=3)
+    _common(v, width=192, depth=6, heads=3, lr=2e-3)
     v.add_argument("--epochs", type=int, default=10)
     v.add_argument("--batch-size", type=int, default=128)
-    v.add_argument("--lr", type=float, default=2e-3)
-    v.add_argument("--weight-decay", type=float, default=0.05)
     v.add_argument("--label-smoothing", type=float, default=0.1)
     v.add_argument("--train-subset", type=int, default=0, help="use only the first N training images")
     v.add_argument("--valid", type=int, default=5000, help="training images held out for validation")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
-    v.add_argument("--device", default="cpu")
     v.add_argument("--data-dir", default=None, help="a folder with the four Fashion-MNIST IDX gz files")
-    v.add_argument("--out", default=None, help="output folder (default runs/<run name>)")
-    v.add_argument("--resume", action="store_true", help="continue from --out's checkpoint.pt")
-    v.add_argument("--no-speed", action="store_true", help="skip timing against the dense twin")
-    v.add_argument("--speed-steps", type=int, default=5)
     v.add_argument("--infer-batch", type=int, default=512)
-    v.add_argument("--no-progress", action="store_true")
-    v.add_argument("--quick", action="store_true",
-                   help="a short run: width 96, depth 4, one epoch")
+    v.add_argument("--quick", action="store_true", help="a short run: width 96, depth 4, one epoch")
+    g = sub.add_parser("gpt2", help="a small GPT-2 on English Wikipedia text")
+    _common(g, width=128, depth=4, heads=4, lr=1e-3)
+    g.add_argument("--steps", type=int, default=2000)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--context", type=int, default=128)
+    g.add_argument("--eval-every", type=int, default=250)
+    g.add_argument("--text", default=None, help="train on this text file instead (blank-line separated paragraphs)")
+    g.add_argument("--quick", action="store_true", help="a short run: 300 steps")
     return p
 
 
 def main(argv=None) -> Dict:
     args = parser().parse_args(argv)
+    if not 0 < args.sparsity < 1:
+        raise SystemExit(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    given = argv if argv is not None else sys.argv
     if args.task == "vit":
-        if not 0 < args.sparsity < 1:
-            raise SystemExit(f"--sparsity must be in (0, 1), got {args.sparsity}")
         if args.quick:  # about two minutes on 2 cores: one pass over the 55k training images with a small ViT
-            given = argv if argv is not None else sys.argv
             args.width, args.depth, args.heads = 96, 4, 3
             args.epochs = args.epochs if "--epochs" in given else 1
             args.update_interval = min(args.update_interval, 50)
         return train_vit(args)
-    raise SystemExit(f"unknown task {args.task!r}")
+    if args.quick:
+        args.steps = args.steps if "--steps" in given else 300
+        args.eval_every = min(args.eval_every, 100)
+        args.update_interval = min(args.update_interval, 50)
+    return train_gpt2(args)
 
 
 def cli() -> int:
