@@ -49,6 +49,18 @@ struct DiagWindow {
   }
 };
 
+// The vectorised kernel (rk::diag_mm) for the forward (in = x, shifted when tall) and dx (in = dy, shifted when wide).
+template <typename T>
+void diag_vec(const T* in, int64_t in_cols, const int64_t* in_gather, const at::Tensor& values, const DiagProblem& p,
+              bool shifted, int64_t nout, const rk::Store<T>& st, int64_t B) {
+  const DiagWindow win(p.off);
+  const at::Tensor vp = values.to(at::kFloat).contiguous();
+  rk::diag_mm(rk::DiagArgs<T>{in, in_cols, in_gather, vp.data_ptr<float>(), values.size(1), values.size(0),
+                              std::min(p.R, p.C), std::max(p.R, p.C), shifted, nout, st, nullptr, 0, nullptr,
+                              win.sorted.data(), win.order.data()},
+              B);
+}
+
 constexpr int64_t TB = 8;  // batch rows per task: each diagonal is loaded once per tile
 
 // out[b, dst[j]] / out[b, j] = buf[...]: gather/scatter helpers with the permutation fused in.
@@ -156,13 +168,7 @@ at::Tensor diag_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::
       if (B >= kMinVecBatch) {
         const rk::Store<scalar_t> st{y.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true),
                                      bc ? bc->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false)};
-        const DiagWindow win(p.off);
-        const at::Tensor vp = values.to(at::kFloat).contiguous();
-        rk::diag_mm(rk::DiagArgs<scalar_t>{xc.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), vp.data_ptr<float>(), values.size(1),
-                                           p.off.data_ptr<int64_t>(), values.size(0), std::min(R, C), std::max(R, C),
-                                           /*shifted=*/tall, R, st, nullptr, 0, nullptr, win.sorted.data(),
-                                           win.order.data()},
-                    B);
+        diag_vec(xc.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), values, p, /*shifted=*/tall, R, st, B);
         return;
       }
     }
@@ -197,13 +203,7 @@ at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const a
       if (B >= kMinVecBatch) {
         const rk::Store<scalar_t> st{dx.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), nullptr,
                                      perm_ptr(p.pin, true)};
-        const DiagWindow win(p.off);
-        const at::Tensor vp = values.to(at::kFloat).contiguous();
-        rk::diag_mm(rk::DiagArgs<scalar_t>{dyc.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true), vp.data_ptr<float>(), values.size(1),
-                                           p.off.data_ptr<int64_t>(), values.size(0), std::min(R, C), std::max(R, C),
-                                           /*shifted=*/!tall, C, st, nullptr, 0, nullptr, win.sorted.data(),
-                                           win.order.data()},
-                    B);
+        diag_vec(dyc.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true), values, p, /*shifted=*/!tall, C, st, B);
         return;
       }
     }

@@ -71,34 +71,28 @@ PADST_TARGET_AVX512 inline float dot_avx512(const float* v, const uint16_t* idx,
 }
 #endif
 
-// y[r] for r in [0, R), threads over rows.
-template <typename F>
-void gemv_rows(int64_t R, const F& dot) {
-  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) dot(r);
-  });
-}
-
 inline void nm_gemv(const float* x, const float* v, const uint16_t* idx, int64_t R, int64_t K, const float* bias,
                     float* y) {
   const Isa isa = current_isa();
-  gemv_rows(R, [&](int64_t r) {
-    const float* vr = v + r * K;
-    const uint16_t* ir = idx + r * K;
-    float s;
+  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* vr = v + r * K;
+      const uint16_t* ir = idx + r * K;
+      float s;
 #if PADST_X86_DISPATCH
-    if (isa == Isa::kAvx512) {
-      s = dot_avx512(vr, ir, x, K);
-    } else if (isa == Isa::kAvx2) {
-      s = dot_avx2(vr, ir, x, K);
-    } else {
-      s = dot_base(vr, ir, x, K);
-    }
+      if (isa == Isa::kAvx512) {
+        s = dot_avx512(vr, ir, x, K);
+      } else if (isa == Isa::kAvx2) {
+        s = dot_avx2(vr, ir, x, K);
+      } else {
+        s = dot_base(vr, ir, x, K);
+      }
 #else
-    (void)isa;
-    s = dot_base(vr, ir, x, K);
+      (void)isa;
+      s = dot_base(vr, ir, x, K);
 #endif
-    y[r] = (bias ? bias[r] : 0.0f) + s;
+      y[r] = (bias ? bias[r] : 0.0f) + s;
+    }
   });
 }
 

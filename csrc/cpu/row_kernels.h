@@ -445,7 +445,6 @@ struct DiagArgs {
   const int64_t* in_gather;
   const float* vals;  // [K][vld]: the L values of diagonal k in row k, as float
   int64_t vld;
-  const int64_t* off;
   int64_t K, L, P;
   bool shifted;
   int64_t nout;

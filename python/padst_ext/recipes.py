@@ -81,6 +81,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(1, x.shape[0])
 
 
+def _median_seconds(fn, reps: int, device) -> float:
+    """Median wall time of ``fn()`` over ``reps`` calls after two warm-up calls (synchronised on CUDA)."""
+    times = []
+    for i in range(reps + 2):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def time_train_steps(model: nn.Module, loss_fn, steps: int, device) -> float:
     """Median seconds of a forward + backward + AdamW step, ``loss_fn(model)`` on one fixed batch (on a copy of the
     model: nothing is learned)."""
@@ -88,17 +101,13 @@ def time_train_steps(model: nn.Module, loss_fn, steps: int, device) -> float:
 
     m = copy.deepcopy(model).to(device).train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    times = []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
+
+    def step():
         opt.zero_grad(set_to_none=True)
         loss_fn(m).backward()
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return _median_seconds(step, steps, device)
 
 
 @torch.inference_mode()
@@ -106,15 +115,7 @@ def time_inference(model: nn.Module, x: torch.Tensor, reps: int, device) -> floa
     """Median seconds of ``model(x)`` in eval and inference mode."""
     m = model.to(device).eval()
     xb = x.to(device)
-    times = []
-    for i in range(reps + 2):
-        t0 = time.perf_counter()
-        m(xb)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _median_seconds(lambda: m(xb), reps, device)
 
 
 class Run:
