@@ -18,6 +18,21 @@ except Exception as e:  # noqa: BLE001 - report any import failure to CMake verb
 spec = importlib.util.find_spec("nvidia")
 nvidia_roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
 
+
+
+def runtime_libstdcxx() -> str:
+    """The libstdc++.so.6 this process (Python + torch) has mapped, or "" (not Linux / not found)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except OSError:
+        pass
+    return ""
+
+
 fields = {
     "version": str(torch.__version__),
     "cuda": torch.version.cuda or "",
@@ -25,6 +40,7 @@ fields = {
     "install_prefix": os.path.dirname(os.path.abspath(torch.__file__)),
     "cxx11_abi": str(int(bool(torch._C._GLIBCXX_USE_CXX11_ABI))),
     "nvidia_roots": ";".join(os.path.abspath(p) for p in nvidia_roots),
+    "libstdcxx": runtime_libstdcxx(),
 }
 for key, value in fields.items():
     print(f"{key}={value}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -10,8 +14,9 @@ from padst_ext import _extension
 
 OPS = ["block_mm", "block_mm_t", "block_sddmm", "block_transpose_meta", "nm_mm", "nm_mm_t", "nm_sddmm", "diag_mm", "diag_mm_t",
        "diag_sddmm", "dense_grad"]
-# The CUDA kernels this build provides so far (the full CUDA set is a separate issue).
-CUDA_OPS = ["nm_mm", "dense_grad"]
+# Every op with a CUDA kernel (seen registered on an H200 by benchmarks/gpu_suite.sh).
+CUDA_OPS = ["block_mm", "block_mm_t", "block_sddmm", "nm_mm", "nm_mm_t", "nm_sddmm", "diag_mm", "diag_mm_t",
+            "diag_sddmm", "dense_grad"]
 
 
 def has_kernel(op: str, key: str) -> bool:
@@ -48,3 +53,21 @@ def test_mismatched_torch_gives_readable_error(monkeypatch):
     monkeypatch.setattr(_extension._info, "TORCH_VERSION", "1.0.0+cpu")
     with pytest.raises(ImportError, match=r"(?s)built against torch 1\.0\.0\+cpu.*pip install --no-build-isolation"):
         _extension.load()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF dynamic section: Linux only")
+def test_extension_uses_the_shared_cxx_runtime():
+    """_C must bind to the process's libstdc++.so.6, never carry a static copy: a private libstdc++ beside torch's
+    crashed formatting any integer into an error message (seen with a GCC that has no shared libstdc++)."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) not installed")
+    so = padst_ext._C.__file__
+    dynamic = subprocess.run([readelf, "-d", so], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in dynamic, f"{so} does not link libstdc++.so dynamically:\n{dynamic}"
+    symbols = subprocess.run([readelf, "-sW", so], capture_output=True, text=True, check=True).stdout
+    # std::ostream::_M_insert<long>: in the shared runtime it is an undefined (UND) import, in a static copy defined
+    carried = [ln for ln in symbols.splitlines() if "_ZNSo9_M_insertIlEERSoT_" in ln and " UND " not in ln]
+    assert not carried, f"{so} carries its own libstdc++ code: {carried}"
+    with pytest.raises(ValueError, match="capacity must be >= 1, got 0"):
+        torch.ops.padst._lt24_lru_trace(0, [1])  # an integer formatted into a message by the extension
