@@ -263,12 +263,13 @@ def train_vit(args) -> Dict:
     return summarize(model, args, sparse_layers, out, summary)
 
 
-def build_gpt2(width: int, depth: int, heads: int, context: int, seed: int = 0) -> nn.Module:
-    """A small GPT-2 (Hugging Face ``GPT2LMHeadModel``, GPT-2's 50257-token vocabulary, tied embeddings)."""
+def build_gpt2(width: int, depth: int, heads: int, context: int, seed: int = 0, vocab: int = 50257) -> nn.Module:
+    """A small GPT-2 (Hugging Face ``GPT2LMHeadModel``, GPT-2's 50257-token vocabulary unless ``vocab`` says
+    otherwise, tied embeddings)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=50257, n_positions=context, n_embd=width, n_layer=depth, n_head=heads,
+    cfg = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=depth, n_head=heads,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg)
 
@@ -302,21 +303,39 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, context: int, batch: int,
     return math.exp(total / max(1, count))
 
 
+def shrink_vocab(splits: Dict[str, torch.Tensor], size: int) -> Dict[str, torch.Tensor]:
+    """Keep the ``size - 1`` most frequent token ids of the training split (ties to the lower id) and map every other
+    id to one shared "rare" id, ``size - 1``; ids are renumbered by frequency. Perplexity is then over this
+    ``size``-way vocabulary, which makes the 50257-way output layer that dominates a small model's cost ``50257 /
+    size`` times cheaper (documented with every result that uses it)."""
+    train = splits["train"].long()
+    counts = torch.bincount(train, minlength=50257)
+    if not 2 <= size <= counts.numel():
+        raise ValueError(f"--vocab must be in [2, {counts.numel()}] (or 0 for the full vocabulary), got {size}")
+    order = torch.sort(-counts, stable=True).indices[:size - 1]  # most frequent first, ties to the lower id
+    table = torch.full((counts.numel(),), size - 1, dtype=torch.int32)
+    table[order] = torch.arange(size - 1, dtype=torch.int32)
+    return {k: table[v.long()] for k, v in splits.items()}
+
+
 def train_gpt2(args) -> Dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out = Path(args.out) if args.out else Path("runs") / run_name(args)
     out.mkdir(parents=True, exist_ok=True)
     tok = D.text_tokens(args.text, progress=not args.no_progress)
+    vocab = 50257
+    if args.vocab:
+        tok, vocab = shrink_vocab(tok, args.vocab), args.vocab
     train, valid, test = tok["train"], tok["valid"], tok["test"]
     if train.numel() <= args.context + 1:
         raise SystemExit(f"the training text has {train.numel()} tokens, fewer than --context {args.context} + 1")
     if args.permute and args.harden_step is None and args.structure not in ("dense", "unstructured"):
         args.harden_step = int(args.harden_at * args.steps)
 
-    model = build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed)
+    model = build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed, vocab=vocab)
     sparse_layers = make_sparse(model, args, include=["transformer.h.*"])
-    dense_twin = build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed)
+    dense_twin = build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed, vocab=vocab)
     model.to(device)
     run = Run(model, sparse_layers, args.steps, args, out)
     start = run.resume()
@@ -339,7 +358,8 @@ def train_gpt2(args) -> Dict:
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             row = dict(step=step + 1, train_loss=loss_sum / seen,
-                       valid_ppl=perplexity(model, valid, args.context, args.batch_size, device),
+                       valid_ppl=perplexity(model, valid, args.context, args.eval_batch, device,
+                                            args.eval_windows),
                        interval_s=time.perf_counter() - t0)
             print(f"[padst-train] step {row['step']}: loss {row['train_loss']:.4f}, valid perplexity "
                   f"{row['valid_ppl']:.2f} ({row['interval_s']:.0f} s)")
@@ -348,8 +368,8 @@ def train_gpt2(args) -> Dict:
 
     summary = dict(task="gpt2-wikipedia" if args.text is None else f"gpt2-{Path(args.text).name}", steps=args.steps,
                    train_tokens=int(train.numel()), width=args.width, depth=args.depth, context=args.context,
-                   valid_ppl=run.rows[-1]["valid_ppl"] if run.rows else None,
-                   test_ppl=perplexity(model, test, args.context, args.batch_size, device))
+                   vocab=vocab, valid_ppl=perplexity(model, valid, args.context, args.eval_batch, device),
+                   test_ppl=perplexity(model, test, args.context, args.eval_batch, device))
     if not args.no_speed:
         xb = windows(train, args.context, torch.arange(args.batch_size) * args.context).to(device)
         summary.update(speed(model, dense_twin, lambda m: lm_loss(m, xb), xb[:, :-1], args, device))
@@ -404,6 +424,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--context", type=int, default=128)
     g.add_argument("--eval-every", type=int, default=250)
+    g.add_argument("--eval-batch", type=int, default=32, help="windows per batch when measuring perplexity")
+    g.add_argument("--eval-windows", type=int, default=0,
+                   help="validation perplexity during training over at most this many windows (0: all); the "
+                        "final validation and test perplexities always use every window")
+    g.add_argument("--vocab", type=int, default=0,
+                   help="0: GPT-2's 50257 tokens; K: the K - 1 most frequent training tokens and one shared rare "
+                        "token (a K-way output layer, for cheap sweeps)")
     g.add_argument("--text", default=None, help="train on this text file instead (blank-line separated paragraphs)")
     g.add_argument("--quick", action="store_true", help="a short run: 300 steps")
     return p

@@ -1,0 +1,549 @@
+"""``padst-reproduce``: the sweep behind the paper's claim at small scale, one command.
+
+For each task (``vit``: a small ViT on Fashion-MNIST; ``gpt2``: a small GPT-2 on Wikipedia text) it trains
+
+    dense;  unstructured RigL;  unstructured SET;  block, N:M, diagonal (RigL) each without and with a learned
+    permutation;  at every sparsity (90 / 95 / 98 %)  x  seeds
+
+with ``padst-train`` (one subprocess per run, ``--jobs`` at a time), then times every configuration's training step
+and exported inference against its dense twin (sequentially, all threads), and writes under ``--out``:
+
+    runs/<task>/<run>/      each run's summary.json, metrics.csv, checkpoint.pt, run.log (a finished run whose
+                            command has not changed is not run again: an interrupted sweep resumes)
+    results.json            every run's summary, the speed measurements and the settings
+    table.md                mean +- std over seeds; the gap to unstructured RigL and the share of it closed by the
+                            learned permutation; training-step and inference time against dense
+    *.png                   metric vs sparsity; one learned permutation; the masks of one layer per structure
+
+    padst-reproduce --quick           # 1 seed, 90 and 98 %, shorter runs: about 10 minutes on 2 cores
+    padst-reproduce                   # 3 seeds, 90 / 95 / 98 %: about 1.5 hours on 2 cores
+    padst-reproduce --tasks vit --seeds 5 --out results-vit
+
+Model sizes and run lengths (``PROFILES``) are set by the compute budget of a 2-core machine; nothing is tuned on
+the test split, and every table also gives the validation metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+# Per task: the padst-train arguments every run of the sweep shares, for the full sweep and for --quick.
+# Block size 4: a block b x b can only give every output a weight when the density is at least b / in_features.
+# The paper's ViT-B pairs 16 x 16 blocks with width 768 (2.1 %); at width 96 (64) the default 16 would leave most
+# outputs with no weight already at 90 % (16 / 96 = 17 % > 10 %), which measures dead units, not the structure.
+# With 4: every output is reachable at 90 and 95 % (4 / 96 = 4.2 %), not at 98 %.
+PROFILES: Dict[str, Dict[str, List[str]]] = {
+    "vit": {
+        # a 2-block ViT, width 96 (MLP 96 -> 384 -> 96), 20k training images x 2 epochs (~1 min per run, 1 thread)
+        "full": ["--width", "96", "--depth", "2", "--heads", "3", "--epochs", "2", "--train-subset", "20000",
+                 "--update-interval", "25", "--block-size", "4"],
+        "quick": ["--width", "64", "--depth", "2", "--heads", "2", "--epochs", "1", "--train-subset", "8000",
+                  "--update-interval", "20", "--block-size", "4"],
+    },
+    "gpt2": {
+        # a 2-block GPT-2, width 64, context 64, an 8192-way vocabulary (see padst-train gpt2 --vocab)
+        "full": ["--width", "64", "--depth", "2", "--heads", "2", "--context", "64", "--batch-size", "16",
+                 "--steps", "600", "--eval-every", "200", "--eval-windows", "64", "--vocab", "8192",
+                 "--update-interval", "25", "--block-size", "4"],
+        "quick": ["--width", "64", "--depth", "2", "--heads", "2", "--context", "64", "--batch-size", "8",
+                  "--steps", "150", "--eval-every", "150", "--eval-windows", "32", "--vocab", "8192",
+                  "--update-interval", "20", "--block-size", "4"],
+    },
+}
+METRIC = {"vit": ("test_acc", "valid_acc", "top-1 accuracy (%)", True),
+          "gpt2": ("test_ppl", "valid_ppl", "perplexity", False)}  # key, validation key, label, higher is better
+STRUCTURED = ("block", "nm", "diagonal")
+
+
+@dataclass(frozen=True)
+class Config:
+    structure: str
+    algorithm: str
+    permute: bool
+    sparsity: Optional[float]  # None for dense
+
+    @property
+    def label(self) -> str:
+        if self.structure == "dense":
+            return "dense"
+        if self.structure == "unstructured":
+            return f"unstructured {'RigL' if self.algorithm == 'rigl' else self.algorithm.upper()}"
+        return f"{self.structure}{' + perm' if self.permute else ''}"
+
+    def name(self, task: str, seed: int) -> str:
+        sp = "" if self.sparsity is None else f"-{self.sparsity:g}"
+        perm = "-perm" if self.permute else ""
+        return f"{task}-{self.structure}-{self.algorithm}{perm}{sp}-s{seed}"
+
+    def train_args(self) -> List[str]:
+        a = ["--structure", self.structure, "--algorithm", self.algorithm,
+             "--permute" if self.permute else "--no-permute"]
+        if self.sparsity is not None:
+            a += ["--sparsity", f"{self.sparsity:g}"]
+        return a
+
+
+def grid(sparsities: Sequence[float]) -> List[Config]:
+    """dense; then per sparsity: unstructured RigL and SET, and block / N:M / diagonal (RigL) without and with a
+    learned permutation."""
+    configs = [Config("dense", "rigl", False, None)]
+    for s in sparsities:
+        configs += [Config("unstructured", "rigl", False, s), Config("unstructured", "set", False, s)]
+        for st in STRUCTURED:
+            configs += [Config(st, "rigl", False, s), Config(st, "rigl", True, s)]
+    return configs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------------------
+
+def _run_one(task: str, cfg: Config, seed: int, common: List[str], threads: int, root: Path,
+             in_process: bool = False) -> Dict:
+    """Trains one configuration in a subprocess, or in this process with ``in_process`` (skipped when it already
+    finished with the same command)."""
+    out = root / "runs" / task / cfg.name(task, seed)
+    argv = [task, *common, *cfg.train_args(), "--seed", str(seed), "--threads", str(threads), "--no-speed",
+            "--no-progress", "--out", str(out)]
+    summary_path, cmd_path = out / "summary.json", out / "command.json"
+    if summary_path.is_file() and cmd_path.is_file() and json.loads(cmd_path.read_text()) == argv:
+        return dict(json.loads(summary_path.read_text()), skipped=True)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path.unlink(missing_ok=True)
+    (out / "checkpoint.pt").unlink(missing_ok=True)  # a changed command starts over
+    cmd_path.write_text(json.dumps(argv))
+    t0 = time.perf_counter()
+    if in_process:
+        from .recipes import main as train_main
+
+        train_main(argv)
+        return dict(json.loads(summary_path.read_text()), wall_s=time.perf_counter() - t0)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    with open(out / "run.log", "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "padst_ext.recipes", *argv], stdout=log, stderr=subprocess.STDOUT,
+                            env=env).returncode
+    if rc != 0 or not summary_path.is_file():
+        tail = (out / "run.log").read_text().splitlines()[-15:]
+        raise RuntimeError(f"{out.name} failed (exit {rc}); the end of {out / 'run.log'}:\n" + "\n".join(tail))
+    return dict(json.loads(summary_path.read_text()), wall_s=time.perf_counter() - t0)
+
+
+def train_all(tasks: Sequence[str], configs: List[Config], seeds: Sequence[int], common: Dict[str, List[str]],
+              jobs: int, threads: int, root: Path, progress: bool = True) -> List[Dict]:
+    """Every (task, configuration, seed): ``jobs`` subprocesses at a time, or one after another in this process
+    when ``jobs`` is 0."""
+    from tqdm import tqdm
+
+    work = [(t, c, s) for t in tasks for c in configs for s in seeds]
+    results, failures = [], []
+    with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
+            tqdm(total=len(work), desc="padst-reproduce: training", disable=not progress, smoothing=0.1) as bar:
+        futs = {pool.submit(_run_one, t, c, s, common[t], threads, root, jobs == 0): (t, c, s)
+                for t, c, s in work}
+        for fut in cf.as_completed(futs):
+            t, c, s = futs[fut]
+            try:
+                r = fut.result()
+                results.append(dict(r, task=t, config=c.label, seed=s))
+                key = METRIC[t][0]
+                how = "already done" if r.get("skipped") else f"{r.get('wall_s', 0):.0f} s"
+                bar.write(f"[padst-reproduce] {c.name(t, s)}: {key} {r[key]:.4f} ({how})")
+            except Exception as e:  # noqa: BLE001 - report every failed run at the end
+                failures.append(str(e))
+                bar.write(f"[padst-reproduce] FAILED {c.name(t, s)}: {str(e).splitlines()[0]}")
+            bar.update(1)
+    if failures:
+        raise SystemExit(f"{len(failures)} of {len(work)} runs failed:\n\n" + "\n\n".join(failures))
+    return results
+
+
+def _train_namespace(task: str, common: List[str], cfg: Config, seed: int = 0) -> argparse.Namespace:
+    from .recipes import parser
+
+    return parser().parse_args([task, *common, *cfg.train_args(), "--seed", str(seed)])
+
+
+def build_model(task: str, args: argparse.Namespace):
+    """The sweep's model for ``args`` (sparsified as the run was), and its dense twin."""
+    from .recipes import build_gpt2, build_vit, make_sparse
+
+    if task == "vit":
+        make = lambda: build_vit(args.width, args.depth, args.heads, seed=args.seed)  # noqa: E731
+        include = ("blocks.*",)
+    else:
+        make = lambda: build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed,  # noqa: E731
+                                  vocab=args.vocab or 50257)
+        include = ("transformer.h.*",)
+    model = make()
+    make_sparse(model, args, include=include)
+    return model, make()
+
+
+def time_configs(task: str, configs: List[Config], common: List[str], threads: int, reps: int) -> List[Dict]:
+    """Training step and exported inference of each configuration (fresh weights: time does not depend on them)
+    against its dense twin, in this process, one after another."""
+    import torch.nn.functional as F
+
+    from .nn import harden_all
+    from .recipes import lm_loss, speed
+
+    torch.set_num_threads(threads)
+    rows = []
+    for cfg in configs:
+        args = _train_namespace(task, common, cfg)
+        args.speed_steps, args.threads = reps, threads
+        model, twin = build_model(task, args)
+        harden_all(model, force=True)  # as trained models end (the soft phase, half of training, costs more)
+        gen = torch.Generator().manual_seed(0)
+        if task == "vit":
+            x = torch.randn(args.batch_size, 1, 28, 28, generator=gen)
+            y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+            loss_fn = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+            x_infer = torch.randn(args.infer_batch, 1, 28, 28, generator=gen)
+        else:
+            xb = torch.randint(0, args.vocab or 50257, (args.batch_size, args.context + 1), generator=gen)
+            loss_fn = lambda m: lm_loss(m, xb)  # noqa: E731
+            x_infer = xb[:, :-1]
+        rows.append(dict(task=task, config=cfg.label, sparsity=cfg.sparsity, threads=threads,
+                         **speed(model, twin, loss_fn, x_infer, args, torch.device("cpu"))))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------------------
+
+def _stats(values: List[float]) -> Dict:
+    n = len(values)
+    mean = statistics.fmean(values) if values else float("nan")
+    std = statistics.stdev(values) if n > 1 else float("nan")
+    return dict(n=n, mean=mean, std=std, se=std / math.sqrt(n) if n > 1 else float("nan"))
+
+
+def aggregate(results: List[Dict], task: str) -> Dict:
+    """{(config label, sparsity): stats of the test metric (in % for accuracy), of the validation metric}."""
+    key, vkey, _, higher = METRIC[task]
+    scale = 100.0 if higher else 1.0
+    cells: Dict = {}
+    for r in results:
+        if r["task"] != task:
+            continue
+        sp = None if r["structure"] == "dense" else r["sparsity"]
+        cells.setdefault((r["config"], sp), dict(test=[], valid=[], density=[]))
+        cells[(r["config"], sp)]["test"].append(r[key] * scale)
+        cells[(r["config"], sp)]["valid"].append(r[vkey] * scale)
+        cells[(r["config"], sp)]["density"].append(r.get("density", 1.0))
+    return {k: dict(test=_stats(v["test"]), valid=_stats(v["valid"]), density=statistics.fmean(v["density"]))
+            for k, v in cells.items()}
+
+
+def _fmt(s: Dict, digits: int) -> str:
+    if s["n"] == 0 or math.isnan(s["mean"]):
+        return "-"
+    return f"{s['mean']:.{digits}f}" + ("" if math.isnan(s["std"]) else f" ± {s['std']:.{digits}f}")
+
+
+def gap_rows(agg: Dict, task: str, sparsities: Sequence[float]) -> List[Dict]:
+    """Per structured family and sparsity: the gap of the unpermuted structure to unstructured RigL, the gap with the
+    permutation, the share of the first closed by the permutation, and whether the gap exceeds seed noise
+    (2 standard errors of the difference, when there are >= 2 seeds)."""
+    higher = METRIC[task][3]
+    rows = []
+    for s in sparsities:
+        ref = agg.get(("unstructured RigL", s))
+        for st in STRUCTURED:
+            a, b = agg.get((st, s)), agg.get((f"{st} + perm", s))
+            if not (ref and a and b):
+                continue
+            r, x, p = ref["test"]["mean"], a["test"]["mean"], b["test"]["mean"]
+            if higher:  # accuracy points
+                gap, gap_perm = r - x, r - p
+            else:  # perplexity, % above RigL's
+                gap, gap_perm = 100 * (x / r - 1), 100 * (p / r - 1)
+            ses = [ref["test"]["se"], a["test"]["se"]]
+            noise = 2 * math.sqrt(sum(e * e for e in ses)) if not any(math.isnan(e) for e in ses) else float("nan")
+            if higher:
+                noise_units = noise
+            else:
+                noise_units = 100 * noise / r if not math.isnan(noise) else float("nan")
+            closed = (gap - gap_perm) / gap if gap > 0 else float("nan")
+            rows.append(dict(structure=st, sparsity=s, gap=gap, gap_perm=gap_perm, closed=closed, noise=noise_units,
+                             significant=(not math.isnan(noise_units)) and gap > noise_units))
+    return rows
+
+
+def table_md(results: List[Dict], speeds: List[Dict], tasks: Sequence[str], configs: List[Config],
+             sparsities: Sequence[float], seeds: Sequence[int], command: str, settings: Dict) -> str:
+    lines = ["# padst-reproduce results", "", f"Command: `{command}`", "",
+             f"Seeds: {list(seeds)}; sparsities: {', '.join(f'{s:.0%}' for s in sparsities)}; "
+             f"threads per run: {settings['threads']} ({settings['jobs']} runs at a time); "
+             f"torch {torch.__version__}; {settings['date']}.", ""]
+    labels = list(dict.fromkeys(c.label for c in configs))
+    for task in tasks:
+        key, _, label, higher = METRIC[task]
+        digits = 2
+        agg = aggregate(results, task)
+        lines += [f"## {task}: {PROFILE_TEXT[task]}", "",
+                  f"Test {label}, mean ± std over seeds (validation in brackets). Density is of the sparse layers.",
+                  "", "| configuration | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+                  "|---|" + "---|" * len(sparsities)]
+        dense = agg.get(("dense", None))
+        if dense:
+            lines.append(f"| dense | {_fmt(dense['test'], digits)} ({_fmt(dense['valid'], digits)}) |"
+                         + " |" * (len(sparsities) - 1))
+        for lab in labels:
+            if lab == "dense":
+                continue
+            cells = []
+            for s in sparsities:
+                c = agg.get((lab, s))
+                cells.append("-" if c is None else
+                             f"{_fmt(c['test'], digits)} ({_fmt(c['valid'], digits)}; d={c['density']:.3f})")
+            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        unit = "points" if higher else "% perplexity"
+        lines += ["", f"Gap to unstructured RigL ({unit}; > 0: worse than RigL) without and with the learned "
+                  "permutation, and the share of the gap the permutation closes. 'noise' is two standard errors "
+                  "of the difference between the two means.", "",
+                  "| structure | sparsity | gap, no perm | gap, perm | share closed | noise | gap > noise |",
+                  "|---|---|---|---|---|---|---|"]
+        for g in gap_rows(agg, task, sparsities):
+            closed = "-" if math.isnan(g["closed"]) else f"{g['closed']:.0%}"
+            noise = "-" if math.isnan(g["noise"]) else f"{g['noise']:.2f}"
+            lines.append(f"| {g['structure']} | {g['sparsity']:.0%} | {g['gap']:+.2f} | {g['gap_perm']:+.2f} | "
+                         f"{closed} | {noise} | {'yes' if g['significant'] else 'no'} |")
+        sp_rows = [r for r in speeds if r["task"] == task]
+        if sp_rows:
+            lines += ["", f"Speed against the dense twin ({sp_rows[0]['threads']} threads, median of "
+                      f"{settings['speed_reps']} calls; > 1: faster than dense): training step (forward, backward, "
+                      "AdamW) and exported inference.", "",
+                      "| configuration | sparsity | train step ms | x dense | inference ms | x dense |",
+                      "|---|---|---|---|---|---|"]
+            for r in sp_rows:
+                sp = "-" if r["sparsity"] is None else f"{r['sparsity']:.0%}"
+                lines.append(f"| {r['config']} | {sp} | {1e3 * r['train_step_s']:.2f} | {r['train_speedup']:.2f} | "
+                             f"{1e3 * r['infer_s']:.2f} | {r['infer_speedup']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+PROFILE_TEXT = {
+    "vit": "ViT on Fashion-MNIST (timm VisionTransformer, 28x28, patch 4)",
+    "gpt2": "GPT-2 on Wikipedia text (Hugging Face GPT2LMHeadModel, GPT-2 BPE)",
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Plots
+# ------------------------------------------------------------------------------------------------------------
+
+def plot_metric(results: List[Dict], task: str, configs: List[Config], sparsities: Sequence[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, _, label, _ = METRIC[task]
+    agg = aggregate(results, task)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = {"unstructured": "k", "block": "tab:blue", "nm": "tab:orange", "diagonal": "tab:green"}
+    for lab in dict.fromkeys(c.label for c in configs if c.structure != "dense"):
+        xs = [s for s in sparsities if (lab, s) in agg]
+        if not xs:
+            continue
+        ys = [agg[(lab, s)]["test"]["mean"] for s in xs]
+        es = [0 if math.isnan(agg[(lab, s)]["test"]["std"]) else agg[(lab, s)]["test"]["std"] for s in xs]
+        fam = lab.split()[0]
+        ls = "-" if ("perm" in lab or lab == "unstructured RigL") else "--"
+        ax.errorbar([100 * s for s in xs], ys, yerr=es, label=lab, color=colors.get(fam, "gray"), linestyle=ls,
+                    marker="o" if "perm" in lab else "s", capsize=3, markersize=4)
+    if ("dense", None) in agg:
+        ax.axhline(agg[("dense", None)]["test"]["mean"], color="gray", linestyle=":", label="dense")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel(f"test {label}")
+    if key == "test_ppl":
+        ax.set_yscale("log")
+    ax.set_title(PROFILE_TEXT[task], fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _load_run(task: str, run_dir: Path):
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    args = argparse.Namespace(**ck["args"])
+    model, _ = build_model(task, args)
+    model.load_state_dict(ck["model"])
+    return model
+
+
+def _first_sparse(model):
+    from .nn import SparseLinear
+
+    return next((n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear))
+
+
+def plot_permutation(task: str, run_dir: Path, path: Path) -> Optional[str]:
+    """The learned (hardened) permutation of the first sparse layer of one run, as a permutation matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = _load_run(task, run_dir)
+    name, layer = _first_sparse(model)
+    if getattr(layer, "phase", "none") != "hard":
+        return None
+    perm = layer.perm.cpu()
+    P = torch.zeros(perm.numel(), perm.numel())
+    P[torch.arange(perm.numel()), perm] = 1
+    moved = int((perm != torch.arange(perm.numel())).sum())
+    fig, ax = plt.subplots(figsize=(4.4, 4.4))
+    ax.imshow(P.numpy(), cmap="Greys", interpolation="nearest")
+    ax.set_title(f"{run_dir.name}\n{name}: {moved} of {perm.numel()} indices moved ({layer.perm_side} side)",
+                 fontsize=7)
+    ax.set_xlabel("source index")
+    ax.set_ylabel("position")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return name
+
+
+def plot_masks(task: str, runs: List[Path], path: Path) -> None:
+    """For each run: the structured pattern S of its first sparse layer and, for permuted runs, the effective
+    weight's pattern S Π (what the structure looks like to the input after the learned permutation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for rd in runs:
+        model = _load_run(task, rd)
+        name, layer = _first_sparse(model)
+        with torch.no_grad():
+            panels.append((f"{rd.name}\nS", layer.pattern_mask().float()))
+            if getattr(layer, "phase", "none") == "hard":
+                panels.append((f"{rd.name}\nS Π", (layer.dense_weight() != 0).float()))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
+    for ax, (title, m) in zip(axes[0], panels):
+        ax.imshow(m.numpy(), cmap="Greys", interpolation="nearest", aspect="auto")
+        ax.set_title(title, fontsize=6)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="padst-reproduce", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", choices=sorted(PROFILES), default=["vit", "gpt2"])
+    p.add_argument("--quick", action="store_true", help="1 seed, 90 and 98 %%, shorter runs (about 10 minutes)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3, 1 with --quick)")
+    p.add_argument("--sparsities", type=float, nargs="+", default=None,
+                   help="default 0.9 0.95 0.98 (0.9 0.98 with --quick)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time, each a subprocess (default: 2 when there are >= 2 cores); 0: one after "
+                        "another in this process")
+    p.add_argument("--train-args", default="",
+                   help="more padst-train arguments for every run, appended to the profile's, e.g. "
+                        "\"--data-dir DIR\" or \"--epochs 5\" (one string; the last of a repeated option wins)")
+    p.add_argument("--out", default="results", help="output folder (default ./results)")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    p.add_argument("--speed-reps", type=int, default=10)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> Dict:
+    args = parser().parse_args(argv)
+    profile = "quick" if args.quick else "full"
+    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
+    sparsities = args.sparsities or ([0.9, 0.98] if args.quick else [0.9, 0.95, 0.98])
+    for s in sparsities:
+        if not 0 < s < 1:
+            raise SystemExit(f"--sparsities must lie in (0, 1), got {s}")
+    if not seeds:
+        raise SystemExit("--seeds must be >= 1")
+    cores = os.cpu_count() or 1
+    jobs = args.jobs if args.jobs is not None else (2 if cores >= 2 else 1)
+    if jobs < 0:
+        raise SystemExit(f"--jobs must be >= 0, got {jobs}")
+    threads = max(1, cores // max(1, jobs))
+    common = {t: PROFILES[t][profile] + shlex.split(args.train_args) for t in args.tasks}
+    from .recipes import parser as train_parser
+
+    for t in args.tasks:  # a bad --train-args fails here, not in every run
+        try:
+            train_parser().parse_args([t, *common[t]])
+        except SystemExit:
+            raise SystemExit(f"--train-args {args.train_args!r} is not valid for padst-train {t}") from None
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    configs = grid(sparsities)
+    command = "padst-reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    settings = dict(profile=profile, train_args=common, jobs=jobs,
+                    threads=threads, speed_reps=args.speed_reps, date=time.strftime("%Y-%m-%d %H:%M"),
+                    cores=cores)
+    t0 = time.perf_counter()
+    results = train_all(args.tasks, configs, seeds, common, jobs, threads, root, not args.no_progress)
+    train_s = time.perf_counter() - t0
+    speeds: List[Dict] = []
+    if not args.no_speed:
+        for task in args.tasks:
+            print(f"[padst-reproduce] timing {task} against dense ({cores} threads)")
+            speeds += time_configs(task, configs, common[task], cores, args.speed_reps)
+    settings["train_s"], settings["total_s"] = train_s, time.perf_counter() - t0
+    (root / "results.json").write_text(json.dumps(dict(settings=settings, command=command, runs=results,
+                                                       speed=speeds), indent=1, default=str))
+    md = table_md(results, speeds, args.tasks, configs, sparsities, seeds, command, settings)
+    (root / "table.md").write_text(md)
+    if not args.no_plots:
+        mid = sorted(sparsities)[len(sparsities) // 2]
+        for task in args.tasks:
+            plot_metric(results, task, configs, sparsities, root / f"{task}_metric_vs_sparsity.png")
+            runs = root / "runs" / task
+            plot_permutation(task, runs / Config("block", "rigl", True, mid).name(task, seeds[0]),
+                             root / f"{task}_permutation.png")
+            plot_masks(task, [runs / Config(st, "rigl", p, mid).name(task, seeds[0])
+                              for st in ("unstructured",) + STRUCTURED for p in ((False, True) if st in STRUCTURED
+                                                                                 else (False,))],
+                       root / f"{task}_masks.png")
+    print(md)
+    print(f"[padst-reproduce] wrote {root}/table.md, results.json and the plots in {settings['total_s'] / 60:.1f} min")
+    return dict(settings=settings, runs=results, speed=speeds, table=md)
+
+
+def cli() -> int:
+    """Console entry point (``padst-reproduce``)."""
+    main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,149 @@
+"""padst-reproduce: the sweep driver (a tiny in-process sweep on synthetic data), its statistics and the GPT-2
+vocabulary shrinking it uses. The real sweep is a recipe (docs/results.md), not a test."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+
+import pytest
+import torch
+
+from padst_ext import data as D
+from padst_ext import recipes as R
+from padst_ext import reproduce as P
+
+from test_recipes import _ByteEncoding, _text_file, fake_fashion
+
+TINY = {
+    "vit": ["--width", "32", "--depth", "2", "--heads", "2", "--block-size", "8", "--epochs", "1", "--batch-size",
+            "32", "--valid", "16", "--update-interval", "1", "--infer-batch", "8", "--speed-steps", "1"],
+    "gpt2": ["--width", "32", "--depth", "1", "--heads", "2", "--block-size", "8", "--context", "16", "--batch-size",
+             "4", "--steps", "4", "--eval-every", "2", "--update-interval", "2", "--vocab", "64"],
+}
+
+
+def test_grid_has_every_configuration_once():
+    g = P.grid([0.9, 0.98])
+    labels = [(c.label, c.sparsity) for c in g]
+    assert len(labels) == len(set(labels)) == 1 + 2 * 8
+    assert labels[0] == ("dense", None)
+    for s in (0.9, 0.98):
+        for lab in ("unstructured RigL", "unstructured SET", "block", "block + perm", "nm", "nm + perm", "diagonal",
+                    "diagonal + perm"):
+            assert (lab, s) in labels
+    assert all(c.algorithm == "rigl" for c in g if c.structure in P.STRUCTURED)
+    names = [c.name("vit", 0) for c in g]
+    assert len(set(names)) == len(names)
+
+
+def _fake_results(task, table):
+    """table: {(label, sparsity): [metric per seed]} -> run summaries as padst-train writes them."""
+    key, vkey, _, higher = P.METRIC[task]
+    out = []
+    for (label, sp), values in table.items():
+        structure = {"dense": "dense", "unstructured RigL": "unstructured"}.get(label, label.split()[0])
+        for seed, v in enumerate(values):
+            out.append({"task": task, "config": label, "seed": seed, "structure": structure,
+                        "sparsity": 0.9 if sp is None else sp, key: v / 100 if higher else v,
+                        vkey: v / 100 if higher else v, "density": 1 - (sp or 0)})
+    return out
+
+
+def test_gap_and_share_closed_accuracy():
+    rigl, block, perm = [80.0, 81.0, 82.0], [70.0, 72.0, 74.0], [77.0, 78.0, 76.0]
+    res = _fake_results("vit", {("unstructured RigL", 0.95): rigl, ("block", 0.95): block,
+                                ("block + perm", 0.95): perm})
+    (row,) = P.gap_rows(P.aggregate(res, "vit"), "vit", [0.95])
+    gap, gap_perm = statistics.mean(rigl) - statistics.mean(block), statistics.mean(rigl) - statistics.mean(perm)
+    assert row["structure"] == "block" and row["gap"] == pytest.approx(gap) and row["gap_perm"] == pytest.approx(gap_perm)
+    assert row["closed"] == pytest.approx((gap - gap_perm) / gap)
+    se = lambda v: statistics.stdev(v) / math.sqrt(len(v))  # noqa: E731
+    assert row["noise"] == pytest.approx(2 * math.hypot(se(rigl), se(block)))
+    assert row["significant"] is True
+
+
+def test_gap_perplexity_is_relative_and_noise_needs_seeds():
+    res = _fake_results("gpt2", {("unstructured RigL", 0.9): [100.0], ("nm", 0.9): [110.0],
+                                 ("nm + perm", 0.9): [104.0]})
+    (row,) = P.gap_rows(P.aggregate(res, "gpt2"), "gpt2", [0.9])
+    assert row["gap"] == pytest.approx(10.0) and row["gap_perm"] == pytest.approx(4.0)
+    assert row["closed"] == pytest.approx(0.6)
+    assert math.isnan(row["noise"]) and row["significant"] is False  # one seed: no noise estimate, no claim
+
+
+def test_no_gap_means_no_share():
+    res = _fake_results("vit", {("unstructured RigL", 0.9): [80.0, 80.2], ("diagonal", 0.9): [80.5, 80.7],
+                                ("diagonal + perm", 0.9): [80.1, 80.3]})
+    (row,) = P.gap_rows(P.aggregate(res, "vit"), "vit", [0.9])
+    assert row["gap"] < 0 and math.isnan(row["closed"]) and not row["significant"]
+
+
+def test_shrink_vocab_keeps_frequent_ids_and_maps_the_rest():
+    train = torch.tensor([5, 5, 5, 9, 9, 7, 1, 1, 1, 1], dtype=torch.int32)
+    out = R.shrink_vocab({"train": train, "valid": torch.tensor([9, 2, 5], dtype=torch.int32)}, 3)
+    # by frequency: 1 (4x) -> 0, 5 (3x) -> 1; everything else -> the shared rare id 2
+    assert out["train"].tolist() == [1, 1, 1, 2, 2, 2, 0, 0, 0, 0]
+    assert out["valid"].tolist() == [2, 2, 1]
+    with pytest.raises(ValueError, match="--vocab must be in"):
+        R.shrink_vocab({"train": train}, 1)
+
+
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "gpt2_encoding", lambda: _ByteEncoding())
+    (tmp_path / "fm").mkdir()
+    fake_fashion(tmp_path / "fm")
+    text = _text_file(tmp_path)
+    monkeypatch.setitem(P.PROFILES, "vit", {"quick": TINY["vit"] + ["--data-dir", str(tmp_path / "fm")]})
+    monkeypatch.setitem(P.PROFILES, "gpt2", {"quick": TINY["gpt2"] + ["--text", str(text)]})
+    return tmp_path
+
+
+def test_reproduce_tiny_sweep_writes_table_plots_and_resumes(tiny_data):
+    out = tiny_data / "results"
+    argv = ["--quick", "--tasks", "vit", "gpt2", "--sparsities", "0.75", "--seeds", "2", "--jobs", "0", "--out",
+            str(out), "--speed-reps", "1", "--no-progress"]
+    r = P.main(argv)
+    assert len(r["runs"]) == 2 * 9 * 2 and not any(x.get("skipped") for x in r["runs"])
+    assert {x["config"] for x in r["runs"]} == {"dense", "unstructured RigL", "unstructured SET", "block",
+                                                 "block + perm", "nm", "nm + perm", "diagonal", "diagonal + perm"}
+    assert len(r["speed"]) == 2 * 9 and all(s["train_speedup"] > 0 and s["infer_speedup"] > 0 for s in r["speed"])
+    table = (out / "table.md").read_text()
+    assert "## vit" in table and "## gpt2" in table and "share closed" in table
+    for lab in ("unstructured RigL", "block + perm", "diagonal"):
+        assert f"| {lab} |" in table
+    assert len(re.findall(r"\| block \| 75% \| [+-]", table)) == 2  # one gap row per task (gaps are signed)
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["runs"]) == 36 and saved["settings"]["jobs"] == 0
+    for name in ("vit_metric_vs_sparsity.png", "vit_permutation.png", "vit_masks.png", "gpt2_masks.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # a second call finds every run finished with the same command and only rebuilds the tables
+    again = P.main(argv[:-3] + ["--no-speed", "--no-plots", "--no-progress"])
+    assert all(x.get("skipped") for x in again["runs"])
+    metric = lambda runs: {(x["task"], x["config"], x["seed"]): x.get("test_acc", x.get("test_ppl"))  # noqa: E731
+                           for x in runs}
+    assert metric(again["runs"]) == metric(r["runs"])
+
+
+def test_reproduce_reruns_a_run_whose_command_changed(tiny_data):
+    out = tiny_data / "results"
+    base = ["--quick", "--tasks", "vit", "--sparsities", "0.75", "--seeds", "1", "--jobs", "0", "--out", str(out),
+            "--no-speed", "--no-plots", "--no-progress"]
+    P.main(base)
+    r = P.main(base + ["--train-args", "--lr 0.001"])
+    assert not any(x.get("skipped") for x in r["runs"])
+    with pytest.raises(SystemExit, match="not valid for padst-train vit"):
+        P.main(base + ["--train-args", "--no-such-option 1"])
+
+
+def test_reproduce_rejects_bad_arguments():
+    with pytest.raises(SystemExit, match="--sparsities must lie in"):
+        P.main(["--sparsities", "1.5"])
+    with pytest.raises(SystemExit, match="--seeds must be >= 1"):
+        P.main(["--seeds", "0"])
+    with pytest.raises(SystemExit, match="--jobs must be >= 0"):
+        P.main(["--jobs", "-1"])
