@@ -16,7 +16,7 @@ and exported inference against its dense twin (sequentially, all threads), and w
     *.png                   metric vs sparsity; one learned permutation; the masks of one layer per structure
 
     padst-reproduce --quick           # 1 seed, 90 and 98 %, shorter runs: about 10 minutes on 2 cores
-    padst-reproduce                   # 3 seeds, 90 / 95 / 98 %: about 1.5 hours on 2 cores
+    padst-reproduce                   # 3 seeds, 90 / 95 / 98 %: about 1 h 50 min on 2 cores
     padst-reproduce --tasks vit --seeds 5 --out results-vit
 
 Model sizes and run lengths (``PROFILES``) are set by the compute budget of a 2-core machine; nothing is tuned on
@@ -48,16 +48,16 @@ import torch
 # With 4: every output is reachable at 90 and 95 % (4 / 96 = 4.2 %), not at 98 %.
 PROFILES: Dict[str, Dict[str, List[str]]] = {
     "vit": {
-        # a 2-block ViT, width 96 (MLP 96 -> 384 -> 96), 20k training images x 2 epochs (~1 min per run, 1 thread)
+        # a 2-block ViT, width 96 (MLP 96 -> 384 -> 96), 20k training images x 2 epochs (1-3 min per run, 1 thread)
         "full": ["--width", "96", "--depth", "2", "--heads", "3", "--epochs", "2", "--train-subset", "20000",
                  "--update-interval", "25", "--block-size", "4"],
         "quick": ["--width", "64", "--depth", "2", "--heads", "2", "--epochs", "1", "--train-subset", "8000",
                   "--update-interval", "20", "--block-size", "4"],
     },
     "gpt2": {
-        # a 2-block GPT-2, width 64, context 64, an 8192-way vocabulary (see padst-train gpt2 --vocab)
+        # a 2-block GPT-2, width 64, context 64, an 8192-way vocabulary (see padst-train gpt2 --vocab), 400 steps
         "full": ["--width", "64", "--depth", "2", "--heads", "2", "--context", "64", "--batch-size", "16",
-                 "--steps", "600", "--eval-every", "200", "--eval-windows", "64", "--vocab", "8192",
+                 "--steps", "400", "--eval-every", "200", "--eval-windows", "64", "--vocab", "8192",
                  "--update-interval", "25", "--block-size", "4"],
         "quick": ["--width", "64", "--depth", "2", "--heads", "2", "--context", "64", "--batch-size", "8",
                   "--steps", "150", "--eval-every", "150", "--eval-windows", "32", "--vocab", "8192",
