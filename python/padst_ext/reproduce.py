@@ -15,7 +15,7 @@ and exported inference against its dense twin (sequentially, all threads), and w
                             learned permutation; training-step and inference time against dense
     *.png                   metric vs sparsity; one learned permutation; the masks of one layer per structure
 
-    padst-reproduce --quick           # 1 seed, 90 and 98 %, shorter runs: about 10 minutes on 2 cores
+    padst-reproduce --quick           # 1 seed, 90 and 98 %, shorter runs: about 7 minutes on 2 cores
     padst-reproduce                   # 3 seeds, 90 / 95 / 98 %: about 1 h 50 min on 2 cores
     padst-reproduce --tasks vit --seeds 5 --out results-vit
 
@@ -462,7 +462,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="padst-reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=sorted(PROFILES), default=["vit", "gpt2"])
-    p.add_argument("--quick", action="store_true", help="1 seed, 90 and 98 %%, shorter runs (about 10 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="1 seed, 90 and 98 %%, shorter runs (about 7 minutes on 2 cores)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3, 1 with --quick)")
     p.add_argument("--sparsities", type=float, nargs="+", default=None,
                    help="default 0.9 0.95 0.98 (0.9 0.98 with --quick)")
