@@ -36,6 +36,7 @@ from .dst import DST
 from .nn import SparseLinear, export, sparsify
 
 STRUCTURES = ("dense", "unstructured", "block", "nm", "diagonal")
+GPT2_VOCAB = 50257  # GPT-2's BPE vocabulary
 ALGORITHMS = ("rigl", "set", "static")
 
 
@@ -198,6 +199,20 @@ def speed(model: nn.Module, dense_twin: nn.Module, loss_fn, x_infer: torch.Tenso
                 infer_s=i_sparse, dense_infer_s=i_dense, infer_speedup=i_dense / i_sparse)
 
 
+def build_models(args):
+    """The model of ``args.task`` sparsified as ``args`` says (the transformer blocks' linear layers), the names of
+    its sparse layers, and its dense twin (same initialisation; the speed ratios' baseline)."""
+    if args.task == "vit":
+        make = lambda: build_vit(args.width, args.depth, args.heads, seed=args.seed)  # noqa: E731
+        include = ("blocks.*",)
+    else:
+        make = lambda: build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed,  # noqa: E731
+                                  vocab=args.vocab or GPT2_VOCAB)
+        include = ("transformer.h.*",)
+    model = make()
+    return model, make_sparse(model, args, include=include), make()
+
+
 def run_name(args) -> str:
     perm = "perm" if args.permute and args.structure not in ("dense", "unstructured") else "noperm"
     sp = "" if args.structure == "dense" else f"-{args.sparsity:g}"
@@ -221,9 +236,7 @@ def train_vit(args) -> Dict:
     if args.permute and args.harden_step is None and args.structure not in ("dense", "unstructured"):
         args.harden_step = int(args.harden_at * total_steps)
 
-    model = build_vit(args.width, args.depth, args.heads, seed=args.seed)
-    sparse_layers = make_sparse(model, args)
-    dense_twin = build_vit(args.width, args.depth, args.heads, seed=args.seed)  # for the speed ratios
+    model, sparse_layers, dense_twin = build_models(args)
     model.to(device)
     run = Run(model, sparse_layers, total_steps, args, out)
     start_epoch = run.resume()
@@ -263,7 +276,8 @@ def train_vit(args) -> Dict:
     return summarize(model, args, sparse_layers, out, summary)
 
 
-def build_gpt2(width: int, depth: int, heads: int, context: int, seed: int = 0, vocab: int = 50257) -> nn.Module:
+def build_gpt2(width: int, depth: int, heads: int, context: int, seed: int = 0,
+               vocab: int = GPT2_VOCAB) -> nn.Module:
     """A small GPT-2 (Hugging Face ``GPT2LMHeadModel``, GPT-2's 50257-token vocabulary unless ``vocab`` says
     otherwise, tied embeddings)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -309,7 +323,7 @@ def shrink_vocab(splits: Dict[str, torch.Tensor], size: int) -> Dict[str, torch.
     ``size``-way vocabulary, which makes the 50257-way output layer that dominates a small model's cost ``50257 /
     size`` times cheaper (documented with every result that uses it)."""
     train = splits["train"].long()
-    counts = torch.bincount(train, minlength=50257)
+    counts = torch.bincount(train, minlength=GPT2_VOCAB)
     if not 2 <= size <= counts.numel():
         raise ValueError(f"--vocab must be in [2, {counts.numel()}] (or 0 for the full vocabulary), got {size}")
     order = torch.sort(-counts, stable=True).indices[:size - 1]  # most frequent first, ties to the lower id
@@ -324,18 +338,15 @@ def train_gpt2(args) -> Dict:
     out = Path(args.out) if args.out else Path("runs") / run_name(args)
     out.mkdir(parents=True, exist_ok=True)
     tok = D.text_tokens(args.text, progress=not args.no_progress)
-    vocab = 50257
     if args.vocab:
-        tok, vocab = shrink_vocab(tok, args.vocab), args.vocab
+        tok = shrink_vocab(tok, args.vocab)
     train, valid, test = tok["train"], tok["valid"], tok["test"]
     if train.numel() <= args.context + 1:
         raise SystemExit(f"the training text has {train.numel()} tokens, fewer than --context {args.context} + 1")
     if args.permute and args.harden_step is None and args.structure not in ("dense", "unstructured"):
         args.harden_step = int(args.harden_at * args.steps)
 
-    model = build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed, vocab=vocab)
-    sparse_layers = make_sparse(model, args, include=["transformer.h.*"])
-    dense_twin = build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed, vocab=vocab)
+    model, sparse_layers, dense_twin = build_models(args)
     model.to(device)
     run = Run(model, sparse_layers, args.steps, args, out)
     start = run.resume()
@@ -368,7 +379,7 @@ def train_gpt2(args) -> Dict:
 
     summary = dict(task="gpt2-wikipedia" if args.text is None else f"gpt2-{Path(args.text).name}", steps=args.steps,
                    train_tokens=int(train.numel()), width=args.width, depth=args.depth, context=args.context,
-                   vocab=vocab, valid_ppl=perplexity(model, valid, args.context, args.eval_batch, device),
+                   vocab=args.vocab or GPT2_VOCAB, valid_ppl=perplexity(model, valid, args.context, args.eval_batch, device),
                    test_ppl=perplexity(model, test, args.context, args.eval_batch, device))
     if not args.no_speed:
         xb = windows(train, args.context, torch.arange(args.batch_size) * args.context).to(device)

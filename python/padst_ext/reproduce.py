@@ -177,36 +177,20 @@ def _train_namespace(task: str, common: List[str], cfg: Config, seed: int = 0) -
     return parser().parse_args([task, *common, *cfg.train_args(), "--seed", str(seed)])
 
 
-def build_model(task: str, args: argparse.Namespace):
-    """The sweep's model for ``args`` (sparsified as the run was), and its dense twin."""
-    from .recipes import build_gpt2, build_vit, make_sparse
-
-    if task == "vit":
-        make = lambda: build_vit(args.width, args.depth, args.heads, seed=args.seed)  # noqa: E731
-        include = ("blocks.*",)
-    else:
-        make = lambda: build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed,  # noqa: E731
-                                  vocab=args.vocab or 50257)
-        include = ("transformer.h.*",)
-    model = make()
-    make_sparse(model, args, include=include)
-    return model, make()
-
-
 def time_configs(task: str, configs: List[Config], common: List[str], threads: int, reps: int) -> List[Dict]:
     """Training step and exported inference of each configuration (fresh weights: time does not depend on them)
     against its dense twin, in this process, one after another."""
     import torch.nn.functional as F
 
     from .nn import harden_all
-    from .recipes import lm_loss, speed
+    from .recipes import GPT2_VOCAB, build_models, lm_loss, speed
 
     torch.set_num_threads(threads)
     rows = []
     for cfg in configs:
         args = _train_namespace(task, common, cfg)
         args.speed_steps, args.threads = reps, threads
-        model, twin = build_model(task, args)
+        model, _, twin = build_models(args)
         harden_all(model, force=True)  # as trained models end (the soft phase, half of training, costs more)
         gen = torch.Generator().manual_seed(0)
         if task == "vit":
@@ -215,7 +199,7 @@ def time_configs(task: str, configs: List[Config], common: List[str], threads: i
             loss_fn = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
             x_infer = torch.randn(args.infer_batch, 1, 28, 28, generator=gen)
         else:
-            xb = torch.randint(0, args.vocab or 50257, (args.batch_size, args.context + 1), generator=gen)
+            xb = torch.randint(0, args.vocab or GPT2_VOCAB, (args.batch_size, args.context + 1), generator=gen)
             loss_fn = lambda m: lm_loss(m, xb)  # noqa: E731
             x_infer = xb[:, :-1]
         rows.append(dict(task=task, config=cfg.label, sparsity=cfg.sparsity, threads=threads,
@@ -276,10 +260,7 @@ def gap_rows(agg: Dict, task: str, sparsities: Sequence[float]) -> List[Dict]:
                 gap, gap_perm = 100 * (x / r - 1), 100 * (p / r - 1)
             ses = [ref["test"]["se"], a["test"]["se"]]
             noise = 2 * math.sqrt(sum(e * e for e in ses)) if not any(math.isnan(e) for e in ses) else float("nan")
-            if higher:
-                noise_units = noise
-            else:
-                noise_units = 100 * noise / r if not math.isnan(noise) else float("nan")
+            noise_units = noise if higher else 100 * noise / r  # NaN stays NaN
             closed = (gap - gap_perm) / gap if gap > 0 else float("nan")
             rows.append(dict(structure=st, sparsity=s, gap=gap, gap_perm=gap_perm, closed=closed, noise=noise_units,
                              significant=(not math.isnan(noise_units)) and gap > noise_units))
@@ -350,12 +331,17 @@ PROFILE_TEXT = {
 # Plots
 # ------------------------------------------------------------------------------------------------------------
 
-def plot_metric(results: List[Dict], task: str, configs: List[Config], sparsities: Sequence[float], path: Path) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_metric(results: List[Dict], task: str, configs: List[Config], sparsities: Sequence[float], path: Path) -> None:
+    plt = _pyplot()
     key, _, label, _ = METRIC[task]
     agg = aggregate(results, task)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -384,10 +370,11 @@ def plot_metric(results: List[Dict], task: str, configs: List[Config], sparsitie
     plt.close(fig)
 
 
-def _load_run(task: str, run_dir: Path):
+def _load_run(run_dir: Path):
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    args = argparse.Namespace(**ck["args"])
-    model, _ = build_model(task, args)
+    from .recipes import build_models
+
+    model = build_models(argparse.Namespace(**ck["args"]))[0]
     model.load_state_dict(ck["model"])
     return model
 
@@ -398,14 +385,10 @@ def _first_sparse(model):
     return next((n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear))
 
 
-def plot_permutation(task: str, run_dir: Path, path: Path) -> Optional[str]:
+def plot_permutation(run_dir: Path, path: Path) -> Optional[str]:
     """The learned (hardened) permutation of the first sparse layer of one run, as a permutation matrix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    model = _load_run(task, run_dir)
+    plt = _pyplot()
+    model = _load_run(run_dir)
     name, layer = _first_sparse(model)
     if getattr(layer, "phase", "none") != "hard":
         return None
@@ -425,17 +408,13 @@ def plot_permutation(task: str, run_dir: Path, path: Path) -> Optional[str]:
     return name
 
 
-def plot_masks(task: str, runs: List[Path], path: Path) -> None:
+def plot_masks(runs: List[Path], path: Path) -> None:
     """For each run: the structured pattern S of its first sparse layer and, for permuted runs, the effective
     weight's pattern S Π (what the structure looks like to the input after the learned permutation)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     panels = []
     for rd in runs:
-        model = _load_run(task, rd)
+        model = _load_run(rd)
         name, layer = _first_sparse(model)
         with torch.no_grad():
             panels.append((f"{rd.name}\nS", layer.pattern_mask().float()))
@@ -529,12 +508,11 @@ def main(argv=None) -> Dict:
         for task in args.tasks:
             plot_metric(results, task, configs, sparsities, root / f"{task}_metric_vs_sparsity.png")
             runs = root / "runs" / task
-            plot_permutation(task, runs / Config("block", "rigl", True, mid).name(task, seeds[0]),
+            plot_permutation(runs / Config("block", "rigl", True, mid).name(task, seeds[0]),
                              root / f"{task}_permutation.png")
-            plot_masks(task, [runs / Config(st, "rigl", p, mid).name(task, seeds[0])
-                              for st in ("unstructured",) + STRUCTURED for p in ((False, True) if st in STRUCTURED
-                                                                                 else (False,))],
-                       root / f"{task}_masks.png")
+            shown = [Config("unstructured", "rigl", False, mid)] + \
+                [Config(st, "rigl", p, mid) for st in STRUCTURED for p in (False, True)]
+            plot_masks([runs / c.name(task, seeds[0]) for c in shown], root / f"{task}_masks.png")
     print(md)
     print(f"[padst-reproduce] wrote {root}/table.md, results.json and the plots in {settings['total_s'] / 60:.1f} min")
     return dict(settings=settings, runs=results, speed=speeds, table=md)
