@@ -14,6 +14,8 @@ from padst_ext import ops
 from padst_ext.dst import erk_densities
 from padst_ext.structures import make_structure
 
+from cases import DEVICES
+
 STRUCTS = [("block", dict(block_size=8)), ("nm", dict(n=2, m=8)), ("diagonal", {}), ("unstructured", {})]
 
 
@@ -25,11 +27,11 @@ def _model(structure, kw, permute=True, seed=0):
     return model
 
 
-def _train(model, opt, steps, seed=1, start=0):
+def _train(model, opt, steps, seed=1, start=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     for s in range(start + steps):
-        x = torch.randn(32, 16, generator=g)
-        y = torch.randint(0, 4, (32,), generator=g)
+        x = torch.randn(32, 16, generator=g).to(device)
+        y = torch.randint(0, 4, (32,), generator=g).to(device)
         if s < start:
             continue
         loss = nn.functional.cross_entropy(model(x), y)
@@ -42,15 +44,16 @@ def _layers(model):
     return [m for m in model.modules() if isinstance(m, SparseLinear)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("structure,kw", STRUCTS, ids=[s for s, _ in STRUCTS])
 @pytest.mark.parametrize("algorithm", ["rigl", "set"])
-def test_updates_keep_structure_and_exact_density(structure, kw, algorithm):
-    model = _model(structure, kw)
+def test_updates_keep_structure_and_exact_density(structure, kw, algorithm, device):
+    model = _model(structure, kw).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     layers = _layers(model)
     before = [(m.pattern_mask().clone(), m.density) for m in layers]
     dst = DST(model, opt, algorithm=algorithm, update_interval=5, drop_fraction=0.3, total_steps=40)
-    _train(model, opt, 20)
+    _train(model, opt, 20, device=device)
     assert len(dst.history) == 4
     moved = 0
     for m, (mask0, dens0) in zip(layers, before):
@@ -188,13 +191,14 @@ def test_hooks_not_monkeypatching_step():
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
 
-def test_soft_permutations_get_penalty_and_harden_on_schedule():
-    model = _model("block", dict(block_size=8), permute=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_soft_permutations_get_penalty_and_harden_on_schedule(device):
+    model = _model("block", dict(block_size=8), permute=True).to(device)
     for m in _layers(model):
         m.harden_step = 6
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     layer = _layers(model)[0]
-    x = torch.randn(8, 16)
+    x = torch.randn(8, 16).to(device)
     model(x).sum().backward()
     g_loss = layer.soft.logits.grad.clone()
     (g_pen,) = torch.autograd.grad(layer.permutation_penalty(), layer.soft.logits)
@@ -205,8 +209,9 @@ def test_soft_permutations_get_penalty_and_harden_on_schedule():
     model(x).sum().backward()
     torch.testing.assert_close(layer.soft.logits.grad, g_loss + g_pen)
     opt.zero_grad()
-    _train(model, opt, 6)
+    _train(model, opt, 6, device=device)
     assert all(m.phase == "hard" for m in _layers(model))
+    assert all(m.perm.device.type == torch.device(device).type for m in _layers(model))  # hardened in place
     assert dst.regularization().item() == 0
     dst.remove()
     assert not any(m.penalty_in_backward for m in _layers(model))

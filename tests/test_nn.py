@@ -13,6 +13,8 @@ import padst_ext
 from padst_ext import SparseLinear, export, harden_all, permutation_penalty, sparsify
 from padst_ext import reference as ref
 
+from cases import DEVICES
+
 LAYERS = [("block", "input"), ("block", "output"), ("nm", "input"), ("diagonal", "input"), ("diagonal", "output"),
           ("unstructured", "input")]
 
@@ -26,11 +28,12 @@ def _layer(structure, side, phase="soft", in_f=64, out_f=96, **kw):
     return layer
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("phase", ["none", "soft", "hard"])
 @pytest.mark.parametrize("structure,side", LAYERS)
-def test_layer_matches_reference(structure, side, phase):
-    layer = _layer(structure, side, phase).double()
-    x = torch.randn(2, 7, 64, dtype=torch.float64)
+def test_layer_matches_reference(structure, side, phase, device):
+    layer = _layer(structure, side, phase).double().to(device)
+    x = torch.randn(2, 7, 64, dtype=torch.float64).to(device)
     y = layer(x)
     assert y.shape == (2, 7, 96)
     S = layer.sparse_weight().detach()
@@ -48,10 +51,11 @@ def test_layer_matches_reference(structure, side, phase):
     torch.testing.assert_close(y, x @ layer.dense_weight().T + layer.bias)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("structure,side", LAYERS)
-def test_layer_gradients_match_dense_reference(structure, side):
-    layer = _layer(structure, side, "hard").double()
-    x = torch.randn(9, 64, dtype=torch.float64, requires_grad=True)
+def test_layer_gradients_match_dense_reference(structure, side, device):
+    layer = _layer(structure, side, "hard").double().to(device)
+    x = torch.randn(9, 64, dtype=torch.float64).to(device).requires_grad_()
     y = layer(x)
     dy = torch.randn_like(y)
     gx, gv, gb = torch.autograd.grad(y, (x, layer.values, layer.bias), dy)

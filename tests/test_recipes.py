@@ -18,7 +18,8 @@ from padst_ext import recipes as R
 def write_idx(path, t: torch.Tensor, code: int = 0x08, compress: bool = True) -> None:
     header = bytes([0, 0, code, t.dim()]) + struct.pack(f">{t.dim()}I", *t.shape)
     body = t.contiguous().numpy().astype(t.numpy().dtype.newbyteorder(">")).tobytes()
-    (gzip.open if compress else open)(path, "wb").write(header + body)
+    with (gzip.open if compress else open)(path, "wb") as f:  # closed here: Python 3.12 may not flush an unclosed
+        f.write(header + body)  # GzipFile, leaving a file with no end-of-stream marker
 
 
 def fake_fashion(tmp_path, n_train=96, n_test=40, seed=0):
@@ -207,3 +208,35 @@ def test_train_gpt2_smoke_and_resume(tmp_path, monkeypatch, structure):
     assert rows[0].startswith("step,train_loss,valid_ppl") and len(rows) == 3
     again = R.main(argv + ["--resume", "--no-speed"])  # already complete: evaluates the checkpoint only
     assert again["test_ppl"] == s["test_ppl"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("task,structure", [("vit", "nm"), ("vit", "block"), ("gpt2", "diagonal")])
+def test_train_on_cuda_and_resume(tmp_path, monkeypatch, task, structure):
+    """--device cuda: the whole recipe (sparsified model, DST updates, permutation hardening, export, the speed phase
+    against the dense twin) runs on the GPU, and --resume from its checkpoint gives back the same result."""
+    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
+    if task == "vit":
+        d = tmp_path / "fm"
+        d.mkdir()
+        fake_fashion(d)
+        argv = _vit_argv(d, tmp_path / "run", structure, True, epochs=2, extra=["--device", "cuda"])
+        metric = "test_acc"
+    else:
+        monkeypatch.setattr(D, "gpt2_encoding", lambda: _ByteEncoding())
+        argv = ["gpt2", "--text", str(_text_file(tmp_path)), "--out", str(tmp_path / "run"), "--structure", structure,
+                "--sparsity", "0.75", "--width", "32", "--depth", "2", "--heads", "2", "--context", "16",
+                "--batch-size", "4", "--steps", "6", "--eval-every", "3", "--update-interval", "2",
+                "--speed-steps", "1", "--no-progress", "--permute", "--device", "cuda"]
+        metric = "test_ppl"
+    s = R.main(argv)
+    assert s["device"] == "cuda" and math.isfinite(s[metric]) and s["train_speedup"] > 0
+    assert s["sparse_layers"] == 2 * 4 - 1
+    again = R.main(argv + ["--resume", "--no-speed"])  # complete: evaluates the checkpoint, loaded onto the GPU
+    assert again[metric] == s[metric]
+    on_cpu = R.main(argv[:-2] + ["--device", "cpu", "--resume", "--no-speed"])  # the GPU checkpoint on the CPU
+    assert on_cpu["device"] == "cpu"
+    if task == "vit":  # 40 test images: at most one may flip between GPU and CPU arithmetic
+        assert abs(on_cpu[metric] - s[metric]) <= 1 / 40 + 1e-9
+    else:
+        assert on_cpu[metric] == pytest.approx(s[metric], rel=1e-3)

@@ -488,6 +488,29 @@ def test_gpu_opcheck(dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("R,C,B", [(32, 64, 16), (64, 32, 8), (16, 32, 24), (64, 16, 40), (16, 16, 8), (48, 96, 13)])
+def test_gpu_raw_ops_small_shapes(dtype, R, C, B):
+    """lt24_mm and lt24_mm_t against the formula on small shapes, where cuSPARSELt's compressed size on a fresh
+    descriptor (what lt24_compress writes) and on a plan's descriptor differ (S.T [64, 32]: 2560 vs 2304 bytes)."""
+    gen = torch.Generator().manual_seed(R * 1000 + C + B)
+    W = (torch.randn(R, C, generator=gen) * _transposable(R, C, gen)).to("cuda", dtype)
+    x = torch.randn(B, C, generator=gen).to("cuda", dtype)
+    dy = torch.randn(B, R, generator=gen).to("cuda", dtype)
+    perm = torch.randperm(C, generator=gen).cuda()
+    bias = torch.randn(R, generator=gen).to("cuda", dtype)
+    comp, comp_t = ops.lt24_compress(W), ops.lt24_compress(W.t().contiguous())
+    Wf = W.float()
+    for p in (None, perm):
+        xp = x.float() if p is None else x.float()[:, p]
+        torch.testing.assert_close(ops.lt24_mm(x, comp, R, C, bias, p).float(), xp @ Wf.t() + bias.float(),
+                                   rtol=2e-2, atol=2e-2)
+        want = torch.empty(B, C, device="cuda")
+        want[:, torch.arange(C, device="cuda") if p is None else p] = dy.float() @ Wf
+        torch.testing.assert_close(ops.lt24_mm_t(dy, comp_t, R, C, p).float(), want, rtol=2e-2, atol=2e-2)
+
+
+@needs_gpu
 def test_gpu_fallback_path_for_unsupported_shapes():
     gen = torch.Generator().manual_seed(14)
     R, C = 24, 64  # R not a multiple of 16

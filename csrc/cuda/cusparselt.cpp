@@ -37,6 +37,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -92,7 +93,8 @@ struct Plan {
   cusparseLtMatmulPlan_t plan{};
   bool has_a = false, has_b = false, has_d = false, has_alg = false, has_plan = false;
   size_t workspace_bytes = 0;
-  size_t compressed_bytes = 0;  // what lt24_compress produced for matrix `a`
+  size_t compressed_bytes = 0;       // what lt24_compress produces for matrix `a` (a fresh descriptor's size)
+  size_t plan_compressed_bytes = 0;  // what cuSPARSELt reports for `a` once this plan is bound to it
 
   Plan() = default;
   Plan(const Plan&) = delete;
@@ -136,6 +138,32 @@ void init_structured(const cusparseLtHandle_t* h, cusparseLtMatDescriptor_t* des
                                                     cuda_order(m.order), CUSPARSELT_SPARSITY_50_PERCENT));
 }
 
+// A structured descriptor that is destroyed with its owner (also when a later cuSPARSELt call throws).
+struct ScopedStructured {
+  cusparseLtMatDescriptor_t desc{};
+  ScopedStructured(const cusparseLtHandle_t* h, const MatDesc& m, LtDtype t) { init_structured(h, &desc, m, t); }
+  ScopedStructured(const ScopedStructured&) = delete;
+  ScopedStructured& operator=(const ScopedStructured&) = delete;
+  ~ScopedStructured() { cusparseLtMatDescriptorDestroy(&desc); }
+};
+
+// Compressed size (and scratch size) of a structured [rows, cols] matrix on a descriptor no plan has seen: what
+// lt24_compress allocates. Once a plan is bound to a descriptor, cusparseLtSpMMACompressedSize2 on it can answer
+// less (measured on an H200, cuSPARSELt of CUDA 13: S.T [64, 32] fp16 compresses to 2560 bytes on a fresh
+// descriptor, 2304 on the transposed plan's), so the size check of the matmul compares against this number.
+std::pair<size_t, size_t> fresh_compressed_size(const cusparseLtHandle_t* h, const MatDesc& m, LtDtype t) {
+  ScopedStructured d(h, m, t);
+  size_t bytes = 0, buffer_bytes = 0;
+  PADST_LT_CHECK(cusparseLtSpMMACompressedSize2(h, &d.desc, &bytes, &buffer_bytes));
+  return {bytes, buffer_bytes};
+}
+
+// The structured descriptor of the weight as lt24_compress sees it: W [R, C] row-major (lt24::layout's matrix A
+// of the untransposed problem). For lt24_mm_t the weight is S.T, i.e. R and C swapped.
+MatDesc weight_desc(int64_t rows, int64_t cols, LtDtype dt) {
+  return layout(rows, cols, batch_multiple(dt), /*transposed=*/false).a;
+}
+
 std::unique_ptr<Plan> build_plan(const cusparseLtHandle_t* h, const PlanKey& key) {
   const LtLayout L = layout(key.out_features, key.in_features, key.batch, key.transposed);
   const cudaDataType vt = cuda_type(key.dtype);
@@ -163,7 +191,15 @@ std::unique_ptr<Plan> build_plan(const cusparseLtHandle_t* h, const PlanKey& key
   p->has_plan = true;
   PADST_LT_CHECK(cusparseLtMatmulGetWorkspace(h, &p->plan, &p->workspace_bytes));
   size_t buffer_bytes = 0;
-  PADST_LT_CHECK(cusparseLtSpMMACompressedSize2(h, &p->a, &p->compressed_bytes, &buffer_bytes));
+  PADST_LT_CHECK(cusparseLtSpMMACompressedSize2(h, &p->a, &p->plan_compressed_bytes, &buffer_bytes));
+  const int64_t w_rows = key.transposed ? key.in_features : key.out_features;  // lt24_mm_t's weight is S.T
+  const int64_t w_cols = key.transposed ? key.out_features : key.in_features;
+  p->compressed_bytes = fresh_compressed_size(h, weight_desc(w_rows, w_cols, key.dtype), key.dtype).first;
+  // The matmul reads plan_compressed_bytes from what lt24_compress wrote: never let it read past the end.
+  TORCH_CHECK(p->compressed_bytes >= p->plan_compressed_bytes, "padst: cuSPARSELt plan for a ", dtype_name(key.dtype),
+              " weight [", key.out_features, ", ", key.in_features, "]", key.transposed ? " (transposed)" : "",
+              " expects ", p->plan_compressed_bytes, " compressed bytes, more than lt24_compress produces (",
+              p->compressed_bytes, "); please report this cuSPARSELt version");
   return p;
 }
 
@@ -303,24 +339,16 @@ at::Tensor lt24_compress_cuda(const at::Tensor& weight) {
   std::lock_guard<std::mutex> lock(st.mu);
   const cusparseLtHandle_t* h = handle_locked(st);
   // The structured descriptor of matrix A exactly as build_plan() describes it (lt24::layout: ROW [R, C], ld C).
-  const MatDesc a = layout(R, C, batch_multiple(dt), /*transposed=*/false).a;
-  cusparseLtMatDescriptor_t desc;
-  init_structured(h, &desc, a, dt);
-  at::Tensor compressed, buffer;
-  try {
-    size_t bytes = 0, buffer_bytes = 0;
-    PADST_LT_CHECK(cusparseLtSpMMACompressedSize2(h, &desc, &bytes, &buffer_bytes));
-    compressed = at::empty({static_cast<int64_t>(bytes)}, w.options().dtype(at::kByte));
-    buffer = at::empty({static_cast<int64_t>(buffer_bytes > 0 ? buffer_bytes : 1)}, w.options().dtype(at::kByte));
-    // isSparseA = 1, opA = N: the compressed form of A for a matmul with opA = N (all our plans).
-    PADST_LT_CHECK(cusparseLtSpMMACompress2(h, &desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, w.const_data_ptr(),
-                                            compressed.mutable_data_ptr(), buffer.mutable_data_ptr(),
-                                            at::cuda::getCurrentCUDAStream()));
-  } catch (...) {
-    cusparseLtMatDescriptorDestroy(&desc);
-    throw;
-  }
-  PADST_LT_CHECK(cusparseLtMatDescriptorDestroy(&desc));
+  ScopedStructured d(h, weight_desc(R, C, dt), dt);
+  size_t bytes = 0, buffer_bytes = 0;
+  PADST_LT_CHECK(cusparseLtSpMMACompressedSize2(h, &d.desc, &bytes, &buffer_bytes));
+  at::Tensor compressed = at::empty({static_cast<int64_t>(bytes)}, w.options().dtype(at::kByte));
+  at::Tensor buffer =
+      at::empty({static_cast<int64_t>(buffer_bytes > 0 ? buffer_bytes : 1)}, w.options().dtype(at::kByte));
+  // isSparseA = 1, opA = N: the compressed form of A for a matmul with opA = N (all our plans).
+  PADST_LT_CHECK(cusparseLtSpMMACompress2(h, &d.desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, w.const_data_ptr(),
+                                          compressed.mutable_data_ptr(), buffer.mutable_data_ptr(),
+                                          at::cuda::getCurrentCUDAStream()));
   return compressed;
 }
 

@@ -144,7 +144,9 @@ class Run:
 
     def resume(self) -> int:
         if self.args.resume and self.path.is_file():
-            ck = torch.load(self.path, weights_only=False)
+            # onto the CPU first: a checkpoint written on a GPU resumes on a CPU-only machine too; the model, the
+            # optimizer and DST put every tensor on their own device as they load it
+            ck = torch.load(self.path, map_location="cpu", weights_only=False)
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
             self.sched.load_state_dict(ck["scheduler"])

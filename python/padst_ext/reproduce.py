@@ -371,7 +371,7 @@ def plot_metric(results: List[Dict], task: str, configs: List[Config], sparsitie
 
 
 def _load_run(run_dir: Path):
-    ck = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)  # the speed phase is on the CPU
     from .recipes import build_models
 
     model = build_models(argparse.Namespace(**ck["args"]))[0]
