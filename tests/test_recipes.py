@@ -240,3 +240,29 @@ def test_train_on_cuda_and_resume(tmp_path, monkeypatch, task, structure):
         assert abs(on_cpu[metric] - s[metric]) <= 1 / 40 + 1e-9
     else:
         assert on_cpu[metric] == pytest.approx(s[metric], rel=1e-3)
+
+
+def test_train_gpt2_small_vocab_keeps_endoftext_and_saves_its_table(tmp_path, monkeypatch):
+    """--vocab K renumbers the ids: <|endoftext|> keeps its role (bos/eos of the model's config, no warning about an
+    id outside the vocabulary) and the checkpoint holds the table that maps GPT-2 ids to the model's."""
+    from padst_ext.reproduce import _load_run
+
+    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "gpt2_encoding", lambda: _ByteEncoding())
+    path = _text_file(tmp_path)
+    out = tmp_path / "run"
+    R.main(["gpt2", "--text", str(path), "--out", str(out), "--structure", "nm", "--sparsity", "0.75", "--width", "32",
+            "--depth", "1", "--heads", "2", "--context", "16", "--batch-size", "4", "--steps", "2", "--eval-every",
+            "2", "--threads", "1", "--vocab", "64", "--no-speed", "--no-progress"])
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    table = ck["vocab_table"]
+    train = D.text_tokens(path, progress=False)["train"]
+    assert torch.equal(table, R.vocab_table(train, 64))
+    eot = int(table[R.GPT2_EOT])
+    assert 0 <= eot < 63 and ck["args"]["eot_id"] == eot  # frequent enough to keep its own id
+    model = _load_run(out)
+    assert model.config.vocab_size == 64 and model.config.eos_token_id == eot == model.config.bos_token_id
+    with pytest.raises(ValueError, match="eot_id"):
+        R.build_gpt2(32, 1, 2, 16, vocab=64, eot_id=64)
+    assert R.build_gpt2(32, 1, 2, 16, vocab=64).config.eos_token_id is None  # a shrunk vocabulary, table unknown
+    assert R.build_gpt2(32, 1, 2, 16).config.eos_token_id == R.GPT2_EOT

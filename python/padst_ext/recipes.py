@@ -37,6 +37,7 @@ from .nn import SparseLinear, export, sparsify
 
 STRUCTURES = ("dense", "unstructured", "block", "nm", "diagonal")
 GPT2_VOCAB = 50257  # GPT-2's BPE vocabulary
+GPT2_EOT = 50256  # its <|endoftext|>, which ends every document
 ALGORITHMS = ("rigl", "set", "static")
 
 
@@ -133,6 +134,7 @@ class Run:
             self.dst = DST(model, self.opt, algorithm=args.algorithm, update_interval=args.update_interval,
                            drop_fraction=args.drop_fraction, total_steps=total_steps, seed=args.seed)
         self.rows: List[Dict] = []
+        self.extra: Dict = {}  # more for the checkpoint (GPT-2 with --vocab: the id table)
         self.done = 0  # epochs (ViT) or steps (GPT-2) completed
         self.path = out / "checkpoint.pt"
 
@@ -161,7 +163,7 @@ class Run:
         self.rows.append(row)
         ck = dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
                   dst=self.dst.state_dict() if self.dst is not None else None, done=done, rows=self.rows,
-                  args=vars(self.args))
+                  args=vars(self.args), **self.extra)
         torch.save(ck, self.path.with_suffix(".tmp"))
         self.path.with_suffix(".tmp").replace(self.path)
         with open(self.out / "metrics.csv", "w", newline="") as f:
@@ -209,7 +211,7 @@ def build_models(args):
         include = ("blocks.*",)
     else:
         make = lambda: build_gpt2(args.width, args.depth, args.heads, args.context, seed=args.seed,  # noqa: E731
-                                  vocab=args.vocab or GPT2_VOCAB)
+                                  vocab=args.vocab or GPT2_VOCAB, eot_id=getattr(args, "eot_id", None))
         include = ("transformer.h.*",)
     model = make()
     return model, make_sparse(model, args, include=include), make()
@@ -279,14 +281,19 @@ def train_vit(args) -> Dict:
 
 
 def build_gpt2(width: int, depth: int, heads: int, context: int, seed: int = 0,
-               vocab: int = GPT2_VOCAB) -> nn.Module:
+               vocab: int = GPT2_VOCAB, eot_id: Optional[int] = None) -> nn.Module:
     """A small GPT-2 (Hugging Face ``GPT2LMHeadModel``, GPT-2's 50257-token vocabulary unless ``vocab`` says
-    otherwise, tied embeddings)."""
+    otherwise, tied embeddings). ``eot_id``: the id of ``<|endoftext|>`` (bos and eos of the config); by default
+    GPT-2's with the full vocabulary, none with a shrunk one whose table is not known here."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    if eot_id is None and vocab == GPT2_VOCAB:
+        eot_id = GPT2_EOT
+    if eot_id is not None and not 0 <= eot_id < vocab:
+        raise ValueError(f"eot_id must be an id of the {vocab}-token vocabulary, got {eot_id}")
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=depth, n_head=heads,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eot_id, eos_token_id=eot_id)
     return GPT2LMHeadModel(cfg)
 
 
@@ -319,18 +326,24 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, context: int, batch: int,
     return math.exp(total / max(1, count))
 
 
-def shrink_vocab(splits: Dict[str, torch.Tensor], size: int) -> Dict[str, torch.Tensor]:
-    """Keep the ``size - 1`` most frequent token ids of the training split (ties to the lower id) and map every other
-    id to one shared "rare" id, ``size - 1``; ids are renumbered by frequency. Perplexity is then over this
-    ``size``-way vocabulary, which makes the 50257-way output layer that dominates a small model's cost ``50257 /
-    size`` times cheaper (documented with every result that uses it)."""
-    train = splits["train"].long()
-    counts = torch.bincount(train, minlength=GPT2_VOCAB)
+def vocab_table(train: torch.Tensor, size: int) -> torch.Tensor:
+    """The map of :func:`shrink_vocab` (int32, one entry per GPT-2 id): the ``size - 1`` most frequent ids of
+    ``train`` (ties to the lower id) renumbered by frequency, every other id to the shared "rare" id ``size - 1``."""
+    counts = torch.bincount(train.long(), minlength=GPT2_VOCAB)
     if not 2 <= size <= counts.numel():
         raise ValueError(f"--vocab must be in [2, {counts.numel()}] (or 0 for the full vocabulary), got {size}")
     order = torch.sort(-counts, stable=True).indices[:size - 1]  # most frequent first, ties to the lower id
     table = torch.full((counts.numel(),), size - 1, dtype=torch.int32)
     table[order] = torch.arange(size - 1, dtype=torch.int32)
+    return table
+
+
+def shrink_vocab(splits: Dict[str, torch.Tensor], size: int) -> Dict[str, torch.Tensor]:
+    """Keep the ``size - 1`` most frequent token ids of the training split and map every other id to one shared
+    "rare" id (:func:`vocab_table`). Perplexity is then over this ``size``-way vocabulary, which makes the
+    50257-way output layer that dominates a small model's cost ``50257 / size`` times cheaper (documented with every
+    result that uses it)."""
+    table = vocab_table(splits["train"], size)
     return {k: table[v.long()] for k, v in splits.items()}
 
 
@@ -340,8 +353,11 @@ def train_gpt2(args) -> Dict:
     out = Path(args.out) if args.out else Path("runs") / run_name(args)
     out.mkdir(parents=True, exist_ok=True)
     tok = D.text_tokens(args.text, progress=not args.no_progress)
-    if args.vocab:
-        tok = shrink_vocab(tok, args.vocab)
+    table = None
+    if args.vocab:  # the table goes into the checkpoint (to decode the model's ids) and <|endoftext|> keeps its role
+        table = vocab_table(tok["train"], args.vocab)
+        tok = {k: table[v.long()] for k, v in tok.items()}
+        args.eot_id = int(table[GPT2_EOT])
     train, valid, test = tok["train"], tok["valid"], tok["test"]
     if train.numel() <= args.context + 1:
         raise SystemExit(f"the training text has {train.numel()} tokens, fewer than --context {args.context} + 1")
@@ -351,6 +367,7 @@ def train_gpt2(args) -> Dict:
     model, sparse_layers, dense_twin = build_models(args)
     model.to(device)
     run = Run(model, sparse_layers, args.steps, args, out)
+    run.extra["vocab_table"] = table
     start = run.resume()
 
     from tqdm import tqdm
