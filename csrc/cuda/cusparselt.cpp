@@ -37,7 +37,6 @@
 #include <mutex>
 #include <optional>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -147,15 +146,15 @@ struct ScopedStructured {
   ~ScopedStructured() { cusparseLtMatDescriptorDestroy(&desc); }
 };
 
-// Compressed size (and scratch size) of a structured [rows, cols] matrix on a descriptor no plan has seen: what
+// Compressed size of a structured [rows, cols] matrix on a descriptor no plan has seen: what
 // lt24_compress allocates. Once a plan is bound to a descriptor, cusparseLtSpMMACompressedSize2 on it can answer
 // less (measured on an H200, cuSPARSELt of CUDA 13: S.T [64, 32] fp16 compresses to 2560 bytes on a fresh
 // descriptor, 2304 on the transposed plan's), so the size check of the matmul compares against this number.
-std::pair<size_t, size_t> fresh_compressed_size(const cusparseLtHandle_t* h, const MatDesc& m, LtDtype t) {
+size_t fresh_compressed_size(const cusparseLtHandle_t* h, const MatDesc& m, LtDtype t) {
   ScopedStructured d(h, m, t);
   size_t bytes = 0, buffer_bytes = 0;
   PADST_LT_CHECK(cusparseLtSpMMACompressedSize2(h, &d.desc, &bytes, &buffer_bytes));
-  return {bytes, buffer_bytes};
+  return bytes;
 }
 
 // The structured descriptor of the weight as lt24_compress sees it: W [R, C] row-major (lt24::layout's matrix A
@@ -194,7 +193,7 @@ std::unique_ptr<Plan> build_plan(const cusparseLtHandle_t* h, const PlanKey& key
   PADST_LT_CHECK(cusparseLtSpMMACompressedSize2(h, &p->a, &p->plan_compressed_bytes, &buffer_bytes));
   const int64_t w_rows = key.transposed ? key.in_features : key.out_features;  // lt24_mm_t's weight is S.T
   const int64_t w_cols = key.transposed ? key.out_features : key.in_features;
-  p->compressed_bytes = fresh_compressed_size(h, weight_desc(w_rows, w_cols, key.dtype), key.dtype).first;
+  p->compressed_bytes = fresh_compressed_size(h, weight_desc(w_rows, w_cols, key.dtype), key.dtype);
   // The matmul reads plan_compressed_bytes from what lt24_compress wrote: never let it read past the end.
   TORCH_CHECK(p->compressed_bytes >= p->plan_compressed_bytes, "padst: cuSPARSELt plan for a ", dtype_name(key.dtype),
               " weight [", key.out_features, ", ", key.in_features, "]", key.transposed ? " (transposed)" : "",
