@@ -130,6 +130,21 @@ def test_reproduce_tiny_sweep_writes_table_plots_and_resumes(tiny_data):
     assert metric(again["runs"]) == metric(r["runs"])
 
 
+def test_reproduce_resumes_whatever_the_spelling_of_out(tiny_data, monkeypatch):
+    """A finished run is found again through a relative --out, or after the results folder moved: only the training
+    arguments decide whether it runs again."""
+    out = tiny_data / "results"
+    base = ["--quick", "--tasks", "vit", "--sparsities", "0.75", "--seeds", "1", "--jobs", "0", "--no-speed",
+            "--no-plots", "--no-progress"]
+    first = P.main(base + ["--out", str(out)])
+    monkeypatch.chdir(tiny_data)
+    assert all(x.get("skipped") for x in P.main(base + ["--out", "results"])["runs"])
+    out.rename(tiny_data / "moved")
+    again = P.main(base + ["--out", "moved"])
+    assert all(x.get("skipped") for x in again["runs"])
+    assert [x["test_acc"] for x in again["runs"]] == [x["test_acc"] for x in first["runs"]]
+
+
 def test_reproduce_reruns_a_run_whose_command_changed(tiny_data):
     out = tiny_data / "results"
     base = ["--quick", "--tasks", "vit", "--sparsities", "0.75", "--seeds", "1", "--jobs", "0", "--out", str(out),

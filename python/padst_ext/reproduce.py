@@ -112,6 +112,12 @@ def grid(sparsities: Sequence[float]) -> List[Config]:
 # Running
 # ------------------------------------------------------------------------------------------------------------
 
+def _without_out(argv: Sequence[str]) -> List[str]:
+    """A run's command less its ``--out FOLDER``: the same run whether the sweep's folder was given relative or
+    absolute, or was moved since."""
+    return [a for i, a in enumerate(argv) if a != "--out" and not (i and argv[i - 1] == "--out")]
+
+
 def _run_one(task: str, cfg: Config, seed: int, common: List[str], threads: int, root: Path,
              in_process: bool = False) -> Dict:
     """Trains one configuration in a subprocess, or in this process with ``in_process`` (skipped when it already
@@ -120,7 +126,8 @@ def _run_one(task: str, cfg: Config, seed: int, common: List[str], threads: int,
     argv = [task, *common, *cfg.train_args(), "--seed", str(seed), "--threads", str(threads), "--no-speed",
             "--no-progress", "--out", str(out)]
     summary_path, cmd_path = out / "summary.json", out / "command.json"
-    if summary_path.is_file() and cmd_path.is_file() and json.loads(cmd_path.read_text()) == argv:
+    if summary_path.is_file() and cmd_path.is_file() and _without_out(json.loads(cmd_path.read_text())) == \
+            _without_out(argv):
         return dict(json.loads(summary_path.read_text()), skipped=True)
     out.mkdir(parents=True, exist_ok=True)
     summary_path.unlink(missing_ok=True)
@@ -486,7 +493,7 @@ def main(argv=None) -> Dict:
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     configs = grid(sparsities)
-    command = "padst-reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "padst-reproduce " + shlex.join(argv if argv is not None else sys.argv[1:])  # copy-pasteable
     settings = dict(profile=profile, train_args=common, jobs=jobs,
                     threads=threads, speed_reps=args.speed_reps, date=time.strftime("%Y-%m-%d %H:%M"),
                     cores=cores)
