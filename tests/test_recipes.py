@@ -166,6 +166,14 @@ def _text_file(tmp_path, paragraphs=60):
     return path
 
 
+def _gpt2_argv(text, out, structure="block", extra=()):
+    """A few steps of a tiny permuted GPT-2 on ``text``; ``extra`` comes last (the last value of an option wins)."""
+    return ["gpt2", "--text", str(text), "--out", str(out), "--structure", structure, "--sparsity", "0.75", "--width",
+            "32", "--depth", "2", "--heads", "2", "--block-size", "8", "--context", "16", "--batch-size", "4",
+            "--steps", "6", "--eval-every", "3", "--threads", "1", "--update-interval", "2", "--speed-steps", "1",
+            "--no-progress", "--permute", *extra]
+
+
 def test_text_tokens_split_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(D, "gpt2_encoding", lambda: _ByteEncoding())
@@ -197,10 +205,7 @@ def test_train_gpt2_smoke_and_resume(tmp_path, monkeypatch, structure):
     monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(D, "gpt2_encoding", lambda: _ByteEncoding())
     path = _text_file(tmp_path)
-    argv = ["gpt2", "--text", str(path), "--out", str(tmp_path / "run"), "--structure", structure, "--sparsity",
-            "0.75", "--width", "32", "--depth", "2", "--heads", "2", "--block-size", "8", "--context", "16",
-            "--batch-size", "4", "--steps", "6", "--eval-every", "3", "--threads", "1", "--update-interval", "2",
-            "--speed-steps", "1", "--no-progress"]
+    argv = _gpt2_argv(path, tmp_path / "run", structure)
     s = R.main(argv)
     assert math.isfinite(s["test_ppl"]) and s["test_ppl"] > 1 and s["train_speedup"] > 0
     assert s["sparse_layers"] == (0 if structure == "dense" else 2 * 4 - 1)
@@ -224,10 +229,7 @@ def test_train_on_cuda_and_resume(tmp_path, monkeypatch, task, structure):
         metric = "test_acc"
     else:
         monkeypatch.setattr(D, "gpt2_encoding", lambda: _ByteEncoding())
-        argv = ["gpt2", "--text", str(_text_file(tmp_path)), "--out", str(tmp_path / "run"), "--structure", structure,
-                "--sparsity", "0.75", "--width", "32", "--depth", "2", "--heads", "2", "--context", "16",
-                "--batch-size", "4", "--steps", "6", "--eval-every", "3", "--update-interval", "2",
-                "--speed-steps", "1", "--no-progress", "--permute", "--device", "cuda"]
+        argv = _gpt2_argv(_text_file(tmp_path), tmp_path / "run", structure, extra=["--device", "cuda"])
         metric = "test_ppl"
     s = R.main(argv)
     assert s["device"] == "cuda" and math.isfinite(s[metric]) and s["train_speedup"] > 0
@@ -251,9 +253,8 @@ def test_train_gpt2_small_vocab_keeps_endoftext_and_saves_its_table(tmp_path, mo
     monkeypatch.setattr(D, "gpt2_encoding", lambda: _ByteEncoding())
     path = _text_file(tmp_path)
     out = tmp_path / "run"
-    R.main(["gpt2", "--text", str(path), "--out", str(out), "--structure", "nm", "--sparsity", "0.75", "--width", "32",
-            "--depth", "1", "--heads", "2", "--context", "16", "--batch-size", "4", "--steps", "2", "--eval-every",
-            "2", "--threads", "1", "--vocab", "64", "--no-speed", "--no-progress"])
+    R.main(_gpt2_argv(path, out, "nm", extra=["--depth", "1", "--steps", "2", "--eval-every", "2", "--vocab", "64",
+                                              "--no-speed"]))
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     table = ck["vocab_table"]
     train = D.text_tokens(path, progress=False)["train"]

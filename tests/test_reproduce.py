@@ -84,10 +84,11 @@ def test_no_gap_means_no_share():
 
 def test_shrink_vocab_keeps_frequent_ids_and_maps_the_rest():
     train = torch.tensor([5, 5, 5, 9, 9, 7, 1, 1, 1, 1], dtype=torch.int32)
-    out = R.shrink_vocab({"train": train, "valid": torch.tensor([9, 2, 5], dtype=torch.int32)}, 3)
+    out, table = R.shrink_vocab({"train": train, "valid": torch.tensor([9, 2, 5], dtype=torch.int32)}, 3)
     # by frequency: 1 (4x) -> 0, 5 (3x) -> 1; everything else -> the shared rare id 2
     assert out["train"].tolist() == [1, 1, 1, 2, 2, 2, 0, 0, 0, 0]
     assert out["valid"].tolist() == [2, 2, 1]
+    assert torch.equal(table, R.vocab_table(train, 3))  # the map itself, for the checkpoint
     with pytest.raises(ValueError, match="--vocab must be in"):
         R.shrink_vocab({"train": train}, 1)
 

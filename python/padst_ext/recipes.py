@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -338,13 +338,13 @@ def vocab_table(train: torch.Tensor, size: int) -> torch.Tensor:
     return table
 
 
-def shrink_vocab(splits: Dict[str, torch.Tensor], size: int) -> Dict[str, torch.Tensor]:
+def shrink_vocab(splits: Dict[str, torch.Tensor], size: int) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
     """Keep the ``size - 1`` most frequent token ids of the training split and map every other id to one shared
-    "rare" id (:func:`vocab_table`). Perplexity is then over this ``size``-way vocabulary, which makes the
-    50257-way output layer that dominates a small model's cost ``50257 / size`` times cheaper (documented with every
-    result that uses it)."""
+    "rare" id; returns the mapped splits and the map (:func:`vocab_table`). Perplexity is then over this
+    ``size``-way vocabulary, which makes the 50257-way output layer that dominates a small model's cost ``50257 /
+    size`` times cheaper (documented with every result that uses it)."""
     table = vocab_table(splits["train"], size)
-    return {k: table[v.long()] for k, v in splits.items()}
+    return {k: table[v.long()] for k, v in splits.items()}, table
 
 
 def train_gpt2(args) -> Dict:
@@ -355,8 +355,7 @@ def train_gpt2(args) -> Dict:
     tok = D.text_tokens(args.text, progress=not args.no_progress)
     table = None
     if args.vocab:  # the table goes into the checkpoint (to decode the model's ids) and <|endoftext|> keeps its role
-        table = vocab_table(tok["train"], args.vocab)
-        tok = {k: table[v.long()] for k, v in tok.items()}
+        tok, table = shrink_vocab(tok, args.vocab)
         args.eot_id = int(table[GPT2_EOT])
     train, valid, test = tok["train"], tok["valid"], tok["test"]
     if train.numel() <= args.context + 1:
@@ -398,7 +397,8 @@ def train_gpt2(args) -> Dict:
 
     summary = dict(task="gpt2-wikipedia" if args.text is None else f"gpt2-{Path(args.text).name}", steps=args.steps,
                    train_tokens=int(train.numel()), width=args.width, depth=args.depth, context=args.context,
-                   vocab=args.vocab or GPT2_VOCAB, valid_ppl=perplexity(model, valid, args.context, args.eval_batch, device),
+                   vocab=args.vocab or GPT2_VOCAB,
+                   valid_ppl=perplexity(model, valid, args.context, args.eval_batch, device),
                    test_ppl=perplexity(model, test, args.context, args.eval_batch, device))
     if not args.no_speed:
         xb = windows(train, args.context, torch.arange(args.batch_size) * args.context).to(device)
