@@ -62,6 +62,7 @@ def test_fashion_mnist_from_data_dir_is_cached(tmp_path, monkeypatch):
     ds = D.fashion_mnist(d)
     assert ds["train_images"].shape == (96, 28, 28) and ds["train_labels"].dtype == torch.int64
     assert len(list((tmp_path / "cache").glob("fashion-mnist-*.pt"))) == 1
+    assert not list((tmp_path / "cache").glob("*.tmp"))  # written to a temporary file of its own, then renamed
     again = D.fashion_mnist(d)
     assert all(torch.equal(ds[k], again[k]) for k in ds)
     x, y = D.image_split(ds, "train", valid=16)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import statistics
 
 import pytest
@@ -111,6 +112,7 @@ def test_reproduce_tiny_sweep_writes_table_plots_and_resumes(tiny_data):
             str(out), "--speed-reps", "1", "--no-progress"]
     r = P.main(argv)
     assert len(r["runs"]) == 2 * 9 * 2 and not any(x.get("skipped") for x in r["runs"])
+    assert [x["seed"] for x in r["runs"]] == [0] * 18 + [1] * 18  # seed by seed: a stopped sweep holds whole seeds
     assert {x["config"] for x in r["runs"]} == {"dense", "unstructured RigL", "unstructured SET", "block",
                                                  "block + perm", "nm", "nm + perm", "diagonal", "diagonal + perm"}
     assert len(r["speed"]) == 2 * 9 and all(s["train_speedup"] > 0 and s["infer_speedup"] > 0 for s in r["speed"])
@@ -144,6 +146,34 @@ def test_reproduce_resumes_whatever_the_spelling_of_out(tiny_data, monkeypatch):
     again = P.main(base + ["--out", "moved"])
     assert all(x.get("skipped") for x in again["runs"])
     assert [x["test_acc"] for x in again["runs"]] == [x["test_acc"] for x in first["runs"]]
+
+
+def test_reproduce_table_only_tabulates_finished_runs_without_training(tiny_data, monkeypatch):
+    """--table-only: a sweep trained elsewhere (another thread count) or stopped early becomes a table; runs that are
+    missing or were trained with other arguments are named and left out; nothing is trained."""
+    out = tiny_data / "results"
+    base = ["--quick", "--tasks", "vit", "--sparsities", "0.75", "--seeds", "2", "--jobs", "0", "--no-speed",
+            "--no-progress", "--out", str(out)]
+    full = P.main(base + ["--no-plots"])
+    runs = out / "runs" / "vit"
+    shutil.rmtree(runs / P.Config("nm", "rigl", True, 0.75).name("vit", 1))  # stopped before this run finished
+    cmd = runs / P.Config("dense", "rigl", False, None).name("vit", 1) / "command.json"
+    argv = json.loads(cmd.read_text())
+    argv[argv.index("--threads") + 1] = "7"  # trained on a machine with more cores: still the same run
+    cmd.write_text(json.dumps(argv))
+    (out / "table.md").unlink()
+    monkeypatch.setattr(P, "train_all", lambda *a, **k: pytest.fail("--table-only trained"))
+    r = P.main(base + ["--table-only"])
+    assert len(r["runs"]) == 17 and r["settings"]["missing"] == ["vit-nm-rigl-perm-0.75-s1"]
+    metric = {(x["config"], x["seed"]): x["test_acc"] for x in full["runs"]}
+    assert {(x["config"], x["seed"]): x["test_acc"] for x in r["runs"]} == \
+        {k: v for k, v in metric.items() if k != ("nm + perm", 1)}
+    table = (out / "table.md").read_text()
+    assert "1 runs missing, left out: vit-nm-rigl-perm-0.75-s1" in table and "| nm + perm |" in table
+    assert re.search(r"trained on cpu with \d+ thread\(s\) per run", table)
+    assert (out / "vit_masks.png").is_file() and (out / "vit_permutation.png").is_file()
+    with pytest.raises(SystemExit, match="no run under .* finished with these arguments"):
+        P.main(base + ["--table-only", "--train-args", "--lr 0.001"])
 
 
 def test_reproduce_reruns_a_run_whose_command_changed(tiny_data):

@@ -113,6 +113,20 @@ def find_fashion_mnist(data_dir: Optional[os.PathLike] = None, fetch: bool = Tru
     return _unpack_deb(unpacked)
 
 
+def _save_atomic(obj, path: Path) -> None:
+    """``torch.save`` to a file of this process's own, then renamed: a reader never sees half a file, and runs that
+    fill the same cache at once (a sweep's parallel jobs) do not write into one temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def fashion_mnist(data_dir: Optional[os.PathLike] = None, fetch: bool = True) -> Dict[str, Tensor]:
     """Fashion-MNIST as ``{"train_images": uint8 [60000, 28, 28], "train_labels": int64 [60000], "test_images",
     "test_labels"}``; decoded once and cached next to the cache directory's other data."""
@@ -132,10 +146,7 @@ def fashion_mnist(data_dir: Optional[os.PathLike] = None, fetch: bool = True) ->
         n_img, n_lab = out[f"{split}_images"].shape[0], out[f"{split}_labels"].shape[0]
         if n_img != n_lab:
             raise ValueError(f"{d}: {n_img} {split} images but {n_lab} labels")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    torch.save(out, tmp)
-    tmp.replace(cached)
+    _save_atomic(out, cached)
     return out
 
 
@@ -275,7 +286,5 @@ def text_tokens(text_file: Optional[os.PathLike] = None, valid: float = 0.05, te
             ids.extend(enc.encode_ordinary(doc))
             ids.append(enc.eot_token)
         out[k] = torch.tensor(ids, dtype=torch.int32)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, cached.with_suffix(".tmp"))
-    cached.with_suffix(".tmp").replace(cached)
+    _save_atomic(out, cached)
     return out

@@ -18,6 +18,8 @@ and exported inference against its dense twin (sequentially, all threads), and w
     padst-reproduce --quick           # 1 seed, 90 and 98 %, shorter runs: about 7 minutes on 2 cores
     padst-reproduce                   # 3 seeds, 90 / 95 / 98 %: about 1 h 50 min on 2 cores
     padst-reproduce --tasks vit --seeds 5 --out results-vit
+    padst-reproduce --tasks vit --train-args "--device cuda" --jobs 16 --no-speed --out gpu   # on a GPU machine
+    padst-reproduce --tasks vit --train-args "--device cuda" --out gpu --table-only   # back here: tables, plots
 
 Model sizes and run lengths (``PROFILES``) are set by the compute budget of a 2-core machine; nothing is tuned on
 the test split, and every table also gives the validation metric.
@@ -112,10 +114,24 @@ def grid(sparsities: Sequence[float]) -> List[Config]:
 # Running
 # ------------------------------------------------------------------------------------------------------------
 
-def _without_out(argv: Sequence[str]) -> List[str]:
-    """A run's command less its ``--out FOLDER``: the same run whether the sweep's folder was given relative or
-    absolute, or was moved since."""
-    return [a for i, a in enumerate(argv) if a != "--out" and not (i and argv[i - 1] == "--out")]
+def _without_out(argv: Sequence[str], options: Sequence[str] = ("--out",)) -> List[str]:
+    """A run's command less its ``--out FOLDER`` (and any other of ``options`` with its value): the same run whether
+    the sweep's folder was given relative or absolute, or was moved since."""
+    return [a for i, a in enumerate(argv) if a not in options and not (i and argv[i - 1] in options)]
+
+
+def _run_argv(task: str, cfg: Config, seed: int, common: List[str], threads: int, out: Path) -> List[str]:
+    return [task, *common, *cfg.train_args(), "--seed", str(seed), "--threads", str(threads), "--no-speed",
+            "--no-progress", "--out", str(out)]
+
+
+def _finished(out: Path, argv: Sequence[str], options: Sequence[str] = ("--out",)) -> Optional[Dict]:
+    """``out``'s summary when the run there finished with ``argv`` (up to ``options``), else None."""
+    summary_path, cmd_path = out / "summary.json", out / "command.json"
+    if summary_path.is_file() and cmd_path.is_file() and \
+            _without_out(json.loads(cmd_path.read_text()), options) == _without_out(argv, options):
+        return json.loads(summary_path.read_text())
+    return None
 
 
 def _run_one(task: str, cfg: Config, seed: int, common: List[str], threads: int, root: Path,
@@ -123,12 +139,11 @@ def _run_one(task: str, cfg: Config, seed: int, common: List[str], threads: int,
     """Trains one configuration in a subprocess, or in this process with ``in_process`` (skipped when it already
     finished with the same command)."""
     out = root / "runs" / task / cfg.name(task, seed)
-    argv = [task, *common, *cfg.train_args(), "--seed", str(seed), "--threads", str(threads), "--no-speed",
-            "--no-progress", "--out", str(out)]
+    argv = _run_argv(task, cfg, seed, common, threads, out)
     summary_path, cmd_path = out / "summary.json", out / "command.json"
-    if summary_path.is_file() and cmd_path.is_file() and _without_out(json.loads(cmd_path.read_text())) == \
-            _without_out(argv):
-        return dict(json.loads(summary_path.read_text()), skipped=True)
+    done = _finished(out, argv)
+    if done is not None:
+        return dict(done, skipped=True)
     out.mkdir(parents=True, exist_ok=True)
     summary_path.unlink(missing_ok=True)
     (out / "checkpoint.pt").unlink(missing_ok=True)  # a changed command starts over
@@ -155,7 +170,8 @@ def train_all(tasks: Sequence[str], configs: List[Config], seeds: Sequence[int],
     when ``jobs`` is 0."""
     from tqdm import tqdm
 
-    work = [(t, c, s) for t in tasks for c in configs for s in seeds]
+    # seed by seed: a sweep stopped early (a time limit) holds whole seeds, every configuration of each
+    work = [(t, c, s) for s in seeds for t in tasks for c in configs]
     results, failures = [], []
     with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
             tqdm(total=len(work), desc="padst-reproduce: training", disable=not progress, smoothing=0.1) as bar:
@@ -176,6 +192,23 @@ def train_all(tasks: Sequence[str], configs: List[Config], seeds: Sequence[int],
     if failures:
         raise SystemExit(f"{len(failures)} of {len(work)} runs failed:\n\n" + "\n\n".join(failures))
     return results
+
+
+def collect_finished(tasks: Sequence[str], configs: List[Config], seeds: Sequence[int],
+                     common: Dict[str, List[str]], root: Path) -> tuple:
+    """The summaries of the runs under ``root`` that finished with this sweep's training arguments (any thread
+    count), and the names of those that did not: ``--table-only`` tabulates a sweep trained elsewhere or stopped."""
+    results, missing = [], []
+    for s in seeds:
+        for t in tasks:
+            for c in configs:
+                out = root / "runs" / t / c.name(t, s)
+                done = _finished(out, _run_argv(t, c, s, common[t], 1, out), ("--out", "--threads"))
+                if done is None:
+                    missing.append(c.name(t, s))
+                else:
+                    results.append(dict(done, task=t, config=c.label, seed=s, skipped=True))
+    return results, missing
 
 
 def _train_namespace(task: str, common: List[str], cfg: Config, seed: int = 0) -> argparse.Namespace:
@@ -276,10 +309,18 @@ def gap_rows(agg: Dict, task: str, sparsities: Sequence[float]) -> List[Dict]:
 
 def table_md(results: List[Dict], speeds: List[Dict], tasks: Sequence[str], configs: List[Config],
              sparsities: Sequence[float], seeds: Sequence[int], command: str, settings: Dict) -> str:
+    if settings.get("table_only"):  # the runs were trained earlier or elsewhere: say where, from their summaries
+        where = ", ".join(sorted({f"{r.get('device', '?')} with {r.get('threads', '?')} thread(s) per run"
+                                  for r in results}))
+        how = (f"tabulated with --table-only from finished runs trained on {where} (each run's command is in "
+               f"runs/<task>/<run>/command.json); {settings['date']}.")
+        if settings.get("missing"):
+            how += f" {len(settings['missing'])} runs missing, left out: {', '.join(settings['missing'])}."
+    else:
+        how = (f"threads per run: {settings['threads']} ({settings['jobs']} runs at a time); "
+               f"torch {torch.__version__}; {settings['date']}.")
     lines = ["# padst-reproduce results", "", f"Command: `{command}`", "",
-             f"Seeds: {list(seeds)}; sparsities: {', '.join(f'{s:.0%}' for s in sparsities)}; "
-             f"threads per run: {settings['threads']} ({settings['jobs']} runs at a time); "
-             f"torch {torch.__version__}; {settings['date']}.", ""]
+             f"Seeds: {list(seeds)}; sparsities: {', '.join(f'{s:.0%}' for s in sparsities)}; {how}", ""]
     labels = list(dict.fromkeys(c.label for c in configs))
     for task in tasks:
         key, _, label, higher = METRIC[task]
@@ -464,6 +505,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-reps", type=int, default=10)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing: tabulate and plot the runs under --out that finished with these arguments "
+                        "(a sweep trained on another machine, or stopped early); the missing ones are named")
     return p
 
 
@@ -498,10 +542,19 @@ def main(argv=None) -> Dict:
                     threads=threads, speed_reps=args.speed_reps, date=time.strftime("%Y-%m-%d %H:%M"),
                     cores=cores)
     t0 = time.perf_counter()
-    results = train_all(args.tasks, configs, seeds, common, jobs, threads, root, not args.no_progress)
+    if args.table_only:
+        results, missing = collect_finished(args.tasks, configs, seeds, common, root)
+        if not results:
+            raise SystemExit(f"--table-only: no run under {root / 'runs'} finished with these arguments")
+        if missing:
+            print(f"[padst-reproduce] --table-only: {len(missing)} of {len(missing) + len(results)} runs are missing "
+                  f"or were trained with other arguments, left out: {', '.join(missing)}")
+        settings.update(table_only=True, missing=missing)
+    else:
+        results = train_all(args.tasks, configs, seeds, common, jobs, threads, root, not args.no_progress)
     train_s = time.perf_counter() - t0
     speeds: List[Dict] = []
-    if not args.no_speed:
+    if not args.no_speed and not args.table_only:
         for task in args.tasks:
             print(f"[padst-reproduce] timing {task} against dense ({cores} threads)")
             speeds += time_configs(task, configs, common[task], cores, args.speed_reps)
@@ -515,11 +568,13 @@ def main(argv=None) -> Dict:
         for task in args.tasks:
             plot_metric(results, task, configs, sparsities, root / f"{task}_metric_vs_sparsity.png")
             runs = root / "runs" / task
-            plot_permutation(runs / Config("block", "rigl", True, mid).name(task, seeds[0]),
-                             root / f"{task}_permutation.png")
+            perm_run = runs / Config("block", "rigl", True, mid).name(task, seeds[0])
+            if (perm_run / "checkpoint.pt").is_file():  # absent only with --table-only
+                plot_permutation(perm_run, root / f"{task}_permutation.png")
             shown = [Config("unstructured", "rigl", False, mid)] + \
                 [Config(st, "rigl", p, mid) for st in STRUCTURED for p in (False, True)]
-            plot_masks([runs / c.name(task, seeds[0]) for c in shown], root / f"{task}_masks.png")
+            plot_masks([r for r in (runs / c.name(task, seeds[0]) for c in shown) if (r / "checkpoint.pt").is_file()],
+                       root / f"{task}_masks.png")
     print(md)
     print(f"[padst-reproduce] wrote {root}/table.md, results.json and the plots in {settings['total_s'] / 60:.1f} min")
     return dict(settings=settings, runs=results, speed=speeds, table=md)
