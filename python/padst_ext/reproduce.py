@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -195,7 +195,7 @@ def train_all(tasks: Sequence[str], configs: List[Config], seeds: Sequence[int],
 
 
 def collect_finished(tasks: Sequence[str], configs: List[Config], seeds: Sequence[int],
-                     common: Dict[str, List[str]], root: Path) -> tuple:
+                     common: Dict[str, List[str]], root: Path) -> Tuple[List[Dict], List[str]]:
     """The summaries of the runs under ``root`` that finished with this sweep's training arguments (any thread
     count), and the names of those that did not: ``--table-only`` tabulates a sweep trained elsewhere or stopped."""
     results, missing = [], []
