@@ -113,7 +113,7 @@ def find_fashion_mnist(data_dir: Optional[os.PathLike] = None, fetch: bool = Tru
     return _unpack_deb(unpacked)
 
 
-def _save_atomic(obj, path: Path) -> None:
+def save_atomic(obj, path: Path) -> None:
     """``torch.save`` to a file of this process's own, then renamed: a reader never sees half a file, and runs that
     fill the same cache at once (a sweep's parallel jobs) do not write into one temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def fashion_mnist(data_dir: Optional[os.PathLike] = None, fetch: bool = True) ->
         n_img, n_lab = out[f"{split}_images"].shape[0], out[f"{split}_labels"].shape[0]
         if n_img != n_lab:
             raise ValueError(f"{d}: {n_img} {split} images but {n_lab} labels")
-    _save_atomic(out, cached)
+    save_atomic(out, cached)
     return out
 
 
@@ -286,5 +286,5 @@ def text_tokens(text_file: Optional[os.PathLike] = None, valid: float = 0.05, te
             ids.extend(enc.encode_ordinary(doc))
             ids.append(enc.eot_token)
         out[k] = torch.tensor(ids, dtype=torch.int32)
-    _save_atomic(out, cached)
+    save_atomic(out, cached)
     return out

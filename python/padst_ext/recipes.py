@@ -164,8 +164,7 @@ class Run:
         ck = dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
                   dst=self.dst.state_dict() if self.dst is not None else None, done=done, rows=self.rows,
                   args=vars(self.args), **self.extra)
-        torch.save(ck, self.path.with_suffix(".tmp"))
-        self.path.with_suffix(".tmp").replace(self.path)
+        D.save_atomic(ck, self.path)
         with open(self.out / "metrics.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(self.rows[0]))
             w.writeheader()
