@@ -32,7 +32,10 @@ def layer_times(C, R, B, structure, reps, **kw):
     dy = torch.randn(B, R)
     layers = {"dense nn.Linear": nn.Linear(C, R)}
     for phase in ("none", "soft", "hard"):
-        layer = SparseLinear(C, R, structure=structure, permute=phase != "none", perm_side="auto", seed=0, **kw)
+        # "uniform": the soft matrix acts from the first call (the default gradient start runs unpermuted for its
+        # first training steps); what a step costs does not depend on where the matrix starts
+        layer = SparseLinear(C, R, structure=structure, permute=phase != "none", perm_side="auto", seed=0,
+                             perm_init="uniform", **kw)
         if phase == "hard":
             layer.harden()
         layers[f"{structure} {phase}"] = layer

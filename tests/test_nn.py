@@ -20,8 +20,12 @@ LAYERS = [("block", "input"), ("block", "output"), ("nm", "input"), ("diagonal",
 
 
 def _layer(structure, side, phase="soft", in_f=64, out_f=96, **kw):
+    """A layer in ``phase``: "soft" acts with a random soft matrix from the start (perm_init="random"), "warmup" is
+    the default gradient start still summing its gradient (unpermuted), "hard" is "soft" hardened."""
     kw.setdefault("block_size", 16)
     kw.setdefault("sparsity", 0.75)
+    if phase != "warmup":
+        kw.setdefault("perm_init", "random")
     layer = SparseLinear(in_f, out_f, structure=structure, perm_side=side, permute=phase != "none", seed=0, **kw)
     if phase == "hard":
         layer.harden()
@@ -29,7 +33,7 @@ def _layer(structure, side, phase="soft", in_f=64, out_f=96, **kw):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("phase", ["none", "soft", "hard"])
+@pytest.mark.parametrize("phase", ["none", "warmup", "soft", "hard"])
 @pytest.mark.parametrize("structure,side", LAYERS)
 def test_layer_matches_reference(structure, side, phase, device):
     layer = _layer(structure, side, phase).double().to(device)
@@ -38,7 +42,7 @@ def test_layer_matches_reference(structure, side, phase, device):
     assert y.shape == (2, 7, 96)
     S = layer.sparse_weight().detach()
     x2 = x.reshape(-1, 64)
-    if phase == "none":
+    if phase in ("none", "warmup"):
         expect = ref.linear(x2, S, layer.bias)
     elif phase == "hard":
         in_perm = layer.perm if side == "input" else None
@@ -73,7 +77,8 @@ def test_layer_gradients_match_dense_reference(structure, side, device):
 
 @pytest.mark.parametrize("structure", ["block", "nm", "diagonal"])
 def test_bfloat16_layer(structure):
-    layer = SparseLinear(64, 96, structure=structure, sparsity=0.75, block_size=16, seed=0, dtype=torch.bfloat16)
+    layer = SparseLinear(64, 96, structure=structure, sparsity=0.75, block_size=16, seed=0, dtype=torch.bfloat16,
+                         perm_init="random")
     assert layer.values.dtype == torch.bfloat16 and layer.soft.logits.dtype == torch.float32
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     y = layer(x)
@@ -161,10 +166,22 @@ def test_maybe_harden_threshold_and_schedule():
     layer = _layer("diagonal", "input", perm_delta=0.0, harden_step=100)
     assert not layer.maybe_harden(step=10)  # penalty > 0 = delta, step before schedule
     assert layer.maybe_harden(step=100) and layer.phase == "hard"
+    assert layer.perm_log["reason"] == "deadline" and layer.perm_log["hardened_step"] == 100
     assert "soft" not in dict(layer.named_children())
     assert torch.equal(layer.perm.sort().values, torch.arange(64))
-    layer2 = _layer("diagonal", "input", perm_delta=1.0)  # any doubly stochastic matrix is under 1
-    assert layer2.maybe_harden() and layer2.phase == "hard"
+    # any doubly stochastic matrix is under delta = 1, but an unmoved start does not harden: the penalty must
+    # also have halved since the soft phase started
+    layer2 = _layer("diagonal", "input", perm_delta=1.0)
+    for step in range(3):
+        assert not layer2.maybe_harden(step) and layer2.phase == "soft"
+    start = layer2.perm_log["start_penalty"]
+    assert 0.2 < start < 0.6  # the random start: near the paper's delta already
+    with torch.no_grad():
+        layer2.soft.logits.mul_(4)  # what training under the penalty does: a sharper matrix
+    assert layer2.maybe_harden(3) and layer2.phase == "hard"
+    log = layer2.perm_log
+    assert log["reason"] == "converged" and log["penalty_at_harden"] <= 0.5 * start and log["soft_steps"] == 4
+    assert 0 <= log["moved_from_start"] <= 1 and 0 <= log["moved_from_identity"] <= 1
     with pytest.raises(RuntimeError, match="needs the soft phase"):
         layer2.harden()
 

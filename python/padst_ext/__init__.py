@@ -10,7 +10,8 @@ _extension.load()
 
 from . import formats, ops, permutation, reference, structures  # noqa: E402
 from . import nn  # noqa: E402
-from .nn import SparseLinear, export, harden_all, permutation_penalty, sparsify  # noqa: E402
+from .nn import (SparseLinear, export, harden_all, param_groups, permutation_parameters,  # noqa: E402
+                 permutation_penalty, permutation_report, sparsify)
 from . import dst  # noqa: E402
 from . import semi_structured  # noqa: E402
 from .dst import DST  # noqa: E402
@@ -19,4 +20,4 @@ __version__ = "0.1.0"
 WITH_CUDA = _extension.WITH_CUDA
 
 __all__ = ["formats", "ops", "permutation", "reference", "structures", "nn", "dst", "semi_structured", "DST", "SparseLinear", "sparsify", "export",
-           "harden_all", "permutation_penalty", "WITH_CUDA", "__version__"]
+           "harden_all", "permutation_penalty", "permutation_parameters", "permutation_report", "param_groups", "WITH_CUDA", "__version__"]

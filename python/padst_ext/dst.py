@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import permutation as P
 from .nn import SparseLinear
 
 __all__ = ["DST", "erk_densities", "apply_erk"]
@@ -71,7 +72,10 @@ class DST:
         distribution: ``"uniform"`` keeps each layer's density; ``"erk"`` re-allocates the layers' total density
             across layers (at construction, before training).
         dense_first_last: require the model's first and last linear layers to be dense (ValueError otherwise).
-        add_permutation_penalty: the soft permutations' backward adds ``perm_lambda * dP/dlogits`` to their
+        perm_ramp, harden_at: for the soft permutations whose layer leaves them unset (``perm_lambda_ramp`` /
+            ``harden_step`` None): the penalty ramps up over ``perm_ramp`` of ``total_steps`` and the permutation
+            hardens at ``harden_at`` of it at the latest (None: no deadline). Layers harden earlier once converged.
+        add_permutation_penalty: the soft permutations' backward adds ``lambda * dP/dlogits`` to their
             gradients (once per forward, as if the penalty were in each forward's loss); set False if the loss
             already includes :func:`padst_ext.nn.permutation_penalty`.
         process_group: under torch.distributed, the group over which grow scores are summed so that every rank
@@ -84,7 +88,8 @@ class DST:
                  update_interval: int = 100, drop_fraction: float = 0.3, drop_schedule: str = "cosine",
                  end: float = 0.75, total_steps: Optional[int] = None, distribution: str = "uniform",
                  dense_first_last: bool = True, seed: int = 0, add_permutation_penalty: bool = True,
-                 harden: bool = True, process_group=None):
+                 harden: bool = True, perm_ramp: float = 0.25, harden_at: Optional[float] = 0.5,
+                 process_group=None):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         if drop_schedule not in SCHEDULES:
@@ -97,6 +102,10 @@ class DST:
             raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
         if total_steps is None and end < 1:
             raise ValueError("end is a fraction of total_steps: pass total_steps (or an absolute end step >= 1)")
+        if not 0 <= perm_ramp <= 1:
+            raise ValueError(f"perm_ramp must be a fraction of training in [0, 1], got {perm_ramp}")
+        if harden_at is not None and not 0 <= harden_at <= 1:
+            raise ValueError(f"harden_at must be a fraction of training in [0, 1] (or None), got {harden_at}")
         self.model, self.optimizer = model, optimizer
         self.algorithm, self.update_interval = algorithm, int(update_interval)
         self.drop_fraction, self.drop_schedule = float(drop_fraction), drop_schedule
@@ -127,6 +136,12 @@ class DST:
         # The penalty's gradient is added by each soft layer's backward (no second Sinkhorn pass per step).
         for _, layer in self.layers:
             layer.penalty_in_backward = add_permutation_penalty
+            if total_steps is not None and layer.phase == "soft":  # the schedule in this run's steps, if unset
+                if layer.perm_lambda_ramp is None:
+                    layer.perm_lambda_ramp = int(perm_ramp * total_steps)
+                    layer._cur_lambda = P.lambda_ramp(layer.perm_lambda, layer._soft_steps, layer.ramp_steps)
+                if layer.harden_step is None and harden_at is not None:
+                    layer.harden_step = int(harden_at * total_steps)
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         self._arm(self.step)

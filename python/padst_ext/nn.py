@@ -1,10 +1,22 @@
 """Layers: :class:`SparseLinear` (``y = S Π x``), :func:`sparsify` for model surgery, :func:`export` for inference.
 
 A permuted layer starts in the *soft* phase: a learned doubly-stochastic matrix ``M`` (see
-:mod:`padst_ext.permutation`) is applied as a dense ``d x d`` product, and ``permutation_penalty`` (times
-``perm_lambda``) pushes it towards a permutation. :meth:`SparseLinear.maybe_harden` rounds it with the Hungarian
-algorithm once the mean per-row penalty falls under ``perm_delta`` (or at ``harden_step``); from then on the
-permutation is a frozen index fused into the sparse kernel (for N:M, folded into the column indices).
+:mod:`padst_ext.permutation`) is applied as a dense ``d x d`` product, and the l1-l2 penalty (times a weight that
+ramps up to ``perm_lambda``) pushes it towards a permutation. :meth:`SparseLinear.maybe_harden`, called after every
+optimizer step (DST does it), rounds it once it has converged (mean per-row penalty under ``perm_delta`` and under
+half of where it started) or at ``harden_step``; from then on the permutation is a frozen index fused into the
+sparse kernel (for N:M, folded into the column indices).
+
+What makes the permutation learn (measured on a planted permutation, ``benchmarks/perm_planted.py``):
+  * the start (``perm_init="gradient"``): the layer runs unpermuted for its first ``perm_warmup`` training steps
+    while summing the dense gradient ``G`` of its weight, then starts ``M`` from the assignment that the pattern
+    would keep most of ``G`` under (:func:`padst_ext.permutation.assignment_scores`), softened;
+  * the penalty weight ramps geometrically from ``perm_lambda / 1000`` to ``perm_lambda`` over ``perm_lambda_ramp``
+    steps, so ``M`` first moves freely and then converges instead of hardening at a deadline;
+  * the rounding (``harden_mode="weights"``) picks the permutation that keeps most of the soft layer's effective
+    weight ``S M`` under the pattern and re-fits ``S`` to it, instead of rounding ``M`` alone and dropping what
+    ``S`` had learned against it.
+``perm_init="random", perm_lambda=1e-3, perm_lambda_ramp=0, harden_mode="matrix"`` is the paper's mode.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -21,7 +34,8 @@ from torch import Tensor, nn
 from . import permutation as P
 from .structures import NMStructure, Structure, make_structure
 
-__all__ = ["SparseLinear", "sparsify", "export", "permutation_penalty", "harden_all", "SparsifyReport"]
+__all__ = ["SparseLinear", "sparsify", "export", "permutation_penalty", "harden_all", "SparsifyReport",
+           "permutation_parameters", "param_groups", "permutation_report"]
 
 PERM_SIDES = ("input", "output", "auto")
 _PHASES = ("none", "soft", "hard")
@@ -38,9 +52,19 @@ class SparseLinear(nn.Module):
         permute: learn a permutation.
         perm_side: ``"input"`` (x[:, perm]), ``"output"`` (y[:, perm]) or ``"auto"``: the smaller dimension, as in
             the paper; N:M always permutes its input.
-        perm_init: soft matrix initialisation, ``"random"`` (default), ``"identity"`` or ``"uniform"``.
-        perm_lambda, perm_delta, harden_step: penalty weight, hardening threshold on the mean per-row penalty,
-            and an optional step at which to harden regardless.
+        perm_init: soft matrix start: ``"gradient"`` (default: from the gradient of the first ``perm_warmup``
+            training steps, during which the layer runs unpermuted), ``"uniform"``, ``"random"`` or ``"identity"``.
+        perm_warmup, perm_init_scale: steps of gradient summed for the ``"gradient"`` start, and how peaked that
+            start is (the logits are the standardised assignment score times this).
+        perm_lambda, perm_lambda_ramp: the penalty weight, reached geometrically from ``perm_lambda / 1000`` over
+            ``perm_lambda_ramp`` soft-phase steps (0: constant from the start; None: a quarter of training when
+            :class:`~padst_ext.DST` knows its length, else 1000).
+        perm_delta, harden_step: the soft matrix hardens once its mean per-row penalty is under ``perm_delta`` and
+            under half of its value at the start of the soft phase (so an unmoved start never hardens), or at
+            step ``harden_step`` at the latest (None: half of training under DST, else never).
+        harden_mode: ``"weights"`` (default: the permutation keeping most of the effective weight ``S M`` under
+            the pattern, with ``S`` re-fitted to it) or ``"matrix"`` (Hungarian rounding of ``M`` alone, the
+            paper's).
         mask: an explicit boolean ``[out, in]`` pattern (else chosen at random, or from ``weight`` magnitudes by
             :meth:`from_dense`).
     """
@@ -48,9 +72,10 @@ class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, structure: str = "block",
                  sparsity: float = 0.9, block_size: Union[int, Tuple[int, int]] = (32, 32),
                  n: Optional[int] = None, m: Optional[int] = None, permute: bool = True, perm_side: str = "auto",
-                 perm_init: str = "random", perm_lambda: float = 1e-3, perm_delta: float = 0.22,
-                 harden_step: Optional[int] = None, sinkhorn_iters: int = 20, mask: Optional[Tensor] = None,
-                 seed: Optional[int] = None, device=None, dtype=None):
+                 perm_init: str = "gradient", perm_warmup: int = 5, perm_init_scale: float = 2.0,
+                 perm_lambda: float = 0.1, perm_lambda_ramp: Optional[int] = None, perm_delta: float = 0.22,
+                 harden_step: Optional[int] = None, harden_mode: str = "weights", sinkhorn_iters: int = 20,
+                 mask: Optional[Tensor] = None, seed: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.structure: Structure = make_structure(structure, out_features, in_features, sparsity, block_size, n, m)
@@ -64,8 +89,24 @@ class SparseLinear(nn.Module):
         elif perm_side == "auto":
             perm_side = "input" if self.in_features <= self.out_features else "output"
         self.perm_side = perm_side
+        if perm_init not in P.INITS:
+            raise ValueError(f"perm_init must be one of {P.INITS}, got {perm_init!r}")
+        if harden_mode not in P.HARDEN_MODES:
+            raise ValueError(f"harden_mode must be one of {P.HARDEN_MODES}, got {harden_mode!r}")
+        if int(perm_warmup) < 1:
+            raise ValueError(f"perm_warmup must be >= 1 (training steps of gradient for the start), got {perm_warmup}")
+        if not float(perm_init_scale) > 0:
+            raise ValueError(f"perm_init_scale must be positive, got {perm_init_scale}")
+        if not float(perm_lambda) >= 0:
+            raise ValueError(f"perm_lambda must be >= 0, got {perm_lambda}")
+        if perm_lambda_ramp is not None and int(perm_lambda_ramp) < 0:
+            raise ValueError(f"perm_lambda_ramp must be >= 0 (steps), got {perm_lambda_ramp}")
         self.perm_init, self.sinkhorn_iters = perm_init, int(sinkhorn_iters)
-        self.perm_lambda, self.perm_delta = float(perm_lambda), float(perm_delta)
+        self.perm_warmup, self.perm_init_scale = int(perm_warmup), float(perm_init_scale)
+        self._seed = seed
+        self.perm_lambda = float(perm_lambda)
+        self.perm_lambda_ramp = None if perm_lambda_ramp is None else int(perm_lambda_ramp)
+        self.perm_delta, self.harden_mode = float(perm_delta), harden_mode
         self.harden_step = harden_step
         self._dst_capture: Optional[list] = None  # set by DST on its update steps
         self.penalty_in_backward = False  # set by DST: the soft phase adds lambda * dP/dM in its backward
@@ -84,10 +125,12 @@ class SparseLinear(nn.Module):
             self.register_parameter("bias", None)
 
         self.phase = "none"
+        self._reset_perm_state()
         if permute:
             self.phase = "soft"
             self.soft = P.SoftPermutation(self.perm_dim, init=perm_init, n_iters=self.sinkhorn_iters,
                                           generator=gen, **self._soft_factory(factory["device"], factory["dtype"]))
+            self._begin_warmup()
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -170,16 +213,57 @@ class SparseLinear(nn.Module):
         elif "col_idx_folded" in self._buffers:
             del self._buffers["col_idx_folded"]
 
-    def harden(self) -> Tensor:
-        """Round the soft matrix to a permutation (Hungarian), freeze it and drop the soft matrix."""
+    def harden(self, reason: str = "manual", step: Optional[int] = None) -> Tensor:
+        """Round the soft matrix to a permutation (Hungarian), freeze it and drop the soft matrix.
+
+        ``harden_mode="weights"``: the permutation keeping most of the effective weight ``S M`` (``M S``) under the
+        pattern, with the structured values re-fitted to it; ``"matrix"``: the rounding of ``M`` alone. A layer still
+        in its gradient warm-up runs unpermuted, so it hardens to the identity. ``reason`` and ``step`` go into
+        :attr:`perm_log` (``"converged"``, ``"deadline"``, ``"forced"``, ``"manual"``)."""
         if self.phase != "soft":
             raise RuntimeError(f"harden() needs the soft phase; this layer is in phase {self.phase!r}")
-        perm = self.soft.harden()
+        log = self.perm_log
+        warm = self.in_warmup
+        if warm:
+            perm = torch.arange(self.perm_dim, device=self.values.device)
+        elif self.harden_mode == "weights":
+            with torch.no_grad():
+                W = self.dense_weight().detach()
+                W = W.double() if W.dtype == torch.float64 else W.float()
+                mask = self.pattern_mask()
+                perm, S_new = P.weight_preserving_rounding(W, mask, self.perm_side)
+                self._set_pattern(S_new.to(self.values.dtype), mask)
+        else:
+            perm = self.soft.harden()
+        if not warm:
+            with torch.no_grad():
+                log["penalty_at_harden"] = float(self.soft.penalty("mean_row"))
+        log.update(reason=reason, hardened_step=step, soft_steps=self._soft_steps)
+        perm_list = perm.tolist()
+        if log.get("start_perm") is not None:
+            start = torch.tensor(log["start_perm"], device=perm.device)
+            log["moved_from_start"] = float((perm != start).float().mean())
+            log["moved_support_from_start"] = self._support_moved(perm, start)
+        log["moved_from_identity"] = sum(a != i for i, a in enumerate(perm_list)) / len(perm_list)
+        log["moved_support_from_identity"] = self._support_moved(perm, torch.arange(len(perm_list),
+                                                                                       device=perm.device))
         self._drop_soft()
+        self._end_warmup()
         self.phase = "hard"
         self.register_buffer("perm", perm.to(self.values.device))
         self._refresh_folded()
         return perm
+
+    def _support_moved(self, perm_a: Tensor, perm_b: Tensor) -> float:
+        """Share of the permuted side's units that the pattern treats differently under ``perm_a`` than under
+        ``perm_b`` (an input read by another set of outputs, an output reading another structured row): index moves
+        between equivalent positions (inside one block column) do not count."""
+        with torch.no_grad():
+            mask = self.pattern_mask()
+            if self.perm_side == "input":
+                a, b = mask[:, torch.argsort(perm_a)], mask[:, torch.argsort(perm_b)]
+                return float((a != b).any(0).float().mean())
+            return float((mask[perm_a] != mask[perm_b]).any(1).float().mean())
 
     @staticmethod
     def _soft_factory(device, dtype):
@@ -191,20 +275,113 @@ class SparseLinear(nn.Module):
         self._modules.pop("soft", None)
 
     def maybe_harden(self, step: Optional[int] = None) -> bool:
-        """Harden when the mean per-row penalty is under ``perm_delta`` or ``step >= harden_step``."""
+        """The soft phase's clock: call after every optimizer step (DST does; or :func:`harden_all` with the step).
+        Advances the penalty ramp, records the penalty in :attr:`perm_log`, and hardens when the soft matrix has
+        converged (mean per-row penalty under ``perm_delta`` and under half its start) or at ``harden_step``.
+        Returns whether it hardened."""
         if self.phase != "soft":
             return False
         due = self.harden_step is not None and step is not None and step >= self.harden_step
-        if due or self.soft.penalty("mean_row").item() < self.perm_delta:
-            self.harden()
+        self._maybe_finish_warmup()
+        if self.in_warmup:
+            if due:
+                self.harden("deadline", step)
+                return True
+            return False
+        self._start_soft_phase()
+        self._soft_steps += 1
+        self._cur_lambda = P.lambda_ramp(self.perm_lambda, self._soft_steps, self.ramp_steps)
+        with torch.no_grad():
+            pen = float(self.soft.penalty("mean_row"))
+        log = self.perm_log
+        if self._soft_steps % self.TRACE_EVERY == 0:
+            log["trace"].append([self._soft_steps if step is None else int(step), round(pen, 5)])
+        converged = pen < self.perm_delta and pen <= 0.5 * log["start_penalty"]
+        if converged or due:
+            self.harden("converged" if converged else "deadline", step)
             return True
         return False
 
     def permutation_penalty(self) -> Tensor:
-        """``perm_lambda * P(M)`` in the soft phase, else 0: add it to the loss."""
-        if self.phase != "soft":
+        """``lambda * P(M)`` in the soft phase (``lambda`` where the ramp is; see :meth:`maybe_harden`), else 0: add
+        it to the loss unless DST adds its gradient already."""
+        if not self.soft_active:
             return self.values.new_zeros(())
-        return self.perm_lambda * self.soft.penalty()
+        return self._cur_lambda * self.soft.penalty()
+
+    # -- the soft phase's state -----------------------------------------------------------------------------
+    TRACE_EVERY = 10  # soft-phase steps between two penalty records in perm_log["trace"]
+
+    def _reset_perm_state(self) -> None:
+        self._warmup_left = 0  # > 0: still summing the gradient for the "gradient" start
+        self._warmup_seen = 0  # backward passes summed so far
+        self._soft_steps = 0  # maybe_harden calls since the soft matrix started acting
+        self._cur_lambda = P.lambda_ramp(self.perm_lambda, 0, self.ramp_steps)
+        self.perm_log = dict(init=self.perm_init, start_penalty=None, start_perm=None, trace=[], reason=None,
+                             hardened_step=None, soft_steps=None, penalty_at_harden=None, moved_from_start=None,
+                             moved_support_from_start=None, moved_from_identity=None,
+                             moved_support_from_identity=None)
+        if "perm_grad" in self._buffers:
+            del self._buffers["perm_grad"]
+
+    def _begin_warmup(self) -> None:
+        if self.perm_init != "gradient":
+            return
+        self._warmup_left, self._warmup_seen = self.perm_warmup, 0
+        dt = torch.float64 if self.values.dtype == torch.float64 else torch.float32
+        self.register_buffer("perm_grad", torch.zeros(self.out_features, self.in_features, dtype=dt,
+                                                      device=self.values.device))
+
+    def _end_warmup(self) -> None:
+        self._warmup_left = 0
+        if "perm_grad" in self._buffers:
+            del self._buffers["perm_grad"]
+
+    DEFAULT_RAMP = 1000  # penalty ramp in steps when neither the layer nor DST sets one
+
+    @property
+    def ramp_steps(self) -> int:
+        return self.DEFAULT_RAMP if self.perm_lambda_ramp is None else self.perm_lambda_ramp
+
+    @property
+    def in_warmup(self) -> bool:
+        """Still summing the gradient for the ``"gradient"`` start (the layer runs unpermuted meanwhile)."""
+        return self.phase == "soft" and self._warmup_left > 0
+
+    @property
+    def soft_active(self) -> bool:
+        """The soft matrix is what the forward applies."""
+        return self.phase == "soft" and self._warmup_left == 0
+
+    def _record_grad(self, dz: Tensor, x: Tensor) -> None:
+        """Warm-up backward hook: sum the dense gradient ``dz.T @ x [out, in]`` of the (unpermuted) weight."""
+        if not bool(torch.isfinite(dz).all()):
+            return  # a step that GradScaler skips is not a signal
+        buf = self._buffers.get("perm_grad")
+        if buf is None:
+            return
+        buf.add_(dz.to(buf.dtype).T @ x.to(buf.dtype))
+        self._warmup_seen += 1
+
+    def _maybe_finish_warmup(self) -> None:
+        """After ``perm_warmup`` recorded backward passes: start the soft matrix from the gradient's assignment."""
+        if not self.in_warmup or self._warmup_seen < self.perm_warmup:
+            return
+        G = self._buffers["perm_grad"]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(G)  # every rank starts from the same matrix
+        score = P.assignment_scores(G, self.pattern_mask(), self.perm_side)
+        gen = torch.Generator().manual_seed(0 if self._seed is None else int(self._seed))  # same on every rank
+        self.soft.assign(score, self.perm_init_scale, generator=gen)
+        self._end_warmup()
+
+    def _start_soft_phase(self) -> None:
+        """Record where the soft matrix starts (penalty and rounding), once."""
+        if self.perm_log["start_penalty"] is None:
+            with torch.no_grad():
+                M = self.soft.matrix()
+                self.perm_log["start_penalty"] = float(P.l1_l2_penalty(M, "mean_row"))
+                self.perm_log["start_perm"] = P.harden(M).tolist()
 
     # -- forward ------------------------------------------------------------------------------------------
     def _buffers_dict(self):
@@ -213,6 +390,8 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        if self.in_warmup and self.training and torch.is_grad_enabled():
+            self._maybe_finish_warmup()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         bufs = self._buffers_dict()
@@ -226,18 +405,24 @@ class SparseLinear(nn.Module):
                 y = self.structure.mm(x2, self.values, bufs, self.bias, self.perm, None)
             else:
                 y = self.structure.mm(x2, self.values, bufs, self.bias, None, self.perm)
-        elif self.phase == "soft" and self.perm_side == "input":
+        elif self.soft_active and self.perm_side == "input":
             y = self.structure.mm(self.soft(x2, self._lam()), self.values, bufs, self.bias, None, None)
-        elif self.phase == "soft":
+        elif self.soft_active:
             y = self.soft(self.structure.mm(x2, self.values, bufs, None, None, None), self._lam())
             if self.bias is not None:
                 y = y + self.bias
-        else:
+        else:  # no permutation, or the gradient warm-up
             y = self.structure.mm(x2, self.values, bufs, self.bias, None, None)
+            self._warmup_hook(y, x2)
         return y.reshape(*lead, self.out_features)
 
+    def _warmup_hook(self, y: Tensor, x2: Tensor) -> None:
+        if self.in_warmup and self.training and y.requires_grad:
+            xd = x2.detach()
+            y.register_hook(lambda g: self._record_grad(g, xd))
+
     def _lam(self) -> float:
-        return self.perm_lambda if self.penalty_in_backward else 0.0
+        return self._cur_lambda if self.penalty_in_backward else 0.0
 
     def _forward_capturing(self, x2: Tensor, bufs) -> Tensor:
         """Forward that records the sparse product's input and output gradient, so that DST can form the dense
@@ -250,9 +435,11 @@ class SparseLinear(nn.Module):
                 in_perm = self.perm
             else:
                 out_perm = self.perm
-        x_in = self.soft(x2, self._lam()) if (self.phase == "soft" and self.perm_side == "input") else x2
-        soft_out = self.phase == "soft" and self.perm_side == "output"
+        x_in = self.soft(x2, self._lam()) if (self.soft_active and self.perm_side == "input") else x2
+        soft_out = self.soft_active and self.perm_side == "output"
         z = self.structure.mm(x_in, self.values, bufs, None if soft_out else self.bias, in_perm, out_perm)
+        if not soft_out:
+            self._warmup_hook(z, x2)
         record = {"x": x_in.detach(), "in_perm": in_perm, "out_perm": out_perm}
         self._dst_capture.append(record)
         if z.requires_grad:
@@ -285,7 +472,7 @@ class SparseLinear(nn.Module):
     def dense_weight(self) -> Tensor:
         """The effective dense weight ``W`` of the current phase: ``y = x @ W.T + bias``."""
         S = self.sparse_weight()
-        if self.phase == "none":
+        if not (self.phase == "hard" or self.soft_active):
             return S
         if self.phase == "soft":
             M = self.soft.matrix().to(S.dtype)  # float32 soft matrix applied in the layer's dtype
@@ -303,13 +490,20 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         perm = "no permutation" if self.phase == "none" else f"{self.phase} {self.perm_side} permutation"
+        if self.in_warmup:
+            perm += f" (gradient warm-up, {self._warmup_seen}/{self.perm_warmup} steps)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"structure={self.structure.describe()}, density={self.density:.4f}, {perm}")
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def get_extra_state(self):
-        return dict(config=self.structure.config(), phase=self.phase, perm_side=self.perm_side,
-                    has_bias=self.bias is not None)
+        state = dict(config=self.structure.config(), phase=self.phase, perm_side=self.perm_side,
+                     has_bias=self.bias is not None)
+        if self.phase != "none":  # the soft phase's clock and record (plain values: weights_only loads them)
+            state["perm"] = dict(warmup_left=self._warmup_left, warmup_seen=self._warmup_seen,
+                                 soft_steps=self._soft_steps, cur_lambda=self._cur_lambda,
+                                 log=copy.deepcopy(self.perm_log))
+        return state
 
     def set_extra_state(self, state):
         pass  # applied in _load_from_state_dict, before the tensors are loaded
@@ -324,6 +518,7 @@ class SparseLinear(nn.Module):
                     raise ValueError(f"checkpoint for {prefix or 'SparseLinear'} does not match this layer: "
                                      f"{key} is {extra.get(key)!r} in the checkpoint but {mine[key]!r} here")
             self._set_phase(extra["phase"])
+            self._load_perm_state(extra.get("perm"), state_dict.get(prefix + "perm_grad"))
             # the pattern (and so the number of stored values) may differ from this layer's: take its shapes
             for name in ("values",) + tuple(self.structure.buffer_names) + (("perm",) if self.phase == "hard" else ()):
                 src = state_dict.get(prefix + name)
@@ -352,6 +547,24 @@ class SparseLinear(nn.Module):
             density = self.values.numel() / (R * C)
         if abs(density - self.structure.density) > 1e-12:
             self.structure = self._structure_at(density)
+
+    def _load_perm_state(self, perm_state: Optional[dict], perm_grad: Optional[Tensor]) -> None:
+        """The soft phase's clock from a checkpoint (one without it, written before it existed, resumes with the
+        warm-up over, the ramp at its start and an empty record)."""
+        self._reset_perm_state()
+        if self.phase == "none":
+            return
+        st = perm_state or {}
+        self._warmup_left = int(st.get("warmup_left", 0)) if self.phase == "soft" else 0
+        self._warmup_seen = int(st.get("warmup_seen", 0))
+        self._soft_steps = int(st.get("soft_steps", 0))
+        self._cur_lambda = float(st.get("cur_lambda", self._cur_lambda))
+        if "log" in st:
+            self.perm_log = copy.deepcopy(st["log"])
+        if self._warmup_left > 0:
+            if perm_grad is None:
+                raise ValueError("checkpoint of a layer in its gradient warm-up has no perm_grad tensor")
+            self.register_buffer("perm_grad", torch.empty_like(perm_grad, device=self.values.device))
 
     def _set_phase(self, phase: str) -> None:
         if phase not in _PHASES:
@@ -388,16 +601,76 @@ def permutation_penalty(model: nn.Module) -> Tensor:
 
 
 def harden_all(model: nn.Module, step: Optional[int] = None, force: bool = False) -> List[str]:
-    """Harden every soft layer that is due (or all of them with ``force``); returns their names."""
+    """Advance every soft layer's clock by one step (:meth:`SparseLinear.maybe_harden`: call it after every
+    optimizer step when not using :class:`~padst_ext.DST`, which does it) and harden those that are due, or all of
+    them with ``force``; returns the names of the layers hardened."""
     done = []
     for name, m in model.named_modules():
         if isinstance(m, SparseLinear) and m.phase == "soft":
             if force:
-                m.harden()
+                m.harden("forced", step)
                 done.append(name)
             elif m.maybe_harden(step):
                 done.append(name)
     return done
+
+
+def permutation_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The soft permutations' logits of every :class:`SparseLinear` in ``model`` (those still soft)."""
+    return [m.soft.logits for m in model.modules() if isinstance(m, SparseLinear) and m.phase == "soft"]
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, perm_lr: Optional[float] = None,
+                 soft_steps: Optional[int] = None, perm_weight_decay: float = 0.0) -> List[dict]:
+    """Optimizer parameter groups: every parameter with ``lr`` and ``weight_decay``, except the soft permutations'
+    logits, which get their own group (named "permutations") with ``perm_lr`` and ``perm_weight_decay`` (default 0:
+    weight decay pulls the logits towards the uniform matrix, away from a permutation). Without soft permutations,
+    one group.
+
+    ``perm_lr`` defaults to ``8 / soft_steps`` (within [0.01, 0.5]) when the number of steps the soft phase may
+    last (to its deadline) is given, else 0.01: Adam moves a logit by about its learning rate per step, and taking
+    a soft start to a permutation moves the logits by several units (a row's largest logit must clear the others
+    by about ``log d + 2`` for the penalty to fall under 0.22).
+
+        opt = torch.optim.AdamW(padst_ext.param_groups(model, lr=1e-3, weight_decay=0.05, soft_steps=5000), lr=1e-3)
+    """
+    if perm_lr is None:
+        perm_lr = 1e-2 if soft_steps is None else min(0.5, max(1e-2, 8.0 / max(1, soft_steps)))
+    perm = {id(p) for p in permutation_parameters(model)}
+    rest = [p for p in model.parameters() if id(p) not in perm]
+    groups = [dict(params=rest, lr=lr, weight_decay=weight_decay)]
+    if perm:
+        groups.append(dict(params=[p for p in model.parameters() if id(p) in perm], lr=perm_lr,
+                           weight_decay=perm_weight_decay, name="permutations"))
+    return groups
+
+
+def permutation_report(model: nn.Module) -> dict:
+    """Per permuted layer, how its permutation was learned (:attr:`SparseLinear.perm_log`: where the penalty
+    started, its trace, when and why it hardened, and how far the hard permutation is from the rounding of the
+    soft phase's start and from the identity), with the phase; plus a summary over the layers."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SparseLinear) and m.phase != "none":
+            log = {k: v for k, v in m.perm_log.items() if k != "start_perm"}
+            with torch.no_grad():
+                pen = None if not m.soft_active else float(m.soft.penalty("mean_row"))
+            layers[name] = dict(log, phase=m.phase, d=m.perm_dim, side=m.perm_side, penalty=pen)
+    hard = [v for v in layers.values() if v["phase"] == "hard"]
+
+    def mean(key):
+        vals = [v[key] for v in hard if v.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    summary = dict(layers=len(layers), hardened=len(hard),
+                   converged=sum(v["reason"] == "converged" for v in hard),
+                   deadline=sum(v["reason"] == "deadline" for v in hard),
+                   moved_from_start=mean("moved_from_start"),
+                   moved_support_from_start=mean("moved_support_from_start"),
+                   moved_from_identity=mean("moved_from_identity"),
+                   moved_support_from_identity=mean("moved_support_from_identity"),
+                   hardened_step=mean("hardened_step"))
+    return dict(summary=summary, layers=layers)
 
 
 @dataclass
@@ -432,7 +705,8 @@ def sparsify(model: nn.Module, structure: str = "block", sparsity: float = 0.9, 
     ``include`` / ``exclude`` are glob patterns on module names (``"blocks.*.mlp.*"``). The first and last
     eligible layers stay dense by default, and so do layers whose weight is shared with another module (tied
     embeddings) or whose shape the structure cannot tile. ``from_weights`` keeps the largest-magnitude units of
-    the existing weights (else a random pattern); either way the kept weights are copied. Returns a report.
+    the existing weights (else a random pattern); either way the kept weights are copied. A ``seed`` in
+    ``layer_kwargs`` is turned into one seed per layer (from the seed and the layer's name). Returns a report.
     """
     report = SparsifyReport()
     candidates = [(n, m) for n, m in model.named_modules()
@@ -442,7 +716,10 @@ def sparsify(model: nn.Module, structure: str = "block", sparsity: float = 0.9, 
         for p in mod.parameters(recurse=False):
             weight_users[id(p)] = weight_users.get(id(p), 0) + 1
     first_last = {candidates[0][0], candidates[-1][0]} if candidates and dense_first_last else set()
+    base_seed = layer_kwargs.pop("seed", None)
     for name, mod in candidates:
+        if base_seed is not None:  # one seed per layer: same-shape layers must not start from one soft matrix
+            layer_kwargs["seed"] = (int(base_seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 62)
         if include is not None and not _matches(name, include):
             report.skipped.append((name, "not included"))
             continue

@@ -14,17 +14,19 @@ permutation with the Hungarian algorithm (never row-argmax, which is not a bijec
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-__all__ = ["sinkhorn", "l1_l2_penalty", "l1_l2_penalty_grad", "with_penalty_grad", "harden", "SoftPermutation",
-           "INITS"]
+__all__ = ["sinkhorn", "l1_l2_penalty", "l1_l2_penalty_grad", "with_penalty_grad", "harden", "assignment",
+           "assignment_scores", "assignment_logits", "weight_preserving_rounding", "lambda_ramp", "SoftPermutation",
+           "INITS", "HARDEN_MODES"]
 
-INITS = ("random", "identity", "uniform")
+INITS = ("gradient", "uniform", "random", "identity")
+HARDEN_MODES = ("weights", "matrix")
 
 
 def sinkhorn(logits: Tensor, n_iters: int = 20, tau: float = 1.0) -> Tensor:
@@ -99,33 +101,101 @@ def with_penalty_grad(M: Tensor, lam: float) -> Tensor:
     return _WithPenaltyGrad.apply(M, lam)
 
 
+def assignment(score: Tensor) -> Tensor:
+    """The bijection maximising ``sum_i score[i, perm[i]]`` (Hungarian algorithm, scipy's
+    ``linear_sum_assignment``): ``perm [d]`` int64 on ``score``'s device."""
+    if score.dim() != 2 or score.shape[0] != score.shape[1]:
+        raise ValueError(f"the score must be a square matrix, got shape {tuple(score.shape)}")
+    W = score.detach().double().cpu().numpy()
+    if not np.isfinite(W).all():
+        raise ValueError("the matrix holds non-finite values; cannot round it to a permutation")
+    rows, cols = linear_sum_assignment(W, maximize=True)
+    perm = torch.empty(score.shape[0], dtype=torch.long)
+    perm[torch.from_numpy(rows)] = torch.from_numpy(cols)
+    return perm.to(score.device)
+
+
 def harden(M: Tensor) -> Tensor:
     """The permutation closest to ``M`` (maximum total weight, Hungarian algorithm): ``perm [d]`` int64 with
     ``perm[i] = j`` where ``M[i, j]`` is selected. Always a bijection."""
     if M.dim() != 2 or M.shape[0] != M.shape[1]:
         raise ValueError(f"M must be a square matrix, got shape {tuple(M.shape)}")
-    W = M.detach().double().cpu().numpy()
-    if not np.isfinite(W).all():
-        raise ValueError("M holds non-finite values; cannot harden it")
-    rows, cols = linear_sum_assignment(W, maximize=True)
-    perm = torch.empty(M.shape[0], dtype=torch.long)
-    perm[torch.from_numpy(rows)] = torch.from_numpy(cols)
-    return perm.to(M.device)
+    return assignment(M)
+
+
+def assignment_scores(W: Tensor, mask: Tensor, side: str) -> Tensor:
+    """How much of a dense ``W [R, C]`` each placement keeps under the pattern ``mask [R, C]``.
+
+    ``side="input"``: ``[C, C]``, entry ``[j, c] = sum_i mask[i, j] W[i, c]^2``, the energy that input ``c`` brings
+    to position ``j`` (the rows that read position ``j``); ``side="output"``: ``[R, R]``, entry
+    ``[r, i] = sum_c W[r, c]^2 mask[i, c]``, what output ``r`` keeps when it reads the structured row ``i``. The
+    permutation that keeps the most is the assignment of this matrix (a linear assignment problem, exact)."""
+    if W.shape != mask.shape:
+        raise ValueError(f"W {tuple(W.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    sq = W.detach().double().square()
+    m = mask.to(sq.dtype)
+    if side == "input":
+        return m.T @ sq
+    if side == "output":
+        return sq @ m.T
+    raise ValueError(f"side must be 'input' or 'output', got {side!r}")
+
+
+def weight_preserving_rounding(W: Tensor, mask: Tensor, side: str) -> Tuple[Tensor, Tensor]:
+    """Round an effective dense weight ``W [R, C]`` (the soft layer's ``S M`` or ``M S``) to a hard layer that
+    keeps as much of it as the pattern allows: the permutation maximising the kept energy
+    (:func:`assignment_scores`, Hungarian) and the structured weight re-fitted to it, ``(perm, S_new [R, C])`` with
+    ``S_new`` zero off ``mask``. For input-side ``perm``: ``x[:, perm] @ S_new.T`` is ``x @ W.T`` restricted to what
+    the pattern keeps; for output-side, ``(x @ S_new.T)[:, perm]``."""
+    perm = assignment(assignment_scores(W, mask, side))
+    if side == "input":
+        S_new = W[:, perm]
+    else:
+        S_new = W[torch.argsort(perm)]
+    return perm, S_new * mask.to(W.dtype)
+
+
+def assignment_logits(score: Tensor, scale: float = 2.0, noise: float = 1e-2,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+    """Soft-matrix logits that favour the high entries of ``score [d, d]`` as much as the score separates them: the
+    score with its row and column means removed (Sinkhorn ignores them), over its standard deviation, times
+    ``scale``, plus ``noise`` times a standard normal draw, so that positions that score alike (those of one block
+    column) are not held together by symmetry. A score that singles out one placement per row gives a peaked
+    start; one that barely does (a network at initialisation) a soft one that the soft phase can still move."""
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    s = score.detach().double()
+    s = s - s.mean(1, keepdim=True) - s.mean(0, keepdim=True) + s.mean()
+    std = s.std()
+    z = s / std if std > 0 else torch.zeros_like(s)
+    eps = torch.randn(score.shape, generator=generator).to(z)
+    return (scale * z + noise * eps).float()
+
+
+def lambda_ramp(lam: float, step: int, ramp_steps: int, start_factor: float = 1e-3) -> float:
+    """Penalty weight ``step`` steps into the soft phase: rising geometrically from ``lam * start_factor`` to ``lam``
+    over ``ramp_steps`` steps, then ``lam`` (constant ``lam`` when ``ramp_steps`` is 0)."""
+    if ramp_steps <= 0:
+        return lam
+    t = min(1.0, max(0, step) / ramp_steps)
+    return lam * start_factor ** (1.0 - t)
 
 
 class SoftPermutation(nn.Module):
     """A learnable ``d x d`` doubly-stochastic matrix ``M = sinkhorn(logits / tau)`` acting as ``x @ M.T``.
 
-    ``init`` decides whether anything is learned (design notes: a near-identity start under the penalty
-    never left the identity):
-      * ``"random"`` (default): Gaussian logits of standard deviation ``random_scale`` (5): a random, fairly
-        peaked doubly-stochastic matrix (mean per-row penalty about 0.45 at d = 256) that keeps most of each
-        input's signal while every entry still gets gradient;
-      * ``"identity"``: logits = ``identity_scale * I`` + small noise (keeps the unpermuted layer at start);
-      * ``"uniform"``: logits = small noise, M close to the uniform 1/d matrix. This is where the paper code's
-        start (a random non-negative matrix, Sinkhorn-normalised) lands for large d; it averages the inputs
-        away: measured on digits (MLP, two 256x256 block layers at 90%, 20 epochs) 48.5% test accuracy
-        against 97.2% from the default start and 98.1% without permutation.
+    ``init`` decides whether anything is learned (``benchmarks/perm_planted.py`` measures each start on a planted
+    permutation):
+      * ``"gradient"`` (the layers' default) and ``"uniform"``: logits = small noise, M close to the uniform 1/d
+        matrix (where the paper code's start, a random non-negative matrix Sinkhorn-normalised, lands for large d).
+        With ``"gradient"`` the owning :class:`~padst_ext.nn.SparseLinear` replaces them after its first training
+        steps by :func:`assign` from the gradient (it runs unpermuted until then, so the uniform matrix that
+        averages the inputs away is never applied);
+      * ``"random"``: Gaussian logits of standard deviation ``random_scale`` (5), a random, fairly peaked
+        matrix (mean per-row penalty 0.37-0.48). It barely moves: on a planted permutation the hardened one kept
+        86-96 % of the rounding of this start (issue 15);
+      * ``"identity"``: logits = ``identity_scale * I`` + small noise (keeps the unpermuted layer at start; under
+        the penalty it never left the identity in a measured run).
     """
 
     def __init__(self, d: int, init: str = "random", n_iters: int = 20, tau: float = 1.0,
@@ -145,6 +215,13 @@ class SoftPermutation(nn.Module):
         else:
             logits = noise * torch.randn(d, d, generator=g)
         self.logits = nn.Parameter(logits.to(device=device, dtype=dtype or torch.float32))
+
+    @torch.no_grad()
+    def assign(self, score: Tensor, scale: float = 2.0, generator: Optional[torch.Generator] = None) -> None:
+        """Restart from :func:`assignment_logits` of ``score [d, d]`` (in place: optimizers keep the parameter)."""
+        if score.shape != (self.d, self.d):
+            raise ValueError(f"score must have shape {(self.d, self.d)}, got {tuple(score.shape)}")
+        self.logits.copy_(assignment_logits(score, scale, generator=generator).to(self.logits))
 
     def matrix(self) -> Tensor:
         return sinkhorn(self.logits, self.n_iters, self.tau)

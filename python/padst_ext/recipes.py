@@ -33,7 +33,8 @@ from torch import nn
 
 from . import data as D
 from .dst import DST
-from .nn import SparseLinear, export, sparsify
+from .nn import SparseLinear, export, param_groups, permutation_report, sparsify
+from .permutation import HARDEN_MODES, INITS
 
 STRUCTURES = ("dense", "unstructured", "block", "nm", "diagonal")
 GPT2_VOCAB = 50257  # GPT-2's BPE vocabulary
@@ -60,7 +61,9 @@ def make_sparse(model: nn.Module, args, include=("blocks.*",)) -> List[str]:
     if args.structure == "block":
         kw["block_size"] = args.block_size
     if kw["permute"]:
-        kw.update(perm_init=args.perm_init, perm_lambda=args.perm_lambda, harden_step=args.harden_step)
+        kw.update(perm_init=args.perm_init, perm_warmup=args.perm_warmup, perm_lambda=args.perm_lambda,
+                  perm_lambda_ramp=getattr(args, "perm_lambda_ramp", 1000), harden_step=args.harden_step,
+                  harden_mode=args.harden_mode)
     report = sparsify(model, args.structure, args.sparsity, include=list(include), **kw)
     return [name for name, _ in report.replaced]
 
@@ -126,9 +129,13 @@ class Run:
 
     def __init__(self, model: nn.Module, sparse_layers: List[str], total_steps: int, args, out: Path):
         self.model, self.out, self.args = model, out, args
-        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=args.lr, total_steps=total_steps,
-                                                         pct_start=0.1)
+        # the soft permutations' logits in their own group: their own learning rate and no weight decay (which
+        # would pull them towards the uniform matrix)
+        groups = param_groups(model, lr=args.lr, weight_decay=args.weight_decay, perm_lr=args.perm_lr,
+                              soft_steps=args.harden_step - args.perm_warmup)
+        self.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=[g["lr"] for g in groups],
+                                                         total_steps=total_steps, pct_start=0.1)
         self.dst = None
         if sparse_layers:
             self.dst = DST(model, self.opt, algorithm=args.algorithm, update_interval=args.update_interval,
@@ -166,9 +173,21 @@ class Run:
                   args=vars(self.args), **self.extra)
         D.save_atomic(ck, self.path)
         with open(self.out / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in self.rows for k in r)))
             w.writeheader()
             w.writerows(self.rows)
+
+
+def permutation_row(model: nn.Module) -> Dict:
+    """Columns for metrics.csv on how the permutations are learning: soft layers left, their mean per-row penalty,
+    and how many hardened because they converged or because the deadline came."""
+    rep = permutation_report(model)
+    if not rep["layers"]:
+        return {}
+    soft = [v["penalty"] for v in rep["layers"].values() if v["penalty"] is not None]
+    s = rep["summary"]
+    return dict(perm_soft=s["layers"] - s["hardened"], perm_penalty=sum(soft) / len(soft) if soft else "",
+                perm_converged=s["converged"], perm_deadline=s["deadline"])
 
 
 def summarize(model: nn.Module, args, sparse_layers: List[str], out: Path, summary: Dict) -> Dict:
@@ -181,9 +200,17 @@ def summarize(model: nn.Module, args, sparse_layers: List[str], out: Path, summa
     if layers:
         summary["density"] = sum(m.density * m.in_features * m.out_features for m in layers) / \
             sum(m.in_features * m.out_features for m in layers)
+    if permute:
+        summary["permutation"] = permutation_report(model)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     metric = ", ".join(f"{k.replace('_', ' ')} {summary[k]:.4f}" for k in ("test_acc", "test_ppl") if k in summary)
     msg = f"[padst-train] {out.name}: {metric}"
+    if permute:
+        ps = summary["permutation"]["summary"]
+        moved = ps["moved_from_start"]
+        print(f"[padst-train] permutations: {ps['hardened']} of {ps['layers']} hardened, {ps['converged']} because "
+              f"they converged, {ps['deadline']} at the deadline; indices moved from the start's rounding: "
+              + ("-" if moved is None else f"{moved:.0%}"))
     if "train_speedup" in summary:
         msg += (f"; vs the dense twin: training step {summary['train_speedup']:.2f}x, inference "
                 f"{summary['infer_speedup']:.2f}x ({args.threads} threads)")
@@ -200,6 +227,13 @@ def speed(model: nn.Module, dense_twin: nn.Module, loss_fn, x_infer: torch.Tenso
     i_dense = time_inference(dense_twin, x_infer, args.speed_steps, device)
     return dict(train_step_s=t_sparse, dense_train_step_s=t_dense, train_speedup=t_dense / t_sparse,
                 infer_s=i_sparse, dense_infer_s=i_dense, infer_speedup=i_dense / i_sparse)
+
+
+def _permutation_schedule(args, total_steps: int) -> None:
+    """The permutations' deadline (``--harden-at``) and penalty ramp (``--perm-ramp``) in steps of this run."""
+    if args.harden_step is None:
+        args.harden_step = int(args.harden_at * total_steps)
+    args.perm_lambda_ramp = int(args.perm_ramp * total_steps)
 
 
 def build_models(args):
@@ -236,8 +270,7 @@ def train_vit(args) -> Dict:
         xtr, ytr = xtr[:args.train_subset], ytr[:args.train_subset]
     steps_per_epoch = math.ceil(xtr.shape[0] / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
-    if args.permute and args.harden_step is None and args.structure not in ("dense", "unstructured"):
-        args.harden_step = int(args.harden_at * total_steps)
+    _permutation_schedule(args, total_steps)
 
     model, sparse_layers, dense_twin = build_models(args)
     model.to(device)
@@ -264,7 +297,8 @@ def train_vit(args) -> Dict:
             seen += yb.shape[0]
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
         row = dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
-                   valid_acc=evaluate(model, xva, yva, 512, device), epoch_s=time.perf_counter() - t0)
+                   valid_acc=evaluate(model, xva, yva, 512, device), epoch_s=time.perf_counter() - t0,
+                   **permutation_row(model))
         print(f"[padst-train] epoch {row['epoch']}: loss {row['train_loss']:.4f}, train {row['train_acc']:.4f}, "
               f"valid {row['valid_acc']:.4f} ({row['epoch_s']:.0f} s)")
         run.save(epoch + 1, row)
@@ -359,8 +393,7 @@ def train_gpt2(args) -> Dict:
     train, valid, test = tok["train"], tok["valid"], tok["test"]
     if train.numel() <= args.context + 1:
         raise SystemExit(f"the training text has {train.numel()} tokens, fewer than --context {args.context} + 1")
-    if args.permute and args.harden_step is None and args.structure not in ("dense", "unstructured"):
-        args.harden_step = int(args.harden_at * args.steps)
+    _permutation_schedule(args, args.steps)
 
     model, sparse_layers, dense_twin = build_models(args)
     model.to(device)
@@ -388,7 +421,7 @@ def train_gpt2(args) -> Dict:
             row = dict(step=step + 1, train_loss=loss_sum / seen,
                        valid_ppl=perplexity(model, valid, args.context, args.eval_batch, device,
                                             args.eval_windows),
-                       interval_s=time.perf_counter() - t0)
+                       interval_s=time.perf_counter() - t0, **permutation_row(model))
             print(f"[padst-train] step {row['step']}: loss {row['train_loss']:.4f}, valid perplexity "
                   f"{row['valid_ppl']:.2f} ({row['interval_s']:.0f} s)")
             run.save(step + 1, row)
@@ -412,8 +445,17 @@ def _common(p: argparse.ArgumentParser, width: int, depth: int, heads: int, lr: 
                    help="learn a permutation per sparse layer (not for dense / unstructured)")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="rigl")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--perm-init", default="random", choices=("random", "identity", "uniform"))
-    p.add_argument("--perm-lambda", type=float, default=1e-3)
+    p.add_argument("--perm-init", default="gradient", choices=INITS,
+                   help="soft permutation start (default: from the gradient of the first --perm-warmup steps)")
+    p.add_argument("--perm-warmup", type=int, default=5, help="steps of gradient for the 'gradient' start")
+    p.add_argument("--perm-lambda", type=float, default=0.1, help="penalty weight at the end of its ramp")
+    p.add_argument("--perm-ramp", type=float, default=0.25,
+                   help="fraction of training over which the penalty weight rises from 1/1000 of --perm-lambda")
+    p.add_argument("--perm-lr", type=float, default=None,
+                   help="learning rate of the soft permutations' logits (default: 8 / the steps before the deadline, "
+                        "within [0.01, 0.5]: see padst_ext.param_groups)")
+    p.add_argument("--harden-mode", default="weights", choices=HARDEN_MODES,
+                   help="weights: keep the most of S M and re-fit S; matrix: round M alone (the paper's)")
     p.add_argument("--harden-step", type=int, default=None, help="harden the permutations at this step at the latest")
     p.add_argument("--harden-at", type=float, default=0.5, help="... or at this fraction of training (default 0.5)")
     p.add_argument("--update-interval", type=int, default=100, help="DST: steps between mask updates")

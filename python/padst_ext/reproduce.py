@@ -69,6 +69,7 @@ PROFILES: Dict[str, Dict[str, List[str]]] = {
 METRIC = {"vit": ("test_acc", "valid_acc", "top-1 accuracy (%)", True),
           "gpt2": ("test_ppl", "valid_ppl", "perplexity", False)}  # key, validation key, label, higher is better
 STRUCTURED = ("block", "nm", "diagonal")
+CONFIG_KEYS = ("dense", "rigl", "set") + tuple(st + p for st in STRUCTURED for p in ("", "+perm"))
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,15 @@ class Config:
         if self.structure == "unstructured":
             return f"unstructured {'RigL' if self.algorithm == 'rigl' else self.algorithm.upper()}"
         return f"{self.structure}{' + perm' if self.permute else ''}"
+
+    @property
+    def key(self) -> str:
+        """The short name ``--configs`` takes: dense, rigl, set, block, block+perm, nm, ..."""
+        if self.structure == "dense":
+            return "dense"
+        if self.structure == "unstructured":
+            return self.algorithm
+        return self.structure + ("+perm" if self.permute else "")
 
     def name(self, task: str, seed: int) -> str:
         sp = "" if self.sparsity is None else f"-{self.sparsity:g}"
@@ -500,6 +510,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-args", default="",
                    help="more padst-train arguments for every run, appended to the profile's, e.g. "
                         "\"--data-dir DIR\" or \"--epochs 5\" (one string; the last of a repeated option wins)")
+    p.add_argument("--configs", nargs="+", choices=CONFIG_KEYS, default=None, metavar="CONFIG",
+                   help="train and tabulate only these configurations of the grid (default: all): "
+                        + ", ".join(CONFIG_KEYS))
     p.add_argument("--out", default="results", help="output folder (default ./results)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
     p.add_argument("--speed-reps", type=int, default=10)
@@ -536,7 +549,7 @@ def main(argv=None) -> Dict:
             raise SystemExit(f"--train-args {args.train_args!r} is not valid for padst-train {t}") from None
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    configs = grid(sparsities)
+    configs = [c for c in grid(sparsities) if args.configs is None or c.key in args.configs]
     command = "padst-reproduce " + shlex.join(argv if argv is not None else sys.argv[1:])  # copy-pasteable
     settings = dict(profile=profile, train_args=common, jobs=jobs,
                     threads=threads, speed_reps=args.speed_reps, date=time.strftime("%Y-%m-%d %H:%M"),
