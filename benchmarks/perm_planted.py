@@ -114,7 +114,8 @@ def planted_run(structure: str, d: int, seed: int, method: str, identity: bool =
     if student.phase == "hard":
         log = student.perm_log
         out.update(reason=log["reason"], hardened_step=log["hardened_step"], start_penalty=log["start_penalty"],
-                   penalty_at_harden=log["penalty_at_harden"], moved_from_start=log["moved_from_start"])
+                   penalty_at_harden=log["penalty_at_harden"], moved_from_start=log["moved_from_start"],
+                   moved_support_from_start=log["moved_support_from_start"])
         if masks == "fixed" and log["start_perm"] is not None:  # how good the soft phase's start already was
             inv0 = torch.argsort(torch.tensor(log["start_perm"]))
             out["start_match"] = float((s_mask[:, inv0] == eff_t).all(0).float().mean())
@@ -169,6 +170,31 @@ def tables(results: List[Dict], methods: List[str], structures: List[str], dims:
     return "\n".join(lines)
 
 
+def mechanism_table(results: List[Dict], methods: List[str], structures: List[str], dims: List[int]) -> str:
+    """Per permuting method (random teacher, teacher's pattern): how its permutation was learned: the penalty where
+    the soft phase started, the match of the start's rounding, the share of indices the soft phase moved and of
+    inputs it sent to a position read by other outputs (moves inside a block column are free), when it hardened
+    and why."""
+    lines = ["### How the permutation was learned (random teacher, the teacher's pattern; mean over seeds)", "",
+             "| method | structure | d | start penalty | start match | final match | indices moved from start | "
+             "inputs re-placed | hardened at step | converged |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        if m == "none":
+            continue
+        for d in dims:
+            for st in structures:
+                rows = [r for r in results if r["masks"] == "fixed" and not r["identity"] and r["method"] == m
+                        and r["structure"] == st and r["d"] == d and r.get("reason")]
+                if not rows:
+                    continue
+                f = lambda k, fmt: "-" if _mean(rows, k) is None else format(_mean(rows, k), fmt)  # noqa: E731
+                lines.append(f"| {m} | {st} | {d} | {f('start_penalty', '.2f')} | {f('start_match', '.2f')} | "
+                             f"{f('match', '.2f')} | {f('moved_from_start', '.2f')} | "
+                             f"{f('moved_support_from_start', '.2f')} | {f('hardened_step', '.0f')} | "
+                             f"{sum(r['reason'] == 'converged' for r in rows)}/{len(rows)} |")
+    return "\n".join(lines + [""])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--structures", nargs="+", choices=list(STRUCTURES), default=list(STRUCTURES))
@@ -209,7 +235,8 @@ def main(argv=None):
     wall = time.perf_counter() - t0
     header = (f"Planted permutation, {args.steps} steps, Adam lr 1e-2, batch 128, {args.seeds} seeds; "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {wall / 60:.1f} min")
-    md = "\n".join([header, "", tables(results, args.methods, args.structures, args.dims, args.masks)])
+    md = "\n".join([header, "", tables(results, args.methods, args.structures, args.dims, args.masks),
+                    mechanism_table(results, args.methods, args.structures, args.dims)])
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, wall_s=wall,

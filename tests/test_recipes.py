@@ -102,6 +102,15 @@ def test_train_vit_smoke(tmp_path, monkeypatch, structure, permute):
     assert json.loads((out / "summary.json").read_text())["test_acc"] == s["test_acc"]
     assert (out / "metrics.csv").read_text().startswith("epoch,train_loss")
     assert (out / "checkpoint.pt").is_file()
+    if permute:  # how every layer's permutation was learned, in the summary and per epoch in metrics.csv
+        ps = s["permutation"]["summary"]
+        assert ps["layers"] == 7 and ps["total_steps"] > 0 and ps["deadline_step"] == ps["total_steps"] // 2
+        assert ps["converged"] + ps["deadline"] + (ps["layers"] - ps["hardened"]) == ps["layers"]
+        assert set(s["permutation"]["layers"]) == {n for n in s["permutation"]["layers"] if n.startswith("blocks.")}
+        header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert header[-4:] == ["perm_soft", "perm_penalty", "perm_converged", "perm_deadline"]
+    else:
+        assert "permutation" not in s
 
 
 def test_train_vit_resume_matches_uninterrupted(tmp_path, monkeypatch):

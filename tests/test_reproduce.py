@@ -121,6 +121,15 @@ def test_reproduce_tiny_sweep_writes_table_plots_and_resumes(tiny_data):
     for lab in ("unstructured RigL", "block + perm", "diagonal"):
         assert f"| {lab} |" in table
     assert len(re.findall(r"\| block \| 75% \| [+-]", table)) == 2  # one gap row per task (gaps are signed)
+    # how the permutations were learned: every permuted layer of both seeds, hardened and counted
+    assert table.count("How the permutations were learned") == 2
+    for task in ("vit", "gpt2"):
+        prow = P.perm_rows(r["runs"], task, [0.75])
+        assert [x["structure"] for x in prow] == ["block", "nm", "diagonal"]
+        for x in prow:
+            assert x["runs"] == 2 and x["hardened"] == x["layers"] > 0
+            assert x["converged"] + x["deadline"] == x["hardened"] and 0 < x["hardened_at"] <= 0.5
+            assert f"| {x['structure']} | 75% | {x['layers']} | {x['converged']} |" in table
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["runs"]) == 36 and saved["settings"]["jobs"] == 0
     for name in ("vit_metric_vs_sparsity.png", "vit_permutation.png", "vit_masks.png", "gpt2_masks.png"):
@@ -185,6 +194,17 @@ def test_reproduce_reruns_a_run_whose_command_changed(tiny_data):
     assert not any(x.get("skipped") for x in r["runs"])
     with pytest.raises(SystemExit, match="not valid for padst-train vit"):
         P.main(base + ["--train-args", "--no-such-option 1"])
+
+
+def test_reproduce_configs_trains_only_those(tiny_data):
+    out = tiny_data / "results"
+    r = P.main(["--quick", "--tasks", "vit", "--sparsities", "0.75", "--seeds", "1", "--jobs", "0", "--out", str(out),
+                "--no-speed", "--no-plots", "--no-progress", "--configs", "rigl", "nm+perm"])
+    assert sorted(x["config"] for x in r["runs"]) == ["nm + perm", "unstructured RigL"]
+    assert sorted(p.name for p in (out / "runs" / "vit").iterdir()) == ["vit-nm-rigl-perm-0.75-s0",
+                                                                       "vit-unstructured-rigl-0.75-s0"]
+    with pytest.raises(SystemExit):
+        P.main(["--configs", "block+nm"])
 
 
 def test_reproduce_rejects_bad_arguments():

@@ -202,6 +202,8 @@ def summarize(model: nn.Module, args, sparse_layers: List[str], out: Path, summa
             sum(m.in_features * m.out_features for m in layers)
     if permute:
         summary["permutation"] = permutation_report(model)
+        summary["permutation"]["summary"].update(total_steps=getattr(args, "total_steps", None),
+                                                 deadline_step=args.harden_step)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     metric = ", ".join(f"{k.replace('_', ' ')} {summary[k]:.4f}" for k in ("test_acc", "test_ppl") if k in summary)
     msg = f"[padst-train] {out.name}: {metric}"
@@ -231,6 +233,7 @@ def speed(model: nn.Module, dense_twin: nn.Module, loss_fn, x_infer: torch.Tenso
 
 def _permutation_schedule(args, total_steps: int) -> None:
     """The permutations' deadline (``--harden-at``) and penalty ramp (``--perm-ramp``) in steps of this run."""
+    args.total_steps = total_steps
     if args.harden_step is None:
         args.harden_step = int(args.harden_at * total_steps)
     args.perm_lambda_ramp = int(args.perm_ramp * total_steps)

@@ -364,6 +364,21 @@ def table_md(results: List[Dict], speeds: List[Dict], tasks: Sequence[str], conf
             noise = "-" if math.isnan(g["noise"]) else f"{g['noise']:.2f}"
             lines.append(f"| {g['structure']} | {g['sparsity']:.0%} | {g['gap']:+.2f} | {g['gap_perm']:+.2f} | "
                          f"{closed} | {noise} | {'yes' if g['significant'] else 'no'} |")
+        prow = perm_rows(results, task, sparsities)
+        if prow:
+            lines += ["", "How the permutations were learned (every permuted layer of every seed): hardened because its "
+                      "soft matrix converged (mean per-row penalty under 0.22 and under half its start) or at the "
+                      "deadline; when, as a share of training; the share of indices that differ from the rounding of "
+                      "the soft phase's start (and of units the pattern treats differently, which leaves out moves "
+                      "inside a block) and from the identity.", "",
+                      "| structure | sparsity | layers | converged | at deadline | hardened at | start penalty | "
+                      "indices moved from start | units re-placed | layers moved >= half | moved from identity |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for r in prow:
+                lines.append(f"| {r['structure']} | {r['sparsity']:.0%} | {r['layers']} | {r['converged']} | "
+                             f"{r['deadline']} | {_pct(r['hardened_at'])} | {r['start_penalty']:.2f} | "
+                             f"{_pct(r['moved_from_start'])} | {_pct(r['moved_support_from_start'])} | "
+                             f"{r['half_moved']} of {r['hardened']} | {_pct(r['moved_from_identity'])} |")
         sp_rows = [r for r in speeds if r["task"] == task]
         if sp_rows:
             lines += ["", f"Speed against the dense twin ({sp_rows[0]['threads']} threads, median of "
@@ -377,6 +392,41 @@ def table_md(results: List[Dict], speeds: List[Dict], tasks: Sequence[str], conf
                              f"{1e3 * r['infer_s']:.2f} | {r['infer_speedup']:.2f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def perm_rows(results: List[Dict], task: str, sparsities: Sequence[float]) -> List[Dict]:
+    """Per permuted configuration and sparsity, over seeds and layers: how the permutations were learned (from each
+    run's ``summary["permutation"]``, :func:`padst_ext.permutation_report`)."""
+    rows = []
+    for s in sparsities:
+        for st in STRUCTURED:
+            runs = [r for r in results if r["task"] == task and r["config"] == f"{st} + perm"
+                    and r.get("sparsity") == s and r.get("permutation")]
+            if not runs:
+                continue
+            layers = [v for r in runs for v in r["permutation"]["layers"].values()]
+            hard = [v for v in layers if v["phase"] == "hard"]
+
+            def mean(vals):
+                vals = [v for v in vals if v is not None]
+                return statistics.fmean(vals) if vals else float("nan")
+
+            when = [v["hardened_step"] / r["permutation"]["summary"]["total_steps"] for r in runs
+                    for v in r["permutation"]["layers"].values()
+                    if v.get("hardened_step") is not None and r["permutation"]["summary"].get("total_steps")]
+            rows.append(dict(structure=st, sparsity=s, runs=len(runs), layers=len(layers), hardened=len(hard),
+                             converged=sum(v["reason"] == "converged" for v in hard),
+                             deadline=sum(v["reason"] == "deadline" for v in hard),
+                             hardened_at=mean(when), start_penalty=mean(v.get("start_penalty") for v in hard),
+                             moved_from_start=mean(v.get("moved_from_start") for v in hard),
+                             moved_support_from_start=mean(v.get("moved_support_from_start") for v in hard),
+                             moved_from_identity=mean(v.get("moved_from_identity") for v in hard),
+                             half_moved=sum((v.get("moved_from_start") or 0) >= 0.5 for v in hard)))
+    return rows
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.0%}"
 
 
 PROFILE_TEXT = {
