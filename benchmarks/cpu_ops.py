@@ -212,7 +212,9 @@ def run_exported(structure, B, C, R, sparsity, reps):
     torch.manual_seed(2)
     x = torch.randn(B, C)
     lin = torch.nn.Linear(C, R)
-    layer = SparseLinear(C, R, structure=structure, sparsity=sparsity, seed=3)
+    # a random soft start rounded alone: a hard random permutation (the default gradient start exports the identity
+    # before it has trained)
+    layer = SparseLinear(C, R, structure=structure, sparsity=sparsity, seed=3, perm_init="random", harden_mode="matrix")
     model = export(torch.nn.Sequential(layer))
     with torch.inference_mode():
         row = dict(structure=structure, B=B, C=C, R=R, sparsity=sparsity, density=round(model[0].density, 4),

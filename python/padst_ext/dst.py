@@ -176,10 +176,9 @@ class DST:
         if self.is_update_step(step):
             self._update(step, self._grow_scores)
             self._grow_scores = None
-        if self.harden:
-            for _, layer in self.layers:
-                if layer.phase == "soft":
-                    layer.maybe_harden(step + 1)
+        for _, layer in self.layers:  # the soft phases' clock (penalty ramp, record), and hardening if allowed
+            if layer.phase == "soft":
+                layer.maybe_harden(step + 1, harden=self.harden)
         self.step += 1
         self._arm(self.step)
 
@@ -235,7 +234,8 @@ class DST:
 
     # -- introspection and checkpoints --------------------------------------------------------------------------
     def regularization(self) -> Tensor:
-        """Current total permutation penalty (``sum perm_lambda * P(M)`` over soft layers), for logging."""
+        """Current total permutation penalty (``sum lambda * P(M)`` over soft layers, lambda where each layer's ramp
+        is), for logging."""
         with torch.no_grad():
             vals = [layer.permutation_penalty() for _, layer in self.layers if layer.phase == "soft"]
         return torch.stack(vals).sum() if vals else torch.zeros(())

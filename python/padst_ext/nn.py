@@ -274,14 +274,14 @@ class SparseLinear(nn.Module):
     def _drop_soft(self) -> None:
         self._modules.pop("soft", None)
 
-    def maybe_harden(self, step: Optional[int] = None) -> bool:
+    def maybe_harden(self, step: Optional[int] = None, harden: bool = True) -> bool:
         """The soft phase's clock: call after every optimizer step (DST does; or :func:`harden_all` with the step).
-        Advances the penalty ramp, records the penalty in :attr:`perm_log`, and hardens when the soft matrix has
-        converged (mean per-row penalty under ``perm_delta`` and under half its start) or at ``harden_step``.
-        Returns whether it hardened."""
+        Advances the penalty ramp, records the penalty in :attr:`perm_log`, and (unless ``harden`` is False) hardens
+        when the soft matrix has converged (mean per-row penalty under ``perm_delta`` and under half its start) or at
+        ``harden_step``. Returns whether it hardened."""
         if self.phase != "soft":
             return False
-        due = self.harden_step is not None and step is not None and step >= self.harden_step
+        due = harden and self.harden_step is not None and step is not None and step >= self.harden_step
         self._maybe_finish_warmup()
         if self.in_warmup:
             if due:
@@ -296,7 +296,7 @@ class SparseLinear(nn.Module):
         log = self.perm_log
         if self._soft_steps % self.TRACE_EVERY == 0:
             log["trace"].append([self._soft_steps if step is None else int(step), round(pen, 5)])
-        converged = pen < self.perm_delta and pen <= 0.5 * log["start_penalty"]
+        converged = harden and pen < self.perm_delta and pen <= 0.5 * log["start_penalty"]
         if converged or due:
             self.harden("converged" if converged else "deadline", step)
             return True
