@@ -76,6 +76,21 @@ def test_gap_perplexity_is_relative_and_noise_needs_seeds():
     assert math.isnan(row["noise"]) and row["significant"] is False  # one seed: no noise estimate, no claim
 
 
+def test_gap_on_validation_reads_the_validation_metric():
+    rigl, block, perm = [80.0, 81.0, 82.0], [70.0, 72.0, 74.0], [77.0, 78.0, 76.0]
+    res = _fake_results("vit", {("unstructured RigL", 0.95): rigl, ("block", 0.95): block,
+                                ("block + perm", 0.95): perm})
+    for r in res:  # validation: 1 point above test for RigL and the unpermuted block, 3 below for the permuted one
+        r["valid_acc"] = r["test_acc"] + (0.01 if r["config"] != "block + perm" else -0.03)
+    agg = P.aggregate(res, "vit")
+    (test,) = P.gap_rows(agg, "vit", [0.95])
+    (valid,) = P.gap_rows(agg, "vit", [0.95], "valid")
+    assert valid["gap"] == pytest.approx(test["gap"]) and valid["gap_perm"] == pytest.approx(test["gap_perm"] + 4.0)
+    assert valid["closed"] == pytest.approx((valid["gap"] - valid["gap_perm"]) / valid["gap"])
+    with pytest.raises(ValueError, match="'train'"):
+        P.gap_rows(agg, "vit", [0.95], "train")
+
+
 def test_no_gap_means_no_share():
     res = _fake_results("vit", {("unstructured RigL", 0.9): [80.0, 80.2], ("diagonal", 0.9): [80.5, 80.7],
                                 ("diagonal + perm", 0.9): [80.1, 80.3]})

@@ -61,7 +61,8 @@ def make_sparse(model: nn.Module, args, include=("blocks.*",)) -> List[str]:
     if args.structure == "block":
         kw["block_size"] = args.block_size
     if kw["permute"]:
-        kw.update(perm_init=args.perm_init, perm_warmup=args.perm_warmup, perm_lambda=args.perm_lambda,
+        kw.update(perm_init=args.perm_init, perm_warmup=args.perm_warmup, perm_init_scale=args.perm_init_scale,
+                  perm_lambda=args.perm_lambda,
                   perm_lambda_ramp=getattr(args, "perm_lambda_ramp", 1000), harden_step=args.harden_step,
                   harden_mode=args.harden_mode)
     report = sparsify(model, args.structure, args.sparsity, include=list(include), **kw)
@@ -451,6 +452,8 @@ def _common(p: argparse.ArgumentParser, width: int, depth: int, heads: int, lr: 
     p.add_argument("--perm-init", default="gradient", choices=INITS,
                    help="soft permutation start (default: from the gradient of the first --perm-warmup steps)")
     p.add_argument("--perm-warmup", type=int, default=5, help="steps of gradient for the 'gradient' start")
+    p.add_argument("--perm-init-scale", type=float, default=2.0,
+                   help="how peaked the 'gradient' start is (its logits: the standardised score times this)")
     p.add_argument("--perm-lambda", type=float, default=0.1, help="penalty weight at the end of its ramp")
     p.add_argument("--perm-ramp", type=float, default=0.25,
                    help="fraction of training over which the penalty weight rises from 1/1000 of --perm-lambda")

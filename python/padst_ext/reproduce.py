@@ -291,10 +291,12 @@ def _fmt(s: Dict, digits: int) -> str:
     return f"{s['mean']:.{digits}f}" + ("" if math.isnan(s["std"]) else f" ± {s['std']:.{digits}f}")
 
 
-def gap_rows(agg: Dict, task: str, sparsities: Sequence[float]) -> List[Dict]:
+def gap_rows(agg: Dict, task: str, sparsities: Sequence[float], split: str = "test") -> List[Dict]:
     """Per structured family and sparsity: the gap of the unpermuted structure to unstructured RigL, the gap with the
     permutation, the share of the first closed by the permutation, and whether the gap exceeds seed noise
-    (2 standard errors of the difference, when there are >= 2 seeds)."""
+    (2 standard errors of the difference, when there are >= 2 seeds); on the ``split`` ("test" or "valid")."""
+    if split not in ("test", "valid"):
+        raise ValueError(f"split must be 'test' or 'valid', got {split!r}")
     higher = METRIC[task][3]
     rows = []
     for s in sparsities:
@@ -303,12 +305,12 @@ def gap_rows(agg: Dict, task: str, sparsities: Sequence[float]) -> List[Dict]:
             a, b = agg.get((st, s)), agg.get((f"{st} + perm", s))
             if not (ref and a and b):
                 continue
-            r, x, p = ref["test"]["mean"], a["test"]["mean"], b["test"]["mean"]
+            r, x, p = ref[split]["mean"], a[split]["mean"], b[split]["mean"]
             if higher:  # accuracy points
                 gap, gap_perm = r - x, r - p
             else:  # perplexity, % above RigL's
                 gap, gap_perm = 100 * (x / r - 1), 100 * (p / r - 1)
-            ses = [ref["test"]["se"], a["test"]["se"]]
+            ses = [ref[split]["se"], a[split]["se"]]
             noise = 2 * math.sqrt(sum(e * e for e in ses)) if not any(math.isnan(e) for e in ses) else float("nan")
             noise_units = noise if higher else 100 * noise / r  # NaN stays NaN
             closed = (gap - gap_perm) / gap if gap > 0 else float("nan")
@@ -355,15 +357,18 @@ def table_md(results: List[Dict], speeds: List[Dict], tasks: Sequence[str], conf
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
         unit = "points" if higher else "% perplexity"
         lines += ["", f"Gap to unstructured RigL ({unit}; > 0: worse than RigL) without and with the learned "
-                  "permutation, and the share of the gap the permutation closes. 'noise' is two standard errors "
-                  "of the difference between the two means.", "",
-                  "| structure | sparsity | gap, no perm | gap, perm | share closed | noise | gap > noise |",
-                  "|---|---|---|---|---|---|---|"]
-        for g in gap_rows(agg, task, sparsities):
+                  "permutation, and the share of the gap the permutation closes, on test and (last three columns) "
+                  "on validation. 'noise' is two standard errors of the difference between the two means.", "",
+                  "| structure | sparsity | gap, no perm | gap, perm | share closed | noise | gap > noise | "
+                  "valid: gap, no perm | valid: gap, perm | valid: share closed |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for g, v in zip(gap_rows(agg, task, sparsities), gap_rows(agg, task, sparsities, "valid")):
             closed = "-" if math.isnan(g["closed"]) else f"{g['closed']:.0%}"
+            vclosed = "-" if math.isnan(v["closed"]) else f"{v['closed']:.0%}"
             noise = "-" if math.isnan(g["noise"]) else f"{g['noise']:.2f}"
             lines.append(f"| {g['structure']} | {g['sparsity']:.0%} | {g['gap']:+.2f} | {g['gap_perm']:+.2f} | "
-                         f"{closed} | {noise} | {'yes' if g['significant'] else 'no'} |")
+                         f"{closed} | {noise} | {'yes' if g['significant'] else 'no'} | {v['gap']:+.2f} | "
+                         f"{v['gap_perm']:+.2f} | {vclosed} |")
         prow = perm_rows(results, task, sparsities)
         if prow:
             lines += ["", "How the permutations were learned (every permuted layer of every seed): hardened because its "
