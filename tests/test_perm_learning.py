@@ -3,6 +3,7 @@ rule, the optimizer groups, the record of each layer, and recovery of a planted 
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 import sys
@@ -88,15 +89,15 @@ def test_assignment_logits_follow_the_score_and_break_ties():
 
 @pytest.mark.parametrize("side", ["input", "output"])
 def test_gradient_start(side):
-    """The default start: the layer runs unpermuted for perm_warmup training steps while summing dz.T @ x, then
-    the soft matrix starts from the assignment score of that sum."""
+    """The default start: the layer runs unpermuted for perm_warmup training steps (counted by the clock,
+    maybe_harden) while summing dz.T @ x, then the soft matrix starts from the assignment score of that sum."""
     torch.manual_seed(0)
     layer = SparseLinear(32, 64, structure="block", sparsity=0.75, block_size=8, perm_side=side, seed=5,
                          perm_warmup=3)
     assert layer.phase == "soft" and layer.in_warmup and not layer.soft_active
     assert "gradient warm-up, 0/3 steps" in repr(layer)
     G = torch.zeros(64, 32)
-    for _ in range(3):
+    for step in range(3):
         x = torch.randn(7, 32)
         y = layer(x)
         torch.testing.assert_close(y, x @ layer.sparse_weight().T + layer.bias)  # unpermuted
@@ -106,13 +107,15 @@ def test_gradient_start(side):
         G += dy.T @ x
         assert layer.soft.logits.grad is None  # not used yet: an optimizer leaves it alone
         assert layer.permutation_penalty().item() == 0
-    torch.testing.assert_close(layer.perm_grad, G)
-    with torch.no_grad():
-        layer.eval()(torch.randn(2, 32))  # evaluation neither counts nor ends the warm-up
-    assert layer.in_warmup
-    layer.train()
-    layer(torch.randn(2, 32))
-    assert layer.soft_active and "perm_grad" not in dict(layer.named_buffers())
+        with torch.no_grad():
+            layer.eval()(torch.randn(2, 32))  # evaluation neither adds to the sum nor ends the warm-up
+        layer.train()
+        torch.testing.assert_close(layer.perm_grad, G)
+        layer(torch.randn(2, 32))  # a forward alone does not end it either: the clock does
+        assert layer.in_warmup
+        assert not layer.maybe_harden(step)
+        assert layer.in_warmup == (step < 2)
+    assert layer.soft_active and layer.perm_grad is None
     score = P.assignment_scores(G, layer.pattern_mask(), side)
     assert score.shape == (layer.perm_dim, layer.perm_dim)
     expect = P.assignment_logits(score, 2.0, generator=torch.Generator().manual_seed(5))
@@ -123,19 +126,89 @@ def test_warmup_counts_only_finite_gradients():
     layer = SparseLinear(16, 16, structure="diagonal", sparsity=0.5, seed=0, perm_warmup=2)
     y = layer(torch.randn(3, 16))
     y.backward(torch.full_like(y, float("inf")))  # a step GradScaler would skip
+    layer.maybe_harden(0)
     assert layer._warmup_seen == 0 and layer.perm_grad.abs().sum() == 0
+    layer.maybe_harden(1)  # a tick without any backward pass does not count either
+    assert layer._warmup_seen == 0 and layer.in_warmup
+
+
+def test_warmup_sums_every_backward_of_a_step():
+    """Gradient accumulation (two micro-batches per step) and a layer used twice in one forward: one step each,
+    and the sum is the step's whole gradient."""
+    torch.manual_seed(0)
+    layer = SparseLinear(16, 16, structure="diagonal", sparsity=0.5, seed=0, perm_warmup=2, bias=False)
+    G = torch.zeros(16, 16)
+    for _ in range(2):  # step 0: two micro-batches
+        x, dy = torch.randn(4, 16), torch.randn(4, 16)
+        layer(x).backward(dy)
+        G += dy.T @ x
+    assert layer.in_warmup
+    layer.maybe_harden(0)
+    assert layer.in_warmup and layer._warmup_seen == 1
+    x = torch.randn(4, 16)
+    h = layer(x)
+    out = layer(h)  # step 1: the layer applied twice
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    dh = dout @ layer.sparse_weight()
+    G += dout.T @ h.detach() + dh.T @ x
+    torch.testing.assert_close(layer.perm_grad, G)
+    layer.maybe_harden(1)
+    assert layer.soft_active
+
+
+def test_warmup_under_activation_checkpointing():
+    """The recomputation of a checkpointed forward sees the same (unpermuted) layer as the forward did."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = SparseLinear(16, 16, structure="nm", n=1, m=4, seed=0, perm_warmup=2)
+    ref = copy.deepcopy(layer)
+    for step in range(3):
+        x = torch.randn(5, 16)
+        checkpoint(layer, x, use_reentrant=False).sum().backward()
+        ref(x).sum().backward()
+        if layer.perm_grad is not None:
+            torch.testing.assert_close(layer.perm_grad, ref.perm_grad)
+        layer.maybe_harden(step)
+        ref.maybe_harden(step)
+    assert layer.soft_active
+    torch.testing.assert_close(layer.soft.logits, ref.soft.logits)
+
+
+def test_warmup_sum_is_not_a_buffer_and_a_missing_clock_warns():
+    """The running sum stays out of the buffers (DistributedDataParallel broadcasts rank 0's buffers before every
+    forward, which would overwrite each rank's sum); a warm-up whose clock is never called says so."""
+    layer = SparseLinear(16, 16, structure="diagonal", sparsity=0.5, seed=0, perm_warmup=2)
+    layer(torch.randn(3, 16)).sum().backward()
+    assert layer.perm_grad is not None
+    assert "perm_grad" not in dict(layer.named_buffers()) and not any("perm_grad" in k for k in layer.state_dict())
+    layer.WARMUP_CLOCK_WARN = 3
+    with pytest.warns(UserWarning, match="harden_all"):
+        for _ in range(3):
+            layer(torch.randn(3, 16)).sum().backward()
+    assert layer.in_warmup
 
 
 def test_warmup_checkpoint_round_trip_and_hardening_in_warmup():
     src = SparseLinear(32, 32, structure="nm", n=1, m=4, seed=1, perm_warmup=4)
-    for _ in range(2):
+    for step in range(2):
         src(torch.randn(5, 32)).sum().backward()
+        src.maybe_harden(step)
+    src(torch.randn(5, 32)).sum().backward()  # a third step's gradient, before its clock tick
     buf = io.BytesIO()
     torch.save(src.state_dict(), buf)
     buf.seek(0)
     dst = SparseLinear(32, 32, structure="nm", n=1, m=4, seed=9, perm_init="random")
-    dst.load_state_dict(torch.load(buf, weights_only=True))  # plain types only: weights_only loads it
+    dst.load_state_dict(torch.load(buf, weights_only=True))  # plain types and tensors: weights_only loads it
     assert dst.in_warmup and dst._warmup_seen == 2 and torch.equal(dst.perm_grad, src.perm_grad)
+    assert dst._grad_since_tick
+    # a checkpoint of a warm-up without its sum is refused
+    bad = src.state_dict()
+    bad["_extra_state"] = copy.deepcopy(bad["_extra_state"])
+    del bad["_extra_state"]["perm"]["perm_grad"]
+    with pytest.raises(ValueError, match="perm_grad"):
+        SparseLinear(32, 32, structure="nm", n=1, m=4, seed=9).load_state_dict(bad)
     # a layer still in its warm-up runs unpermuted, so it hardens to the identity
     x = torch.randn(3, 32)
     with torch.no_grad():
@@ -217,7 +290,10 @@ def test_planted_permutation_is_recovered(structure, monkeypatch):
 @pytest.mark.parametrize("kw,pattern", [
     (dict(perm_init="argmax"), "perm_init must be one of"),
     (dict(harden_mode="round"), "harden_mode must be one of"),
-    (dict(perm_warmup=0), "perm_warmup must be >= 1"),
+    (dict(perm_warmup=0), "perm_warmup must be an integer >= 1.*got 0"),
+    (dict(perm_warmup=2.5), "perm_warmup must be an integer >= 1.*got 2.5"),
+    (dict(perm_delta=0.0), r"perm_delta must be in \(0, 1\].*got 0.0"),
+    (dict(harden_step=-1), "harden_step must be None or an integer step >= 0, got -1"),
     (dict(perm_init_scale=-1.0), "perm_init_scale must be positive, got -1.0"),
     (dict(perm_lambda=-0.1), "perm_lambda must be >= 0, got -0.1"),
     (dict(perm_lambda_ramp=-5), "perm_lambda_ramp must be >= 0"),
@@ -225,6 +301,12 @@ def test_planted_permutation_is_recovered(structure, monkeypatch):
 def test_rejects_bad_permutation_settings(kw, pattern):
     with pytest.raises(ValueError, match=pattern):
         SparseLinear(16, 16, structure="diagonal", **kw)
+
+
+def test_param_groups_rejects_a_bad_perm_lr():
+    model = nn.Sequential(SparseLinear(16, 16, structure="diagonal", sparsity=0.5, seed=0))
+    with pytest.raises(ValueError, match="perm_lr must be positive, got -1"):
+        param_groups(model, lr=1e-3, perm_lr=-1)
 
 
 def test_dst_rejects_bad_permutation_schedule():

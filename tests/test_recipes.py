@@ -159,6 +159,12 @@ def test_cli_rejects_bad_sparsity():
         R.main(["vit", "--sparsity", "1.5"])
 
 
+@pytest.mark.parametrize("flag", ["--perm-ramp", "--harden-at"])
+def test_cli_rejects_a_schedule_fraction_outside_0_1(flag):
+    with pytest.raises(SystemExit, match=f"{flag} must be a fraction of training in \\[0, 1\\], got 1.5"):
+        R.main(["vit", flag, "1.5"])
+
+
 class _ByteEncoding:
     """A stand-in for the GPT-2 BPE in tests (token = byte), so they need no wheel download."""
     eot_token = 50256

@@ -12,6 +12,7 @@ import statistics
 import pytest
 import torch
 
+from padst_ext import SparseLinear
 from padst_ext import data as D
 from padst_ext import recipes as R
 from padst_ext import reproduce as P
@@ -198,6 +199,13 @@ def test_reproduce_table_only_tabulates_finished_runs_without_training(tiny_data
     assert (out / "vit_masks.png").is_file() and (out / "vit_permutation.png").is_file()
     with pytest.raises(SystemExit, match="no run under .* finished with these arguments"):
         P.main(base + ["--table-only", "--train-args", "--lr 0.001"])
+    # a run written before padst-train had a flag (no value for it in its checkpoint's arguments) still loads
+    run = runs / P.Config("block", "rigl", True, 0.75).name("vit", 0)
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    del ck["args"]["perm_init_scale"]
+    torch.save(ck, run / "checkpoint.pt")
+    model = P._load_run(run)
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) > 0
 
 
 def test_reproduce_reruns_a_run_whose_command_changed(tiny_data):

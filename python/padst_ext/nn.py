@@ -54,8 +54,10 @@ class SparseLinear(nn.Module):
             the paper; N:M always permutes its input.
         perm_init: soft matrix start: ``"gradient"`` (default: from the gradient of the first ``perm_warmup``
             training steps, during which the layer runs unpermuted), ``"uniform"``, ``"random"`` or ``"identity"``.
-        perm_warmup, perm_init_scale: steps of gradient summed for the ``"gradient"`` start, and how peaked that
-            start is (the logits are the standardised assignment score times this).
+        perm_warmup, perm_init_scale: optimizer steps of gradient summed for the ``"gradient"`` start (counted by
+            the clock, :meth:`maybe_harden`, which DST or :func:`harden_all` calls after every step; every backward
+            pass of a step adds to the sum), and how peaked that start is (the logits are the standardised
+            assignment score times this).
         perm_lambda, perm_lambda_ramp: the penalty weight, reached geometrically from ``perm_lambda / 1000`` over
             ``perm_lambda_ramp`` soft-phase steps (0: constant from the start; None: a quarter of training when
             :class:`~padst_ext.DST` knows its length, else 1000).
@@ -93,21 +95,27 @@ class SparseLinear(nn.Module):
             raise ValueError(f"perm_init must be one of {P.INITS}, got {perm_init!r}")
         if harden_mode not in P.HARDEN_MODES:
             raise ValueError(f"harden_mode must be one of {P.HARDEN_MODES}, got {harden_mode!r}")
-        if int(perm_warmup) < 1:
-            raise ValueError(f"perm_warmup must be >= 1 (training steps of gradient for the start), got {perm_warmup}")
+        if isinstance(perm_warmup, bool) or int(perm_warmup) != perm_warmup or perm_warmup < 1:
+            raise ValueError(f"perm_warmup must be an integer >= 1 (training steps of gradient for the start), got "
+                             f"{perm_warmup!r}")
         if not float(perm_init_scale) > 0:
             raise ValueError(f"perm_init_scale must be positive, got {perm_init_scale}")
         if not float(perm_lambda) >= 0:
             raise ValueError(f"perm_lambda must be >= 0, got {perm_lambda}")
         if perm_lambda_ramp is not None and int(perm_lambda_ramp) < 0:
             raise ValueError(f"perm_lambda_ramp must be >= 0 (steps), got {perm_lambda_ramp}")
+        if not 0 < float(perm_delta) <= 1:
+            raise ValueError(f"perm_delta must be in (0, 1] (a mean per-row penalty), got {perm_delta}")
+        if harden_step is not None and (isinstance(harden_step, bool) or int(harden_step) != harden_step
+                                        or harden_step < 0):
+            raise ValueError(f"harden_step must be None or an integer step >= 0, got {harden_step!r}")
         self.perm_init, self.sinkhorn_iters = perm_init, int(sinkhorn_iters)
         self.perm_warmup, self.perm_init_scale = int(perm_warmup), float(perm_init_scale)
         self._seed = seed
         self.perm_lambda = float(perm_lambda)
         self.perm_lambda_ramp = None if perm_lambda_ramp is None else int(perm_lambda_ramp)
         self.perm_delta, self.harden_mode = float(perm_delta), harden_mode
-        self.harden_step = harden_step
+        self.harden_step = None if harden_step is None else int(harden_step)
         self._dst_capture: Optional[list] = None  # set by DST on its update steps
         self.penalty_in_backward = False  # set by DST: the soft phase adds lambda * dP/dM in its backward
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -228,8 +236,10 @@ class SparseLinear(nn.Module):
             perm = torch.arange(self.perm_dim, device=self.values.device)
         elif self.harden_mode == "weights":
             with torch.no_grad():
-                W = self.dense_weight().detach()
-                W = W.double() if W.dtype == torch.float64 else W.float()
+                # S M in the soft matrix's precision (float32, or float64), not the layer's (half/bfloat16)
+                M = self.soft.matrix().detach()
+                S = self.sparse_weight().detach().to(M.dtype)
+                W = S @ M if self.perm_side == "input" else M @ S
                 mask = self.pattern_mask()
                 perm, S_new = P.weight_preserving_rounding(W, mask, self.perm_side)
                 self._set_pattern(S_new.to(self.values.dtype), mask)
@@ -282,7 +292,7 @@ class SparseLinear(nn.Module):
         if self.phase != "soft":
             return False
         due = harden and self.harden_step is not None and step is not None and step >= self.harden_step
-        self._maybe_finish_warmup()
+        self._tick_warmup()
         if self.in_warmup:
             if due:
                 self.harden("deadline", step)
@@ -314,28 +324,37 @@ class SparseLinear(nn.Module):
 
     def _reset_perm_state(self) -> None:
         self._warmup_left = 0  # > 0: still summing the gradient for the "gradient" start
-        self._warmup_seen = 0  # backward passes summed so far
+        self._warmup_seen = 0  # training steps (clock ticks with a gradient) summed so far
+        self._grad_since_tick = False  # the warm-up hook saw a finite gradient since the last clock tick
+        self._backwards_since_tick = 0  # warm-up backward passes since the last tick (to warn of a missing clock)
+        self._perm_grad: Optional[Tensor] = None  # the warm-up's sum of dz.T @ x [out, in]
         self._soft_steps = 0  # maybe_harden calls since the soft matrix started acting
         self._cur_lambda = P.lambda_ramp(self.perm_lambda, 0, self.ramp_steps)
         self.perm_log = dict(init=self.perm_init, start_penalty=None, start_perm=None, trace=[], reason=None,
                              hardened_step=None, soft_steps=None, penalty_at_harden=None, moved_from_start=None,
                              moved_support_from_start=None, moved_from_identity=None,
                              moved_support_from_identity=None)
-        if "perm_grad" in self._buffers:
-            del self._buffers["perm_grad"]
 
     def _begin_warmup(self) -> None:
         if self.perm_init != "gradient":
             return
         self._warmup_left, self._warmup_seen = self.perm_warmup, 0
+        # float32 (float64 for float64 layers) whatever the layer's dtype. A plain attribute, not a buffer:
+        # DistributedDataParallel broadcasts rank 0's buffers before every forward, which would overwrite each
+        # rank's sum; it goes into the checkpoint through get_extra_state and follows the gradient's device.
         dt = torch.float64 if self.values.dtype == torch.float64 else torch.float32
-        self.register_buffer("perm_grad", torch.zeros(self.out_features, self.in_features, dtype=dt,
-                                                      device=self.values.device))
+        self._perm_grad = torch.zeros(self.out_features, self.in_features, dtype=dt, device=self.values.device)
 
     def _end_warmup(self) -> None:
         self._warmup_left = 0
-        if "perm_grad" in self._buffers:
-            del self._buffers["perm_grad"]
+        self._perm_grad = None
+        self._grad_since_tick, self._backwards_since_tick = False, 0
+
+    @property
+    def perm_grad(self) -> Optional[Tensor]:
+        """The gradient warm-up's running sum of the unpermuted weight's gradient ``dz.T @ x`` ``[out, in]``
+        (None outside the warm-up)."""
+        return self._perm_grad
 
     DEFAULT_RAMP = 1000  # penalty ramp in steps when neither the layer nor DST sets one
 
@@ -353,21 +372,48 @@ class SparseLinear(nn.Module):
         """The soft matrix is what the forward applies."""
         return self.phase == "soft" and self._warmup_left == 0
 
+    WARMUP_CLOCK_WARN = 200  # warm-up backward passes without a clock tick before warning that none comes
+
     def _record_grad(self, dz: Tensor, x: Tensor) -> None:
-        """Warm-up backward hook: sum the dense gradient ``dz.T @ x [out, in]`` of the (unpermuted) weight."""
-        if not bool(torch.isfinite(dz).all()):
-            return  # a step that GradScaler skips is not a signal
-        buf = self._buffers.get("perm_grad")
+        """Warm-up backward hook: sum the dense gradient ``dz.T @ x [out, in]`` of the (unpermuted) weight. Every
+        backward pass of a step adds to the sum (gradient accumulation, a layer used twice); the step is counted by
+        the clock (:meth:`maybe_harden`)."""
+        buf = self._perm_grad
         if buf is None:
             return
+        self._backwards_since_tick += 1
+        if self._backwards_since_tick == self.WARMUP_CLOCK_WARN:
+            warnings.warn(f"SparseLinear: {self.WARMUP_CLOCK_WARN} backward passes in the gradient warm-up and no "
+                          "clock tick; the warm-up ends after perm_warmup optimizer steps counted by maybe_harden: "
+                          "call padst_ext.harden_all(model, step) after each optimizer step, or train with DST",
+                          stacklevel=2)
+        if not bool(torch.isfinite(dz).all()):
+            return  # a step that GradScaler skips is not a signal
+        if buf.device != dz.device:  # the layer moved (e.g. .cuda()) during its warm-up
+            buf = self._perm_grad = buf.to(dz.device)
         buf.add_(dz.to(buf.dtype).T @ x.to(buf.dtype))
-        self._warmup_seen += 1
+        self._grad_since_tick = True
+
+    def _tick_warmup(self) -> None:
+        """One clock tick (an optimizer step) of the warm-up: count it if the layer got a finite gradient (on every
+        rank, under torch.distributed), and start the soft matrix after ``perm_warmup`` counted steps."""
+        if not self.in_warmup:
+            return
+        got = self._grad_since_tick
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1.0 if got else 0.0], device=self.values.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)  # the ranks count alike
+            got = bool(flag.item() > 0)
+        self._grad_since_tick, self._backwards_since_tick = False, 0
+        if got:
+            self._warmup_seen += 1
+        self._maybe_finish_warmup()
 
     def _maybe_finish_warmup(self) -> None:
-        """After ``perm_warmup`` recorded backward passes: start the soft matrix from the gradient's assignment."""
+        """After ``perm_warmup`` counted steps: start the soft matrix from the gradient's assignment."""
         if not self.in_warmup or self._warmup_seen < self.perm_warmup:
             return
-        G = self._buffers["perm_grad"]
+        G = self._perm_grad.to(self.values.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(G)  # every rank starts from the same matrix
         score = P.assignment_scores(G, self.pattern_mask(), self.perm_side)
@@ -390,8 +436,6 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        if self.in_warmup and self.training and torch.is_grad_enabled():
-            self._maybe_finish_warmup()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         bufs = self._buffers_dict()
@@ -503,6 +547,9 @@ class SparseLinear(nn.Module):
             state["perm"] = dict(warmup_left=self._warmup_left, warmup_seen=self._warmup_seen,
                                  soft_steps=self._soft_steps, cur_lambda=self._cur_lambda,
                                  log=copy.deepcopy(self.perm_log))
+            if self._perm_grad is not None:  # a tensor: weights_only loads it too
+                state["perm"].update(perm_grad=self._perm_grad.detach().clone(),
+                                     grad_since_tick=self._grad_since_tick)
         return state
 
     def set_extra_state(self, state):
@@ -518,7 +565,7 @@ class SparseLinear(nn.Module):
                     raise ValueError(f"checkpoint for {prefix or 'SparseLinear'} does not match this layer: "
                                      f"{key} is {extra.get(key)!r} in the checkpoint but {mine[key]!r} here")
             self._set_phase(extra["phase"])
-            self._load_perm_state(extra.get("perm"), state_dict.get(prefix + "perm_grad"))
+            self._load_perm_state(extra.get("perm"))
             # the pattern (and so the number of stored values) may differ from this layer's: take its shapes
             for name in ("values",) + tuple(self.structure.buffer_names) + (("perm",) if self.phase == "hard" else ()):
                 src = state_dict.get(prefix + name)
@@ -548,7 +595,7 @@ class SparseLinear(nn.Module):
         if abs(density - self.structure.density) > 1e-12:
             self.structure = self._structure_at(density)
 
-    def _load_perm_state(self, perm_state: Optional[dict], perm_grad: Optional[Tensor]) -> None:
+    def _load_perm_state(self, perm_state: Optional[dict]) -> None:
         """The soft phase's clock from a checkpoint (one without it, written before it existed, resumes with the
         warm-up over, the ramp at its start and an empty record)."""
         self._reset_perm_state()
@@ -562,9 +609,13 @@ class SparseLinear(nn.Module):
         if "log" in st:
             self.perm_log = copy.deepcopy(st["log"])
         if self._warmup_left > 0:
-            if perm_grad is None:
-                raise ValueError("checkpoint of a layer in its gradient warm-up has no perm_grad tensor")
-            self.register_buffer("perm_grad", torch.empty_like(perm_grad, device=self.values.device))
+            grad = st.get("perm_grad")
+            if not isinstance(grad, Tensor) or tuple(grad.shape) != (self.out_features, self.in_features):
+                raise ValueError("checkpoint of a layer in its gradient warm-up has no perm_grad tensor of shape "
+                                 f"{(self.out_features, self.in_features)}; got {getattr(grad, 'shape', grad)!r}")
+            dt = torch.float64 if self.values.dtype == torch.float64 else torch.float32
+            self._perm_grad = grad.to(device=self.values.device, dtype=dt).clone()
+            self._grad_since_tick = bool(st.get("grad_since_tick", False))
 
     def _set_phase(self, phase: str) -> None:
         if phase not in _PHASES:
@@ -592,7 +643,8 @@ class SparseLinear(nn.Module):
 
 
 def permutation_penalty(model: nn.Module) -> Tensor:
-    """Sum of every soft layer's ``perm_lambda * P(M)``: add to the loss during the soft phase."""
+    """Sum of every soft layer's ``lambda * P(M)`` (``lambda`` where its ramp towards ``perm_lambda`` is): add to the
+    loss during the soft phase."""
     terms = [m.permutation_penalty() for m in model.modules() if isinstance(m, SparseLinear) and m.phase == "soft"]
     if not terms:
         p = next(model.parameters(), None)
@@ -602,8 +654,9 @@ def permutation_penalty(model: nn.Module) -> Tensor:
 
 def harden_all(model: nn.Module, step: Optional[int] = None, force: bool = False) -> List[str]:
     """Advance every soft layer's clock by one step (:meth:`SparseLinear.maybe_harden`: call it after every
-    optimizer step when not using :class:`~padst_ext.DST`, which does it) and harden those that are due, or all of
-    them with ``force``; returns the names of the layers hardened."""
+    optimizer step when not using :class:`~padst_ext.DST`, which does it; with DST, calling it too would advance the
+    clock twice per step) and harden those that are due, or all of them with ``force``; returns the names of the
+    layers hardened."""
     done = []
     for name, m in model.named_modules():
         if isinstance(m, SparseLinear) and m.phase == "soft":
@@ -636,6 +689,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, perm_lr
     """
     if perm_lr is None:
         perm_lr = 1e-2 if soft_steps is None else min(0.5, max(1e-2, 8.0 / max(1, soft_steps)))
+    elif not float(perm_lr) > 0:
+        raise ValueError(f"perm_lr must be positive, got {perm_lr}")
     perm = {id(p) for p in permutation_parameters(model)}
     rest = [p for p in model.parameters() if id(p) not in perm]
     groups = [dict(params=rest, lr=lr, weight_decay=weight_decay)]

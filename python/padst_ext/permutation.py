@@ -189,7 +189,7 @@ class SoftPermutation(nn.Module):
       * ``"gradient"`` (the layers' default) and ``"uniform"``: logits = small noise, M close to the uniform 1/d
         matrix (where the paper code's start, a random non-negative matrix Sinkhorn-normalised, lands for large d).
         With ``"gradient"`` the owning :class:`~padst_ext.nn.SparseLinear` replaces them after its first training
-        steps by :func:`assign` from the gradient (it runs unpermuted until then, so the uniform matrix that
+        steps by :meth:`assign` from the gradient (it runs unpermuted until then, so the uniform matrix that
         averages the inputs away is never applied);
       * ``"random"``: Gaussian logits of standard deviation ``random_scale`` (5), a random, fairly peaked
         matrix (mean per-row penalty 0.37-0.48). It barely moves: on a planted permutation the hardened one kept

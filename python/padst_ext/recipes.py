@@ -517,6 +517,9 @@ def main(argv=None) -> Dict:
     args = parser().parse_args(argv)
     if not 0 < args.sparsity < 1:
         raise SystemExit(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    for flag, value in (("--perm-ramp", args.perm_ramp), ("--harden-at", args.harden_at)):
+        if not 0 <= value <= 1:
+            raise SystemExit(f"{flag} must be a fraction of training in [0, 1], got {value}")
     given = argv if argv is not None else sys.argv
     if args.task == "vit":
         if args.quick:  # about two minutes on 2 cores: one pass over the 55k training images with a small ViT

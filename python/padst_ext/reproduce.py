@@ -486,8 +486,12 @@ def plot_metric(results: List[Dict], task: str, configs: List[Config], sparsitie
 def _load_run(run_dir: Path):
     ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)  # the speed phase is on the CPU
     from .recipes import build_models
+    from .recipes import parser as train_parser
 
-    model = build_models(argparse.Namespace(**ck["args"]))[0]
+    # padst-train's defaults under the run's own arguments: a run written before a flag existed has no value for it
+    args = vars(train_parser().parse_args([ck["args"]["task"]]))
+    args.update(ck["args"])
+    model = build_models(argparse.Namespace(**args))[0]
     model.load_state_dict(ck["model"])
     return model
 
