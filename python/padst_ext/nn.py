@@ -63,7 +63,8 @@ class SparseLinear(nn.Module):
             :class:`~padst_ext.DST` knows its length, else 1000).
         perm_delta, harden_step: the soft matrix hardens once its mean per-row penalty is under ``perm_delta`` and
             under half of its value at the start of the soft phase (so an unmoved start never hardens), or at
-            step ``harden_step`` at the latest (None: half of training under DST, else never).
+            step ``harden_step`` at the latest (None: half of training under DST, else never); ``perm_delta=0``
+            leaves only ``harden_step``.
         harden_mode: ``"weights"`` (default: the permutation keeping most of the effective weight ``S M`` under
             the pattern, with ``S`` re-fitted to it) or ``"matrix"`` (Hungarian rounding of ``M`` alone, the
             paper's).
@@ -104,8 +105,9 @@ class SparseLinear(nn.Module):
             raise ValueError(f"perm_lambda must be >= 0, got {perm_lambda}")
         if perm_lambda_ramp is not None and int(perm_lambda_ramp) < 0:
             raise ValueError(f"perm_lambda_ramp must be >= 0 (steps), got {perm_lambda_ramp}")
-        if not 0 < float(perm_delta) <= 1:
-            raise ValueError(f"perm_delta must be in (0, 1] (a mean per-row penalty), got {perm_delta}")
+        if not 0 <= float(perm_delta) <= 1:
+            raise ValueError(f"perm_delta must be in [0, 1] (a mean per-row penalty; 0: harden only at harden_step), "
+                             f"got {perm_delta}")
         if harden_step is not None and (isinstance(harden_step, bool) or int(harden_step) != harden_step
                                         or harden_step < 0):
             raise ValueError(f"harden_step must be None or an integer step >= 0, got {harden_step!r}")
