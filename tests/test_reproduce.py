@@ -215,6 +215,13 @@ def test_reproduce_reruns_a_run_whose_command_changed(tiny_data):
     P.main(base)
     r = P.main(base + ["--train-args", "--lr 0.001"])
     assert not any(x.get("skipped") for x in r["runs"])
+    # a permuted run from before the permutations learned (no permutation record): trained again, alone
+    run = out / "runs" / "vit" / P.Config("block", "rigl", True, 0.75).name("vit", 0)
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["permutation"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    again = P.main(base + ["--train-args", "--lr 0.001"])
+    assert [x["config"] for x in again["runs"] if not x.get("skipped")] == ["block + perm"]
     with pytest.raises(SystemExit, match="not valid for padst-train vit"):
         P.main(base + ["--train-args", "--no-such-option 1"])
 
