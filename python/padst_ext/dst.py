@@ -18,7 +18,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import permutation as P
 from .nn import SparseLinear
 
 __all__ = ["DST", "erk_densities", "apply_erk"]
@@ -139,7 +138,6 @@ class DST:
             if total_steps is not None and layer.phase == "soft":  # the schedule in this run's steps, if unset
                 if layer.perm_lambda_ramp is None:
                     layer.perm_lambda_ramp = int(perm_ramp * total_steps)
-                    layer._cur_lambda = P.lambda_ramp(layer.perm_lambda, layer._soft_steps, layer.ramp_steps)
                 if layer.harden_step is None and harden_at is not None:
                     layer.harden_step = int(harden_at * total_steps)
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),

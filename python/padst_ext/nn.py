@@ -251,14 +251,13 @@ class SparseLinear(nn.Module):
             with torch.no_grad():
                 log["penalty_at_harden"] = float(self.soft.penalty("mean_row"))
         log.update(reason=reason, hardened_step=step, soft_steps=self._soft_steps)
-        perm_list = perm.tolist()
         if log.get("start_perm") is not None:
             start = torch.tensor(log["start_perm"], device=perm.device)
             log["moved_from_start"] = float((perm != start).float().mean())
             log["moved_support_from_start"] = self._support_moved(perm, start)
-        log["moved_from_identity"] = sum(a != i for i, a in enumerate(perm_list)) / len(perm_list)
-        log["moved_support_from_identity"] = self._support_moved(perm, torch.arange(len(perm_list),
-                                                                                       device=perm.device))
+        ident = torch.arange(perm.numel(), device=perm.device)
+        log["moved_from_identity"] = int((perm != ident).sum()) / perm.numel()
+        log["moved_support_from_identity"] = self._support_moved(perm, ident)
         self._drop_soft()
         self._end_warmup()
         self.phase = "hard"
@@ -302,7 +301,6 @@ class SparseLinear(nn.Module):
             return False
         self._start_soft_phase()
         self._soft_steps += 1
-        self._cur_lambda = P.lambda_ramp(self.perm_lambda, self._soft_steps, self.ramp_steps)
         with torch.no_grad():
             pen = float(self.soft.penalty("mean_row"))
         log = self.perm_log
@@ -319,19 +317,17 @@ class SparseLinear(nn.Module):
         it to the loss unless DST adds its gradient already."""
         if not self.soft_active:
             return self.values.new_zeros(())
-        return self._cur_lambda * self.soft.penalty()
+        return self.cur_lambda * self.soft.penalty()
 
     # -- the soft phase's state -----------------------------------------------------------------------------
     TRACE_EVERY = 10  # soft-phase steps between two penalty records in perm_log["trace"]
 
     def _reset_perm_state(self) -> None:
-        self._warmup_left = 0  # > 0: still summing the gradient for the "gradient" start
         self._warmup_seen = 0  # training steps (clock ticks with a gradient) summed so far
         self._grad_since_tick = False  # the warm-up hook saw a finite gradient since the last clock tick
         self._backwards_since_tick = 0  # warm-up backward passes since the last tick (to warn of a missing clock)
-        self._perm_grad: Optional[Tensor] = None  # the warm-up's sum of dz.T @ x [out, in]
+        self._perm_grad: Optional[Tensor] = None  # the warm-up's sum of dz.T @ x [out, in]; set: in the warm-up
         self._soft_steps = 0  # maybe_harden calls since the soft matrix started acting
-        self._cur_lambda = P.lambda_ramp(self.perm_lambda, 0, self.ramp_steps)
         self.perm_log = dict(init=self.perm_init, start_penalty=None, start_perm=None, trace=[], reason=None,
                              hardened_step=None, soft_steps=None, penalty_at_harden=None, moved_from_start=None,
                              moved_support_from_start=None, moved_from_identity=None,
@@ -340,7 +336,7 @@ class SparseLinear(nn.Module):
     def _begin_warmup(self) -> None:
         if self.perm_init != "gradient":
             return
-        self._warmup_left, self._warmup_seen = self.perm_warmup, 0
+        self._warmup_seen = 0
         # float32 (float64 for float64 layers) whatever the layer's dtype. A plain attribute, not a buffer:
         # DistributedDataParallel broadcasts rank 0's buffers before every forward, which would overwrite each
         # rank's sum; it goes into the checkpoint through get_extra_state and follows the gradient's device.
@@ -348,7 +344,6 @@ class SparseLinear(nn.Module):
         self._perm_grad = torch.zeros(self.out_features, self.in_features, dtype=dt, device=self.values.device)
 
     def _end_warmup(self) -> None:
-        self._warmup_left = 0
         self._perm_grad = None
         self._grad_since_tick, self._backwards_since_tick = False, 0
 
@@ -365,14 +360,20 @@ class SparseLinear(nn.Module):
         return self.DEFAULT_RAMP if self.perm_lambda_ramp is None else self.perm_lambda_ramp
 
     @property
+    def cur_lambda(self) -> float:
+        """The penalty weight where the ramp is: ``perm_lambda / 1000`` rising to ``perm_lambda`` over
+        :attr:`ramp_steps` soft-phase steps."""
+        return P.lambda_ramp(self.perm_lambda, self._soft_steps, self.ramp_steps)
+
+    @property
     def in_warmup(self) -> bool:
         """Still summing the gradient for the ``"gradient"`` start (the layer runs unpermuted meanwhile)."""
-        return self.phase == "soft" and self._warmup_left > 0
+        return self.phase == "soft" and self._perm_grad is not None
 
     @property
     def soft_active(self) -> bool:
         """The soft matrix is what the forward applies."""
-        return self.phase == "soft" and self._warmup_left == 0
+        return self.phase == "soft" and self._perm_grad is None
 
     WARMUP_CLOCK_WARN = 200  # warm-up backward passes without a clock tick before warning that none comes
 
@@ -468,7 +469,7 @@ class SparseLinear(nn.Module):
             y.register_hook(lambda g: self._record_grad(g, xd))
 
     def _lam(self) -> float:
-        return self._cur_lambda if self.penalty_in_backward else 0.0
+        return self.cur_lambda if self.penalty_in_backward else 0.0
 
     def _forward_capturing(self, x2: Tensor, bufs) -> Tensor:
         """Forward that records the sparse product's input and output gradient, so that DST can form the dense
@@ -546,10 +547,9 @@ class SparseLinear(nn.Module):
         state = dict(config=self.structure.config(), phase=self.phase, perm_side=self.perm_side,
                      has_bias=self.bias is not None)
         if self.phase != "none":  # the soft phase's clock and record (plain values: weights_only loads them)
-            state["perm"] = dict(warmup_left=self._warmup_left, warmup_seen=self._warmup_seen,
-                                 soft_steps=self._soft_steps, cur_lambda=self._cur_lambda,
+            state["perm"] = dict(warmup=self.in_warmup, warmup_seen=self._warmup_seen, soft_steps=self._soft_steps,
                                  log=copy.deepcopy(self.perm_log))
-            if self._perm_grad is not None:  # a tensor: weights_only loads it too
+            if self.in_warmup:  # a tensor: weights_only loads it too
                 state["perm"].update(perm_grad=self._perm_grad.detach().clone(),
                                      grad_since_tick=self._grad_since_tick)
         return state
@@ -604,13 +604,11 @@ class SparseLinear(nn.Module):
         if self.phase == "none":
             return
         st = perm_state or {}
-        self._warmup_left = int(st.get("warmup_left", 0)) if self.phase == "soft" else 0
         self._warmup_seen = int(st.get("warmup_seen", 0))
         self._soft_steps = int(st.get("soft_steps", 0))
-        self._cur_lambda = float(st.get("cur_lambda", self._cur_lambda))
         if "log" in st:
             self.perm_log = copy.deepcopy(st["log"])
-        if self._warmup_left > 0:
+        if self.phase == "soft" and st.get("warmup", False):
             grad = st.get("perm_grad")
             if not isinstance(grad, Tensor) or tuple(grad.shape) != (self.out_features, self.in_features):
                 raise ValueError("checkpoint of a layer in its gradient warm-up has no perm_grad tensor of shape "
