@@ -63,7 +63,7 @@ def make_sparse(model: nn.Module, args, include=("blocks.*",)) -> List[str]:
     if kw["permute"]:
         kw.update(perm_init=args.perm_init, perm_warmup=args.perm_warmup, perm_init_scale=args.perm_init_scale,
                   perm_lambda=args.perm_lambda,
-                  perm_lambda_ramp=getattr(args, "perm_lambda_ramp", 1000), harden_step=args.harden_step,
+                  perm_lambda_ramp=getattr(args, "perm_lambda_ramp", None), harden_step=args.harden_step,
                   harden_mode=args.harden_mode)
     report = sparsify(model, args.structure, args.sparsity, include=list(include), **kw)
     return [name for name, _ in report.replaced]
