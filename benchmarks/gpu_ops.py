@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import signal
 import statistics
@@ -187,8 +188,10 @@ def structure_cost(case: Case, idx_nm: int = 4) -> dict[str, dict[str, float]]:
         bs = int(st[5:])
         nnzb = R // bs * max(1, round((1 - s) * (C // bs)))
         nnz, meta_f, meta_b = nnzb * bs * bs, (nnzb + R // bs + 1) * 8, (nnzb + C // bs + 1) * 8
-        return {"padst_perm": cost_model(case, nnz, meta_f, meta_b, C + R),
-                "padst_ident": cost_model(case, nnz, meta_f, meta_b, 0)}
+        out = {"padst_perm": cost_model(case, nnz, meta_f, meta_b, C + R),
+               "padst_ident": cost_model(case, nnz, meta_f, meta_b, 0)}
+        out["padst_xs_perm"], out["padst_xs_ident"] = out["padst_perm"], out["padst_ident"]
+        return out
     if st == "diag":
         L = min(R, C)
         K = math.ceil((1 - s) * R * C / L)
@@ -452,6 +455,25 @@ def _semi_structured_module():
         return None, f"n/a ({short_error(e)})"
 
 
+def _with_env(name: str, value: str | None, fn: Callable) -> Callable:
+    """fn with the environment variable `name` set to `value` during each call (None: fn itself)."""
+    if value is None:
+        return fn
+
+    def run(*args):
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+    return run
+
+
 def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_dtype: torch.dtype,
                do_check: bool) -> Built:
     """Inputs and variants of one case; scale_div > 1 shrinks C and R (dry run). The byte / FLOP model attached to
@@ -474,15 +496,19 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
     variants: list[Variant] = []
     skipped: dict[str, str] = {}
 
-    def padst_variant(key, apply, values, S_of, mask, ip, op, needs=()):
+    def padst_variant(key, apply, values, S_of, mask, ip, op, needs=(), block_xs=None):
+        """block_xs: None = the library's kernel choice; "1" / "0" = PADST_BLOCK_XS for this variant's calls (the
+        x-stationary block kernel on / off; the variable is read at every call, so variants of one run can differ)."""
         xr = x.detach().requires_grad_()
         vr = values.detach().requires_grad_()
         br = bias.detach().requires_grad_()
-        v = Variant(key, fwd=lambda: apply(x, values, bias),
-                    fwdbwd=lambda: torch.autograd.grad(apply(xr, vr, br), (xr, vr, br), dy), needs=needs,
-                    cost=costs.get(key))
+        fwd = _with_env("PADST_BLOCK_XS", block_xs, lambda: apply(x, values, bias))
+        fwdbwd = _with_env("PADST_BLOCK_XS", block_xs,
+                           lambda: torch.autograd.grad(apply(xr, vr, br), (xr, vr, br), dy))
+        v = Variant(key, fwd=fwd, fwdbwd=fwdbwd, needs=needs, cost=costs.get(key))
         if do_check:
-            v.check = lambda grad: _check_linear(apply, x, values, bias, dy, S_of, mask, ip, op, dtype, grad)
+            v.check = _with_env("PADST_BLOCK_XS", block_xs,
+                                lambda grad: _check_linear(apply, x, values, bias, dy, S_of, mask, ip, op, dtype, grad))
         return v
 
     def plain_variant(key, fwd, out_of, S, ip=None, op=None, with_bias=False):
@@ -519,8 +545,15 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
         def apply_id(xx, v, b, w=w, linear=linear):
             return linear(xx, w._replace(values=v), b)
 
-        variants.append(padst_variant("padst_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm, needs))
-        variants.append(padst_variant("padst_ident", apply_id, w.values, S_of, mask, None, None, needs))
+        # block: padst_* is the block_tc kernel, padst_xs_* the x-stationary one where it serves (fc1's forward and
+        # fc2's dx: the narrow side fits in shared memory), the block_tc kernel elsewhere
+        tc = "0" if st.startswith("block") else None
+        variants.append(padst_variant("padst_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm, needs, tc))
+        variants.append(padst_variant("padst_ident", apply_id, w.values, S_of, mask, None, None, needs, tc))
+        if st.startswith("block"):
+            variants.append(padst_variant("padst_xs_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm,
+                                          needs, "1"))
+            variants.append(padst_variant("padst_xs_ident", apply_id, w.values, S_of, mask, None, None, needs, "1"))
         S_id = S_of(w.values)
         S_ref, ip_ref, op_ref = S_id, in_perm, out_perm
         # the layer's effective dense weight: x @ W.T == (x[:, in_perm] @ S.T)[:, out_perm] (exact: a permutation)
@@ -736,6 +769,8 @@ def check_code(info: dict) -> str:
 def impl_rows(row) -> list[tuple]:
     """(label suffix, perm key, ident key) of the padst implementations of a case."""
     out = [("", "padst_perm", "padst_ident")]
+    if "padst_xs_perm" in row["variants"]:
+        out.append((" xs", "padst_xs_perm", "padst_xs_ident"))
     if row["structure"] == "2:4":
         out = [(" nm", "padst_perm", "padst_ident")]
         if "lt24_perm" in row["variants"]:
@@ -798,16 +833,17 @@ def _label(r) -> str:
 
 def detailed_table(rows: list[dict]) -> list[str]:
     """Every variant's median ms (errors as [n] with the messages listed below the table)."""
-    cols = ["dense", "padst_perm", "padst_ident", "lt24_perm", "lt24_ident", "torch_bsr", "triton_bsr", "torch_csr",
-            "torch_24", "torch_24_cusparselt"]
+    cols = ["dense", "padst_perm", "padst_ident", "padst_xs_perm", "padst_xs_ident", "lt24_perm", "lt24_ident",
+            "torch_bsr", "triton_bsr", "torch_csr", "torch_24", "torch_24_cusparselt"]
     notes: dict[str, int] = {}
 
     def note(msg: str) -> str:
         return f"[{notes.setdefault(msg, len(notes) + 1)}]"
 
     lines = ["| case | density | " + " | ".join(f"{c} ms" for c in cols)
-             + " | bound fwd ms | dense f+b ms | padst perm f+b ms | padst ident f+b ms | bound f+b ms | check |",
-             "|---" * (len(cols) + 8) + "|"]
+             + " | bound fwd ms | dense f+b ms | padst perm f+b ms | padst ident f+b ms | xs perm f+b ms | "
+             "xs ident f+b ms | bound f+b ms | check |",
+             "|---" * (len(cols) + 10) + "|"]
     for r in rows:
         v = r["variants"]
         cells = []
@@ -826,6 +862,8 @@ def detailed_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['name']} | {r['density']:.4f} | " + " | ".join(cells)
                      + f" | {fmt(p.get('bound_fwd_ms'), '.4f')} | {fmt(ms(r, 'dense', 'fwdbwd'), '.4f')} | "
                      f"{fmt(ms(r, 'padst_perm', 'fwdbwd'), '.4f')} | {fmt(ms(r, 'padst_ident', 'fwdbwd'), '.4f')} | "
+                     f"{fmt(ms(r, 'padst_xs_perm', 'fwdbwd'), '.4f')} | "
+                     f"{fmt(ms(r, 'padst_xs_ident', 'fwdbwd'), '.4f')} | "
                      f"{fmt(p.get('bound_fwdbwd_ms'), '.4f')} | {checks} |")
     lines.append("")
     lines += [f"[{i}] {msg}" for msg, i in notes.items()]

@@ -12,7 +12,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <type_traits>
 #include <optional>
 #include <vector>
 
@@ -57,6 +60,11 @@ struct Backend<true> {
   static void block_tc(const kern::BlockTcParams<T>& p) {
     emu::block_tc<T, kDx, kOut16>(p);
   }
+  template <typename T, bool kDx, int kB>
+  static void block_xs(const kern::BlockXsParams<T>& p) {
+    emu::block_xs<T, kDx, kB>(p);
+  }
+  static int64_t block_xs_max_smem() { return kern::kBlockXsMaxSmem; }  // the emulation models an H100/H200
   template <typename T>
   static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor&) {
     emu::block_sddmm_tc(p);
@@ -114,6 +122,11 @@ struct Backend<false> {
   static void block_tc(const kern::BlockTcParams<T>& p) {
     C10_CUDA_CHECK((gpu::block_tc<T, kDx, kOut16>(p, at::cuda::getCurrentCUDAStream())));
   }
+  template <typename T, bool kDx, int kB>
+  static void block_xs(const kern::BlockXsParams<T>& p) {
+    C10_CUDA_CHECK((gpu::block_xs<T, kDx, kB>(p, at::cuda::getCurrentCUDAStream())));
+  }
+  static int64_t block_xs_max_smem() { return gpu::block_xs_max_smem(); }
   template <typename T>
   static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor& ref) {
     kern::BlockSddmmTc<T>::plan(p);
@@ -254,6 +267,67 @@ bool try_block_tc(const at::Tensor& in, const std::optional<at::Tensor>& in_gath
   return true;
 }
 
+// The x-stationary kernel (kernels/block_xs.h). PADST_BLOCK_XS=1 / 0 turns it on / off; unset, it serves in the host
+// emulation and not yet on a GPU: it has not run on one (issue 16), so the device default stays the block_tc kernel
+// until benchmarks/gpu_suite.sh has checked it there.
+inline bool block_xs_enabled(bool host) {
+  const char* v = std::getenv("PADST_BLOCK_XS");
+  if (v == nullptr || *v == '\0') return host;
+  return !(v[0] == '0' && v[1] == '\0');
+}
+
+// Its int32 metadata, on the device of the data: ptr/idx/blk of the lines and the two index maps.
+struct BlockXsMeta {
+  at::Tensor ptr, idx;
+  std::optional<at::Tensor> blk, in_scatter, out_scatter;
+};
+
+// Runs the x-stationary kernel when it serves the problem; false when another kernel must.
+template <bool kHost, bool kDx>
+bool try_block_xs(const at::Tensor& in, const at::Tensor& values, const std::optional<at::Tensor>& bias, at::Tensor& out,
+                  const BlockMeta& m, const BlockXsMeta& xm) {
+  const int64_t kb = m.br;
+  if (!block_xs_enabled(kHost) || m.br != m.bc || (kb != 16 && kb != 32 && kb != 64)) return false;
+  if (in.scalar_type() != at::kHalf && in.scalar_type() != at::kBFloat16) return false;
+  const int64_t in_cols = in.size(1), out_cols = out.size(1), i32 = std::numeric_limits<int32_t>::max();
+  if (in_cols % 8 != 0 || in_cols > i32 || out_cols > i32 || m.nnzb > i32) return false;
+  for (const void* ptr : {in.const_data_ptr(), values.const_data_ptr(), static_cast<const void*>(out.const_data_ptr())})
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  bool served = false;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(in.scalar_type(), "padst block_xs", [&] {
+    using T = typename Backend<kHost>::template type<scalar_t>;
+    kern::BlockXsParams<T> p;
+    p.in = cptr<T>(in);
+    p.in_scatter = xm.in_scatter ? xm.in_scatter->template const_data_ptr<int32_t>() : nullptr;
+    p.values = cptr<T>(values);
+    p.bias = cptr<T>(bias);
+    p.out_scatter = xm.out_scatter ? xm.out_scatter->template const_data_ptr<int32_t>() : nullptr;
+    p.out = mptr<T>(out);
+    p.ptr = xm.ptr.template const_data_ptr<int32_t>();
+    p.idx = xm.idx.template const_data_ptr<int32_t>();
+    p.blk = xm.blk ? xm.blk->template const_data_ptr<int32_t>() : nullptr;
+    p.B = in.size(0);
+    p.in_cols = static_cast<int32_t>(in_cols);
+    p.out_cols = static_cast<int32_t>(out_cols);
+    p.lines = static_cast<int32_t>(xm.ptr.numel() - 1);
+    auto run = [&](auto kb_const) {
+      constexpr int kB = decltype(kb_const)::value;
+      using K = kern::BlockXs<T, kDx, kB>;
+      if (K::smem_bytes(in_cols) > Backend<kHost>::block_xs_max_smem()) return;
+      Backend<kHost>::template block_xs<T, kDx, kB>(p);
+      served = true;
+    };
+    if (kb == 16) {
+      run(std::integral_constant<int, 16>{});
+    } else if (kb == 32) {
+      run(std::integral_constant<int, 32>{});
+    } else {
+      run(std::integral_constant<int, 64>{});
+    }
+  });
+  return served;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Block
 // ---------------------------------------------------------------------------------------------------------
@@ -261,16 +335,41 @@ struct BlockDev {
   BlockProblem p;
   at::Tensor rp, ci, cp, ri, bt, brow;              // on the device of the data
   std::optional<at::Tensor> in_fwd, out_inv;        // in_perm and inv(out_perm), absent for the identity
+  BlockXsMeta xs;                                   // int32 forms for the x-stationary kernel (forward or dx)
 };
+inline at::Tensor int32_on_device(const at::Tensor& cpu_long, const at::Tensor& ref) {
+  return cpu_long.to(at::kInt).to(ref.device()).contiguous();
+}
+inline std::optional<at::Tensor> perm32_on_device(const Perm& p, bool inverse, const at::Tensor& ref) {
+  if (p.identity) return std::nullopt;
+  const std::vector<int64_t>& v = inverse ? p.inv : p.fwd;
+  return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(at::kInt).to(ref.device());
+}
+// csc: the problem is dx (lines are block-columns). Index maps of the x-stationary kernel: the forward stages x with
+// in_p[., k] = x[., in_perm[k]] (column c goes to inv(in_perm)[c]) and stores through inv(out_perm); dx stages dy
+// with dz[., r] = dy[., inv(out_perm)[r]] (column c goes to out_perm[c]) and stores through in_perm.
 inline BlockDev upload(BlockProblem p, const at::Tensor& ref, bool csc) {
   BlockDev d;
   d.rp = on_device(p.m.row_ptr, ref);
   d.ci = on_device(p.m.col_idx, ref);
   d.brow = on_device(p.m.blk_row, ref);
+  const bool xs = p.m.nnzb <= std::numeric_limits<int32_t>::max();
   if (csc) {
     d.cp = on_device(p.m.col_ptr, ref);
     d.ri = on_device(p.m.row_idx_t, ref);
     d.bt = on_device(p.m.blk_t, ref);
+    if (xs) {
+      d.xs.ptr = int32_on_device(p.m.col_ptr, ref);
+      d.xs.idx = int32_on_device(p.m.row_idx_t, ref);
+      d.xs.blk = int32_on_device(p.m.blk_t, ref);
+      d.xs.in_scatter = perm32_on_device(p.pout, false, ref);
+      d.xs.out_scatter = perm32_on_device(p.pin, false, ref);
+    }
+  } else if (xs) {
+    d.xs.ptr = int32_on_device(p.m.row_ptr, ref);
+    d.xs.idx = int32_on_device(p.m.col_idx, ref);
+    d.xs.in_scatter = perm32_on_device(p.pin, true, ref);
+    d.xs.out_scatter = perm32_on_device(p.pout, true, ref);
   }
   d.in_fwd = perm_on_device(p.pin, false, ref);
   d.out_inv = perm_on_device(p.pout, true, ref);
@@ -299,6 +398,7 @@ at::Tensor block_mm(const at::Tensor& x, const at::Tensor& values, const at::Ten
   if (y.numel() == 0) return y;
   const at::Tensor xc = x.contiguous(), vc = values.contiguous();
   const auto bc = contiguous(bias);
+  if (d->xs.ptr.defined() && try_block_xs<kHost, false>(xc, vc, bc, y, m, d->xs)) return y;
   if (!try_block_tc<kHost, false>(xc, d->in_fwd, vc, bc, d->out_inv, y, m, d->rp, d->ci, nullptr)) {
     run_gather<kHost>(xc, d->in_fwd, vc, bc, d->out_inv, y, kern::BlockRows{idx_ptr(d->rp), idx_ptr(d->ci), m.br, m.bc});
   }
@@ -325,6 +425,7 @@ at::Tensor block_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::
   if (dx.numel() == 0) return dx;
   // dz = dy[:, inv(out_perm)] gathered on load; dx[:, in_perm] = dz @ S scattered on store.
   const at::Tensor dyc = dy.contiguous(), vc = values.contiguous();
+  if (d->xs.ptr.defined() && try_block_xs<kHost, true>(dyc, vc, std::nullopt, dx, m, d->xs)) return dx;
   if (!try_block_tc<kHost, true>(dyc, d->out_inv, vc, std::nullopt, d->in_fwd, dx, m, d->cp, d->ri, idx_ptr(d->bt))) {
     run_gather<kHost>(dyc, d->out_inv, vc, std::nullopt, d->in_fwd, dx,
                       kern::BlockColRows{idx_ptr(d->cp), idx_ptr(d->ri), idx_ptr(d->bt), m.br, m.bc});

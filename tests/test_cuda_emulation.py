@@ -7,6 +7,7 @@ tested on machines without a GPU. Only the launch itself (and __syncthreads) is 
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -159,3 +160,108 @@ def test_metadata_cache_skips_inference_tensors():
             y = emu.nm_mm(case.x, case.weight.values, case.weight.col_idx, 1, 4, case.bias)
     assert _cache_info() == (0, 0, 0)  # neither looked up nor stored
     torch.testing.assert_close(y, fwd(case, case.x, case.weight.values, case.bias, ref))
+
+
+# --- the x-stationary block kernel (csrc/kernels/block_xs.h) -------------------------------------------------
+# fp16/bf16, square blocks 16/32/64, the narrow side staged in shared memory. Served by default in the emulation
+# (PADST_BLOCK_XS unset); the block_tc kernel serves when it is off or does not fit. block_xs_calls() counts the
+# emulated kernel's calls, so each test also shows which kernel ran.
+
+
+def _xs_calls() -> int:
+    return torch.ops.padst_emu.block_xs_calls()
+
+
+def _block_case(B, C, R, kb, mask, perm, dtype, seed=0):
+    """A block layer with a given block mask [R/kb, C/kb], permutations as in make_case."""
+    gen = torch.Generator().manual_seed(seed)
+    w = F.block_from_dense(torch.randn(R, C, generator=gen, dtype=torch.float64), mask, (kb, kb))
+    case = make_case("block", B, C, R, block=(kb, kb), sparsity=0.5, perm=perm, dtype=dtype, seed=seed)
+    return dataclasses.replace(case, weight=w._replace(values=w.values.to(dtype)))
+
+
+def _check_fwd_dx(case, dtype, expect_xs: bool):
+    before = _xs_calls()
+    gen = torch.Generator().manual_seed(3)
+    dy = torch.randn(case.B, case.R, generator=gen, dtype=torch.float64).to(dtype)
+    v, x, b = case.weight.values, case.x, case.bias
+    assert_close_to_reference(fwd(case, x, v, b, emu), fwd(case, _f64(x), _f64(v), _f64(b), ref),
+                              fwd(case, x, v, b, ref), "forward")
+    assert_close_to_reference(dx(case, dy, v, emu), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref), "dx")
+    assert _xs_calls() - before == (2 if expect_xs else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("perm", ["none", "in", "out", "both"])
+@pytest.mark.parametrize("kb", [16, 32, 64])
+@pytest.mark.parametrize("B", [1, 31, 64, 69, 130])
+def test_emulated_block_xs(B, kb, perm, dtype):
+    """Batch 1, below / at / past one CTA's rows (64; 32 for 64-blocks), several CTAs; every block side; every
+    permutation. Block-row 1 and block-column 2 are empty: the output there is the bias (forward) or zero (dx)."""
+    C, R = 4 * kb, 3 * kb
+    gen = torch.Generator().manual_seed(B + kb)
+    mask = torch.rand(R // kb, C // kb, generator=gen) < 0.6
+    mask[0, 0] = True
+    mask[1, :] = False
+    mask[:, 2] = False
+    case = _block_case(B, C, R, kb, mask, perm, dtype, seed=B)
+    _check_fwd_dx(case, dtype, expect_xs=True)
+
+
+def test_emulated_block_xs_wide_and_long_lines():
+    """768 -> 256 with 32-blocks, 8 blocks per block-row: the ring's prefetch crosses lines and warps' line sets."""
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(8, 24, generator=gen) < 0.35
+    case = _block_case(67, 768, 256, 32, mask, "both", torch.bfloat16, seed=5)
+    _check_fwd_dx(case, torch.bfloat16, expect_xs=True)
+
+
+def test_emulated_block_xs_no_blocks():
+    """No block at all: the forward is the bias broadcast, dx is zero."""
+    case = _block_case(9, 64, 32, 16, torch.zeros(2, 4, dtype=torch.bool), "both", torch.bfloat16)
+    _check_fwd_dx(case, torch.bfloat16, expect_xs=True)
+
+
+@pytest.mark.parametrize("what", ["switched off", "not square", "too wide", "float32"])
+def test_emulated_block_xs_falls_back(what, monkeypatch):
+    """Where the x-stationary kernel does not serve, the block_tc / gather kernels do, with the same results."""
+    dtype, kb, C, R, block = torch.bfloat16, 16, 64, 48, None
+    if what == "switched off":
+        monkeypatch.setenv("PADST_BLOCK_XS", "0")
+    elif what == "not square":
+        block = (16, 32)
+    elif what == "too wide":  # both sides: 64 rows x 1800 x 2 bytes + the warps' rings and staging > 227 KB
+        C = R = 1792
+    else:
+        dtype = torch.float32
+    if block is None:
+        mask = torch.rand(R // kb, C // kb, generator=torch.Generator().manual_seed(0)) < (0.05 if C > 64 else 0.5)
+        case = _block_case(70, C, R, kb, mask, "both", dtype)
+    else:
+        case = make_case("block", 70, C, R, block=block, sparsity=0.5, perm="both", dtype=dtype)
+    _check_fwd_dx(case, dtype, expect_xs=False)
+
+
+def test_emulated_block_xs_narrow_side_only():
+    """fc1-like 128 -> 2048 (16-blocks): the forward stages x (128 wide) in the x-stationary kernel; dx would stage dy
+    (2048 wide), which does not fit, so block_tc serves it."""
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.rand(128, 8, generator=gen) < 0.3
+    case = _block_case(20, 128, 2048, 16, mask, "both", torch.bfloat16, seed=2)
+    before = _xs_calls()
+    v = case.weight.values
+    assert_close_to_reference(fwd(case, case.x, v, case.bias, emu), fwd(case, _f64(case.x), _f64(v), _f64(case.bias),
+                                                                          ref), fwd(case, case.x, v, case.bias, ref))
+    assert _xs_calls() - before == 1
+    dy = torch.randn(20, 2048, dtype=torch.float64).to(torch.bfloat16)
+    assert_close_to_reference(dx(case, dy, v, emu), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref))
+    assert _xs_calls() - before == 1
+
+
+@pytest.mark.parametrize("shape,perm", [p for p in _cases(("block",))])
+def test_emulated_block_tc_kernel(shape, perm, monkeypatch):
+    """The block_tc kernel (the GPU default until the x-stationary one has run on a GPU), with the latter off."""
+    monkeypatch.setenv("PADST_BLOCK_XS", "0")
+    before = _xs_calls()
+    _check_all(_make(shape, perm, torch.bfloat16, "cpu"), torch.bfloat16)
+    assert _xs_calls() == before

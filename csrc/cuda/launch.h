@@ -15,6 +15,7 @@
 #include "kernels/cuda_types.h"
 #include "kernels/block_sddmm_tc.h"
 #include "kernels/block_tc.h"
+#include "kernels/block_xs.h"
 #include "kernels/entries.h"
 #include "kernels/gather_mm.h"
 #include "kernels/sddmm.h"
@@ -90,5 +91,28 @@ PADST_CUDA_FOR_EACH_FLAT(PADST_SDDMM_EXTERN_F)
   extern template cudaError_t block_tc<T, D, N>(kern::BlockTcParams<T>, cudaStream_t);
 PADST_BLOCK_TC_FOR_EACH(PADST_BLOCK_TC_EXTERN)
 #undef PADST_BLOCK_TC_EXTERN
+
+// x-stationary tensor-core block kernel (kernels/block_xs.h, csrc/cuda/block_xs.cu): square blocks kB in {16, 32, 64}.
+// block_xs_max_smem(): the shared memory one of its CTAs may use on the current device (0 if it cannot be queried).
+int64_t block_xs_max_smem();
+template <typename T, bool kDx, int kB>
+cudaError_t block_xs(kern::BlockXsParams<T> p, cudaStream_t stream);
+#define PADST_BLOCK_XS_FOR_EACH(X) \
+  X(__nv_bfloat16, false, 16)       \
+  X(__nv_bfloat16, false, 32)       \
+  X(__nv_bfloat16, false, 64)       \
+  X(__nv_bfloat16, true, 16)        \
+  X(__nv_bfloat16, true, 32)        \
+  X(__nv_bfloat16, true, 64)        \
+  X(__half, false, 16)              \
+  X(__half, false, 32)              \
+  X(__half, false, 64)              \
+  X(__half, true, 16)               \
+  X(__half, true, 32)               \
+  X(__half, true, 64)
+#define PADST_BLOCK_XS_EXTERN(T, D, N) \
+  extern template cudaError_t block_xs<T, D, N>(kern::BlockXsParams<T>, cudaStream_t);
+PADST_BLOCK_XS_FOR_EACH(PADST_BLOCK_XS_EXTERN)
+#undef PADST_BLOCK_XS_EXTERN
 
 }  // namespace padst::gpu

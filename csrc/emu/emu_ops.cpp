@@ -16,6 +16,9 @@ TORCH_LIBRARY(padst_emu, m) {
   m.def(PADST_SCHEMA_DIAG_MM);
   m.def(PADST_SCHEMA_DIAG_MM_T);
   m.def(PADST_SCHEMA_DIAG_SDDMM);
+  // How often the x-stationary block kernel (csrc/kernels/block_xs.h) has served so far: tests use it to tell which
+  // kernel ran.
+  m.def("block_xs_calls() -> int", [] { return padst::emu::block_xs_calls().load(); });
 }
 
 TORCH_LIBRARY_IMPL(padst_emu, CPU, m) {

@@ -6,11 +6,14 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <cstdint>
 #include <numeric>
 #include <vector>
 
 #include "kernels/block_sddmm_tc.h"
+#include "kernels/block_xs.h"
 #include "kernels/block_tc.h"
 #include "kernels/gather_mm.h"
 #include "kernels/nm_transpose.h"
@@ -63,6 +66,29 @@ void block_tc(const kern::BlockTcParams<T>& p) {
     }
     for (int w = 0; w < kWarps; ++w) K::store(w, acc.data() + w * kOut16, ct);
     for (int tid = 0; tid < K::kBlockThreads; ++tid) K::epilogue(p, cta, tid, ct);
+  }
+}
+
+// The x-stationary block kernel: phase "stage" per thread, then each warp's lines with the lane-parallel models of
+// kernels/warp_sm80.h. Shared memory starts as NaN bytes, so a read of a place no phase wrote shows in the output.
+// Calls of the emulated x-stationary kernel, so that tests can tell which kernel served (padst_emu::block_xs_calls).
+inline std::atomic<int64_t>& block_xs_calls() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
+template <typename T, bool kDx, int kB>
+void block_xs(const kern::BlockXsParams<T>& p) {
+  block_xs_calls().fetch_add(1);
+  using K = kern::BlockXs<T, kDx, kB>;
+  using V16 = typename K::V16;
+  std::vector<V16> smem(static_cast<size_t>((K::smem_bytes(p.in_cols) + 15) / 16));
+  std::memset(smem.data(), 0xff, smem.size() * sizeof(V16));
+  T* xs = reinterpret_cast<T*>(smem.data());
+  for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
+    for (int tid = 0; tid < K::kThreads; ++tid) K::stage(p, cta, tid, xs);
+    for (int w = 0; w < K::kWarps; ++w)
+      K::warp_lines(p, cta, w, kern::sm80::kAllLanes, xs, K::ring(p, xs, w), K::ost(p, xs, w));
   }
 }
 
