@@ -190,7 +190,7 @@ def structure_cost(case: Case, idx_nm: int = 4) -> dict[str, dict[str, float]]:
         nnz, meta_f, meta_b = nnzb * bs * bs, (nnzb + R // bs + 1) * 8, (nnzb + C // bs + 1) * 8
         out = {"padst_perm": cost_model(case, nnz, meta_f, meta_b, C + R),
                "padst_ident": cost_model(case, nnz, meta_f, meta_b, 0)}
-        out["padst_xs_perm"], out["padst_xs_ident"] = out["padst_perm"], out["padst_ident"]
+        out["padst_v2_perm"], out["padst_v2_ident"] = out["padst_perm"], out["padst_ident"]
         return out
     if st == "diag":
         L = min(R, C)
@@ -496,18 +496,18 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
     variants: list[Variant] = []
     skipped: dict[str, str] = {}
 
-    def padst_variant(key, apply, values, S_of, mask, ip, op, needs=(), block_xs=None):
-        """block_xs: None = the library's kernel choice; "1" / "0" = PADST_BLOCK_XS for this variant's calls (the
-        x-stationary block kernel on / off; the variable is read at every call, so variants of one run can differ)."""
+    def padst_variant(key, apply, values, S_of, mask, ip, op, needs=(), block_v2=None):
+        """block_v2: None = the library's kernel choice; "1" / "0" = PADST_BLOCK_V2 for this variant's calls (the v2
+        block kernels on / off; the variable is read at every call, so variants of one run can differ)."""
         xr = x.detach().requires_grad_()
         vr = values.detach().requires_grad_()
         br = bias.detach().requires_grad_()
-        fwd = _with_env("PADST_BLOCK_XS", block_xs, lambda: apply(x, values, bias))
-        fwdbwd = _with_env("PADST_BLOCK_XS", block_xs,
+        fwd = _with_env("PADST_BLOCK_V2", block_v2, lambda: apply(x, values, bias))
+        fwdbwd = _with_env("PADST_BLOCK_V2", block_v2,
                            lambda: torch.autograd.grad(apply(xr, vr, br), (xr, vr, br), dy))
         v = Variant(key, fwd=fwd, fwdbwd=fwdbwd, needs=needs, cost=costs.get(key))
         if do_check:
-            v.check = _with_env("PADST_BLOCK_XS", block_xs,
+            v.check = _with_env("PADST_BLOCK_V2", block_v2,
                                 lambda grad: _check_linear(apply, x, values, bias, dy, S_of, mask, ip, op, dtype, grad))
         return v
 
@@ -545,15 +545,15 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
         def apply_id(xx, v, b, w=w, linear=linear):
             return linear(xx, w._replace(values=v), b)
 
-        # block: padst_* is the block_tc kernel, padst_xs_* the x-stationary one where it serves (fc1's forward and
-        # fc2's dx: the narrow side fits in shared memory), the block_tc kernel elsewhere
+        # block: padst_* is the block_tc kernel, padst_v2_* the v2 kernels where they serve (the x-stationary one for
+        # fc1's forward and fc2's dx, the row-complete one for fc2's forward and fc1's dx), block_tc elsewhere
         tc = "0" if st.startswith("block") else None
         variants.append(padst_variant("padst_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm, needs, tc))
         variants.append(padst_variant("padst_ident", apply_id, w.values, S_of, mask, None, None, needs, tc))
         if st.startswith("block"):
-            variants.append(padst_variant("padst_xs_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm,
+            variants.append(padst_variant("padst_v2_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm,
                                           needs, "1"))
-            variants.append(padst_variant("padst_xs_ident", apply_id, w.values, S_of, mask, None, None, needs, "1"))
+            variants.append(padst_variant("padst_v2_ident", apply_id, w.values, S_of, mask, None, None, needs, "1"))
         S_id = S_of(w.values)
         S_ref, ip_ref, op_ref = S_id, in_perm, out_perm
         # the layer's effective dense weight: x @ W.T == (x[:, in_perm] @ S.T)[:, out_perm] (exact: a permutation)
@@ -769,8 +769,8 @@ def check_code(info: dict) -> str:
 def impl_rows(row) -> list[tuple]:
     """(label suffix, perm key, ident key) of the padst implementations of a case."""
     out = [("", "padst_perm", "padst_ident")]
-    if "padst_xs_perm" in row["variants"]:
-        out.append((" xs", "padst_xs_perm", "padst_xs_ident"))
+    if "padst_v2_perm" in row["variants"]:
+        out.append((" v2", "padst_v2_perm", "padst_v2_ident"))
     if row["structure"] == "2:4":
         out = [(" nm", "padst_perm", "padst_ident")]
         if "lt24_perm" in row["variants"]:
@@ -833,7 +833,7 @@ def _label(r) -> str:
 
 def detailed_table(rows: list[dict]) -> list[str]:
     """Every variant's median ms (errors as [n] with the messages listed below the table)."""
-    cols = ["dense", "padst_perm", "padst_ident", "padst_xs_perm", "padst_xs_ident", "lt24_perm", "lt24_ident",
+    cols = ["dense", "padst_perm", "padst_ident", "padst_v2_perm", "padst_v2_ident", "lt24_perm", "lt24_ident",
             "torch_bsr", "triton_bsr", "torch_csr", "torch_24", "torch_24_cusparselt"]
     notes: dict[str, int] = {}
 
@@ -841,8 +841,8 @@ def detailed_table(rows: list[dict]) -> list[str]:
         return f"[{notes.setdefault(msg, len(notes) + 1)}]"
 
     lines = ["| case | density | " + " | ".join(f"{c} ms" for c in cols)
-             + " | bound fwd ms | dense f+b ms | padst perm f+b ms | padst ident f+b ms | xs perm f+b ms | "
-             "xs ident f+b ms | bound f+b ms | check |",
+             + " | bound fwd ms | dense f+b ms | padst perm f+b ms | padst ident f+b ms | v2 perm f+b ms | "
+             "v2 ident f+b ms | bound f+b ms | check |",
              "|---" * (len(cols) + 10) + "|"]
     for r in rows:
         v = r["variants"]
@@ -862,8 +862,8 @@ def detailed_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['name']} | {r['density']:.4f} | " + " | ".join(cells)
                      + f" | {fmt(p.get('bound_fwd_ms'), '.4f')} | {fmt(ms(r, 'dense', 'fwdbwd'), '.4f')} | "
                      f"{fmt(ms(r, 'padst_perm', 'fwdbwd'), '.4f')} | {fmt(ms(r, 'padst_ident', 'fwdbwd'), '.4f')} | "
-                     f"{fmt(ms(r, 'padst_xs_perm', 'fwdbwd'), '.4f')} | "
-                     f"{fmt(ms(r, 'padst_xs_ident', 'fwdbwd'), '.4f')} | "
+                     f"{fmt(ms(r, 'padst_v2_perm', 'fwdbwd'), '.4f')} | "
+                     f"{fmt(ms(r, 'padst_v2_ident', 'fwdbwd'), '.4f')} | "
                      f"{fmt(p.get('bound_fwdbwd_ms'), '.4f')} | {checks} |")
     lines.append("")
     lines += [f"[{i}] {msg}" for msg, i in notes.items()]

@@ -5,7 +5,7 @@
 #
 # 1. environment (GPU, nvcc, python, torch)
 # 2. build from source against the machine's own torch (PADST_WITH_CUDA=ON, PADST_CUDA_ARCHS default 90a)
-# 3. the CUDA tests: pytest -k "(cuda or semi_structured) and not emulation" (the CUDA params of tests/cases.py
+# 3. the CUDA tests: pytest -k "(cuda or semi_structured or sass) and not emulation" (the CUDA params of tests/cases.py
 #    have the id "cuda"; test_cuda_emulation.py is host-only and left to the CPU suite). The recipe tests among them
 #    need timm and transformers in the python that runs this (pip install -e ".[recipes]" or the wheels offline)
 # 4. benchmarks/gpu_ops.py (JSON + markdown table)
@@ -95,7 +95,7 @@ if [ $BUILD_RC -eq 0 ]; then
   stamp "CUDA tests, timeout ${TEST_T} s (log: $LOG/tests.log)"
   # --maxfail rather than -x: on a rare GPU session the number and kinds of failures are worth more than the first
   # test_cuda_emulation.py runs the CUDA code on the host (slow, no GPU needed): the CPU suite covers it
-  timeout -k 10 "$TEST_T" "$PY" -m pytest -q tests -k "(cuda or semi_structured) and not emulation" \
+  timeout -k 10 "$TEST_T" "$PY" -m pytest -q tests -k "(cuda or semi_structured or sass) and not emulation" \
     -p no:cacheprovider --maxfail=20 -rfE --durations=8 >"$LOG/tests.log" 2>&1
   TESTS_RC=$?
   TESTS_LINE=$(grep -E "[0-9]+ (passed|failed|error|errors|skipped|deselected)" "$LOG/tests.log" | tail -n 1)

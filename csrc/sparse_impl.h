@@ -64,7 +64,11 @@ struct Backend<true> {
   static void block_xs(const kern::BlockXsParams<T>& p) {
     emu::block_xs<T, kDx, kB>(p);
   }
-  static int64_t block_xs_max_smem() { return kern::kBlockXsMaxSmem; }  // the emulation models an H100/H200
+  template <typename T, bool kDx, int kB>
+  static void block_rc(const kern::BlockRcParams<T>& p) {
+    emu::block_rc<T, kDx, kB>(p);
+  }
+  static int64_t block_v2_max_smem() { return kern::kBlockXsMaxSmem; }  // the emulation models an H100/H200
   template <typename T>
   static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor&) {
     emu::block_sddmm_tc(p);
@@ -126,7 +130,11 @@ struct Backend<false> {
   static void block_xs(const kern::BlockXsParams<T>& p) {
     C10_CUDA_CHECK((gpu::block_xs<T, kDx, kB>(p, at::cuda::getCurrentCUDAStream())));
   }
-  static int64_t block_xs_max_smem() { return gpu::block_xs_max_smem(); }
+  template <typename T, bool kDx, int kB>
+  static void block_rc(const kern::BlockRcParams<T>& p) {
+    C10_CUDA_CHECK((gpu::block_rc<T, kDx, kB>(p, at::cuda::getCurrentCUDAStream())));
+  }
+  static int64_t block_v2_max_smem() { return gpu::block_v2_max_smem(); }
   template <typename T>
   static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor& ref) {
     kern::BlockSddmmTc<T>::plan(p);
@@ -267,55 +275,76 @@ bool try_block_tc(const at::Tensor& in, const std::optional<at::Tensor>& in_gath
   return true;
 }
 
-// The x-stationary kernel (kernels/block_xs.h). PADST_BLOCK_XS=1 / 0 turns it on / off; unset, it serves in the host
-// emulation and not yet on a GPU: it has not run on one (issue 16), so the device default stays the block_tc kernel
-// until benchmarks/gpu_suite.sh has checked it there.
-inline bool block_xs_enabled(bool host) {
-  const char* v = std::getenv("PADST_BLOCK_XS");
+// The v2 tensor-core block kernels: x-stationary (kernels/block_xs.h: the input side staged whole, so it must fit in
+// shared memory) and row-complete (kernels/block_rc.h: whole output rows, at most 768 wide). PADST_BLOCK_V2=1 / 0 turns
+// them on / off; unset, they serve in the host emulation and not yet on a GPU: they have not run on one (issue 16), so
+// the device default stays the block_tc kernel until benchmarks/gpu_suite.sh has checked them there.
+inline bool block_v2_enabled(bool host) {
+  const char* v = std::getenv("PADST_BLOCK_V2");
   if (v == nullptr || *v == '\0') return host;
   return !(v[0] == '0' && v[1] == '\0');
 }
 
-// Its int32 metadata, on the device of the data: ptr/idx/blk of the lines and the two index maps.
-struct BlockXsMeta {
+// Their int32 metadata, on the device of the data: ptr/idx/blk of the lines (CSR forward, CSC dx) and the index maps:
+// the x-stationary kernel writes input column c to staged position in_scatter[c], the row-complete one reads staged
+// position k from input column in_gather[k]; both write product column r to output column out_scatter[r].
+struct BlockV2Meta {
   at::Tensor ptr, idx;
-  std::optional<at::Tensor> blk, in_scatter, out_scatter;
+  std::optional<at::Tensor> blk, in_scatter, in_gather, out_scatter;
 };
 
-// Runs the x-stationary kernel when it serves the problem; false when another kernel must.
+// Runs a v2 kernel when one serves the problem (the x-stationary one first); false when block_tc / gather must.
 template <bool kHost, bool kDx>
-bool try_block_xs(const at::Tensor& in, const at::Tensor& values, const std::optional<at::Tensor>& bias, at::Tensor& out,
-                  const BlockMeta& m, const BlockXsMeta& xm) {
+bool try_block_v2(const at::Tensor& in, const at::Tensor& values, const std::optional<at::Tensor>& bias,
+                  at::Tensor& out, const BlockMeta& m, const BlockV2Meta& vm) {
   const int64_t kb = m.br;
-  if (!block_xs_enabled(kHost) || m.br != m.bc || (kb != 16 && kb != 32 && kb != 64)) return false;
+  if (!vm.ptr.defined() || !block_v2_enabled(kHost) || m.br != m.bc || (kb != 16 && kb != 32 && kb != 64)) return false;
   if (in.scalar_type() != at::kHalf && in.scalar_type() != at::kBFloat16) return false;
   const int64_t in_cols = in.size(1), out_cols = out.size(1), i32 = std::numeric_limits<int32_t>::max();
   if (in_cols % 8 != 0 || in_cols > i32 || out_cols > i32 || m.nnzb > i32) return false;
   for (const void* ptr : {in.const_data_ptr(), values.const_data_ptr(), static_cast<const void*>(out.const_data_ptr())})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  auto i32p = [](const std::optional<at::Tensor>& t) -> const int32_t* {
+    return t ? t->template const_data_ptr<int32_t>() : nullptr;
+  };
+  const int64_t max_smem = Backend<kHost>::block_v2_max_smem();
   bool served = false;
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(in.scalar_type(), "padst block_xs", [&] {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(in.scalar_type(), "padst block_v2", [&] {
     using T = typename Backend<kHost>::template type<scalar_t>;
-    kern::BlockXsParams<T> p;
-    p.in = cptr<T>(in);
-    p.in_scatter = xm.in_scatter ? xm.in_scatter->template const_data_ptr<int32_t>() : nullptr;
-    p.values = cptr<T>(values);
-    p.bias = cptr<T>(bias);
-    p.out_scatter = xm.out_scatter ? xm.out_scatter->template const_data_ptr<int32_t>() : nullptr;
-    p.out = mptr<T>(out);
-    p.ptr = xm.ptr.template const_data_ptr<int32_t>();
-    p.idx = xm.idx.template const_data_ptr<int32_t>();
-    p.blk = xm.blk ? xm.blk->template const_data_ptr<int32_t>() : nullptr;
-    p.B = in.size(0);
-    p.in_cols = static_cast<int32_t>(in_cols);
-    p.out_cols = static_cast<int32_t>(out_cols);
-    p.lines = static_cast<int32_t>(xm.ptr.numel() - 1);
+    auto fill = [&](auto& p) {
+      p.in = cptr<T>(in);
+      p.values = cptr<T>(values);
+      p.bias = cptr<T>(bias);
+      p.out_scatter = i32p(vm.out_scatter);
+      p.out = mptr<T>(out);
+      p.ptr = vm.ptr.template const_data_ptr<int32_t>();
+      p.idx = vm.idx.template const_data_ptr<int32_t>();
+      p.blk = i32p(vm.blk);
+      p.B = in.size(0);
+      p.in_cols = static_cast<int32_t>(in_cols);
+      p.out_cols = static_cast<int32_t>(out_cols);
+      p.lines = static_cast<int32_t>(vm.ptr.numel() - 1);
+    };
     auto run = [&](auto kb_const) {
       constexpr int kB = decltype(kb_const)::value;
-      using K = kern::BlockXs<T, kDx, kB>;
-      if (K::smem_bytes(in_cols) > Backend<kHost>::block_xs_max_smem()) return;
-      Backend<kHost>::template block_xs<T, kDx, kB>(p);
-      served = true;
+      if (kern::BlockXs<T, kDx, kB>::smem_bytes(in_cols) <= max_smem) {
+        kern::BlockXsParams<T> p;
+        fill(p);
+        p.in_scatter = i32p(vm.in_scatter);
+        Backend<kHost>::template block_xs<T, kDx, kB>(p);
+        served = true;
+        return;
+      }
+      if constexpr (kB <= 32) {
+        using K = kern::BlockRc<T, kDx, kB>;
+        if (K::serves(out_cols) && K::smem_bytes(out_cols) <= max_smem) {
+          kern::BlockRcParams<T> p;
+          fill(p);
+          p.in_gather = i32p(vm.in_gather);
+          Backend<kHost>::template block_rc<T, kDx, kB>(p);
+          served = true;
+        }
+      }
     };
     if (kb == 16) {
       run(std::integral_constant<int, 16>{});
@@ -335,7 +364,7 @@ struct BlockDev {
   BlockProblem p;
   at::Tensor rp, ci, cp, ri, bt, brow;              // on the device of the data
   std::optional<at::Tensor> in_fwd, out_inv;        // in_perm and inv(out_perm), absent for the identity
-  BlockXsMeta xs;                                   // int32 forms for the x-stationary kernel (forward or dx)
+  BlockV2Meta v2;                                   // int32 forms for the v2 kernels (forward or dx)
 };
 inline at::Tensor int32_on_device(const at::Tensor& cpu_long, const at::Tensor& ref) {
   return cpu_long.to(at::kInt).to(ref.device()).contiguous();
@@ -345,31 +374,33 @@ inline std::optional<at::Tensor> perm32_on_device(const Perm& p, bool inverse, c
   const std::vector<int64_t>& v = inverse ? p.inv : p.fwd;
   return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(at::kInt).to(ref.device());
 }
-// csc: the problem is dx (lines are block-columns). Index maps of the x-stationary kernel: the forward stages x with
-// in_p[., k] = x[., in_perm[k]] (column c goes to inv(in_perm)[c]) and stores through inv(out_perm); dx stages dy
-// with dz[., r] = dy[., inv(out_perm)[r]] (column c goes to out_perm[c]) and stores through in_perm.
+// csc: the problem is dx (lines are block-columns). Index maps of the v2 kernels: the forward reads x through
+// in_p[., k] = x[., in_perm[k]] (gather in_perm, scatter inv(in_perm)) and writes through inv(out_perm); dx reads dy
+// through dz[., r] = dy[., inv(out_perm)[r]] (gather inv(out_perm), scatter out_perm) and writes through in_perm.
 inline BlockDev upload(BlockProblem p, const at::Tensor& ref, bool csc) {
   BlockDev d;
   d.rp = on_device(p.m.row_ptr, ref);
   d.ci = on_device(p.m.col_idx, ref);
   d.brow = on_device(p.m.blk_row, ref);
-  const bool xs = p.m.nnzb <= std::numeric_limits<int32_t>::max();
+  const bool v2 = p.m.nnzb <= std::numeric_limits<int32_t>::max();
   if (csc) {
     d.cp = on_device(p.m.col_ptr, ref);
     d.ri = on_device(p.m.row_idx_t, ref);
     d.bt = on_device(p.m.blk_t, ref);
-    if (xs) {
-      d.xs.ptr = int32_on_device(p.m.col_ptr, ref);
-      d.xs.idx = int32_on_device(p.m.row_idx_t, ref);
-      d.xs.blk = int32_on_device(p.m.blk_t, ref);
-      d.xs.in_scatter = perm32_on_device(p.pout, false, ref);
-      d.xs.out_scatter = perm32_on_device(p.pin, false, ref);
+    if (v2) {
+      d.v2.ptr = int32_on_device(p.m.col_ptr, ref);
+      d.v2.idx = int32_on_device(p.m.row_idx_t, ref);
+      d.v2.blk = int32_on_device(p.m.blk_t, ref);
+      d.v2.in_scatter = perm32_on_device(p.pout, false, ref);
+      d.v2.in_gather = perm32_on_device(p.pout, true, ref);
+      d.v2.out_scatter = perm32_on_device(p.pin, false, ref);
     }
-  } else if (xs) {
-    d.xs.ptr = int32_on_device(p.m.row_ptr, ref);
-    d.xs.idx = int32_on_device(p.m.col_idx, ref);
-    d.xs.in_scatter = perm32_on_device(p.pin, true, ref);
-    d.xs.out_scatter = perm32_on_device(p.pout, true, ref);
+  } else if (v2) {
+    d.v2.ptr = int32_on_device(p.m.row_ptr, ref);
+    d.v2.idx = int32_on_device(p.m.col_idx, ref);
+    d.v2.in_scatter = perm32_on_device(p.pin, true, ref);
+    d.v2.in_gather = perm32_on_device(p.pin, false, ref);
+    d.v2.out_scatter = perm32_on_device(p.pout, true, ref);
   }
   d.in_fwd = perm_on_device(p.pin, false, ref);
   d.out_inv = perm_on_device(p.pout, true, ref);
@@ -398,7 +429,7 @@ at::Tensor block_mm(const at::Tensor& x, const at::Tensor& values, const at::Ten
   if (y.numel() == 0) return y;
   const at::Tensor xc = x.contiguous(), vc = values.contiguous();
   const auto bc = contiguous(bias);
-  if (d->xs.ptr.defined() && try_block_xs<kHost, false>(xc, vc, bc, y, m, d->xs)) return y;
+  if (try_block_v2<kHost, false>(xc, vc, bc, y, m, d->v2)) return y;
   if (!try_block_tc<kHost, false>(xc, d->in_fwd, vc, bc, d->out_inv, y, m, d->rp, d->ci, nullptr)) {
     run_gather<kHost>(xc, d->in_fwd, vc, bc, d->out_inv, y, kern::BlockRows{idx_ptr(d->rp), idx_ptr(d->ci), m.br, m.bc});
   }
@@ -425,7 +456,7 @@ at::Tensor block_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::
   if (dx.numel() == 0) return dx;
   // dz = dy[:, inv(out_perm)] gathered on load; dx[:, in_perm] = dz @ S scattered on store.
   const at::Tensor dyc = dy.contiguous(), vc = values.contiguous();
-  if (d->xs.ptr.defined() && try_block_xs<kHost, true>(dyc, vc, std::nullopt, dx, m, d->xs)) return dx;
+  if (try_block_v2<kHost, true>(dyc, vc, std::nullopt, dx, m, d->v2)) return dx;
   if (!try_block_tc<kHost, true>(dyc, d->out_inv, vc, std::nullopt, d->in_fwd, dx, m, d->cp, d->ri, idx_ptr(d->bt))) {
     run_gather<kHost>(dyc, d->out_inv, vc, std::nullopt, d->in_fwd, dx,
                       kern::BlockColRows{idx_ptr(d->cp), idx_ptr(d->ri), idx_ptr(d->bt), m.br, m.bc});

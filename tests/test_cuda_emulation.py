@@ -162,14 +162,15 @@ def test_metadata_cache_skips_inference_tensors():
     torch.testing.assert_close(y, fwd(case, case.x, case.weight.values, case.bias, ref))
 
 
-# --- the x-stationary block kernel (csrc/kernels/block_xs.h) -------------------------------------------------
-# fp16/bf16, square blocks 16/32/64, the narrow side staged in shared memory. Served by default in the emulation
-# (PADST_BLOCK_XS unset); the block_tc kernel serves when it is off or does not fit. block_xs_calls() counts the
-# emulated kernel's calls, so each test also shows which kernel ran.
+# --- the v2 block kernels: x-stationary (csrc/kernels/block_xs.h) and row-complete (csrc/kernels/block_rc.h) ----------
+# fp16/bf16, square blocks. The x-stationary kernel serves when the input side fits in shared memory (16/32/64-blocks),
+# the row-complete one when it does not and the output is at most 768 wide (16/32-blocks), block_tc otherwise. On by
+# default in the emulation (PADST_BLOCK_V2 unset). block_xs_calls() / block_rc_calls() count the emulated kernels'
+# calls, so each test also shows which kernel ran.
 
 
-def _xs_calls() -> int:
-    return torch.ops.padst_emu.block_xs_calls()
+def _calls() -> tuple[int, int]:
+    return torch.ops.padst_emu.block_xs_calls(), torch.ops.padst_emu.block_rc_calls()
 
 
 def _block_case(B, C, R, kb, mask, perm, dtype, seed=0):
@@ -180,15 +181,29 @@ def _block_case(B, C, R, kb, mask, perm, dtype, seed=0):
     return dataclasses.replace(case, weight=w._replace(values=w.values.to(dtype)))
 
 
-def _check_fwd_dx(case, dtype, expect_xs: bool):
-    before = _xs_calls()
+def _mask(R, C, kb, density, seed, empty=True):
+    """Random block mask; with `empty`, block-row 1 and block-column 2 hold no block (when they exist)."""
+    mask = torch.rand(R // kb, C // kb, generator=torch.Generator().manual_seed(seed)) < density
+    mask[0, 0] = True
+    if empty:
+        if mask.shape[0] > 1:
+            mask[1, :] = False
+        if mask.shape[1] > 2:
+            mask[:, 2] = False
+    return mask
+
+
+def _check_fwd_dx(case, dtype, xs: int, rc: int):
+    """Forward and dx against the reference; `xs` / `rc`: how many of the two calls each v2 kernel served."""
+    before = _calls()
     gen = torch.Generator().manual_seed(3)
     dy = torch.randn(case.B, case.R, generator=gen, dtype=torch.float64).to(dtype)
     v, x, b = case.weight.values, case.x, case.bias
     assert_close_to_reference(fwd(case, x, v, b, emu), fwd(case, _f64(x), _f64(v), _f64(b), ref),
                               fwd(case, x, v, b, ref), "forward")
     assert_close_to_reference(dx(case, dy, v, emu), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref), "dx")
-    assert _xs_calls() - before == (2 if expect_xs else 0)
+    after = _calls()
+    assert (after[0] - before[0], after[1] - before[1]) == (xs, rc)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -199,69 +214,70 @@ def test_emulated_block_xs(B, kb, perm, dtype):
     """Batch 1, below / at / past one CTA's rows (64; 32 for 64-blocks), several CTAs; every block side; every
     permutation. Block-row 1 and block-column 2 are empty: the output there is the bias (forward) or zero (dx)."""
     C, R = 4 * kb, 3 * kb
-    gen = torch.Generator().manual_seed(B + kb)
-    mask = torch.rand(R // kb, C // kb, generator=gen) < 0.6
-    mask[0, 0] = True
-    mask[1, :] = False
-    mask[:, 2] = False
-    case = _block_case(B, C, R, kb, mask, perm, dtype, seed=B)
-    _check_fwd_dx(case, dtype, expect_xs=True)
+    case = _block_case(B, C, R, kb, _mask(R, C, kb, 0.6, B + kb), perm, dtype, seed=B)
+    _check_fwd_dx(case, dtype, xs=2, rc=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("perm", ["none", "in", "out", "both"])
+@pytest.mark.parametrize("kb", [16, 32])
+@pytest.mark.parametrize("B", [1, 31, 32, 33, 100])
+@pytest.mark.parametrize("wide", ["in", "out"])
+def test_emulated_block_rc(wide, B, kb, perm, dtype):
+    """An input too wide to stage whole (1536 columns): the row-complete kernel serves the pass that reads it (forward
+    when the input is wide, dx when the output is), the x-stationary one the other. Batch 1, below / at / past one
+    CTA's 32 rows, several CTAs; 10 output lines, so that warps 0 and 1 own two; empty block-row and block-column."""
+    C, R = (1536, 10 * kb) if wide == "in" else (10 * kb, 1536)
+    case = _block_case(B, C, R, kb, _mask(R, C, kb, 0.15, B + kb), perm, dtype, seed=B)
+    _check_fwd_dx(case, dtype, xs=1, rc=1)
+
+
+def test_emulated_block_rc_full_width():
+    """768 outputs (the most it serves: 3 lines of 32 per warp, 6 of 16) from 3072 inputs, with every line busy."""
+    for kb in (16, 32):
+        case = _block_case(40, 3072, 768, kb, _mask(768, 3072, kb, 0.05, kb, empty=False), "both", torch.bfloat16)
+        _check_fwd_dx(case, torch.bfloat16, xs=1, rc=1)  # dx stages dy (768 wide): x-stationary
 
 
 def test_emulated_block_xs_wide_and_long_lines():
     """768 -> 256 with 32-blocks, 8 blocks per block-row: the ring's prefetch crosses lines and warps' line sets."""
-    gen = torch.Generator().manual_seed(5)
-    mask = torch.rand(8, 24, generator=gen) < 0.35
-    case = _block_case(67, 768, 256, 32, mask, "both", torch.bfloat16, seed=5)
-    _check_fwd_dx(case, torch.bfloat16, expect_xs=True)
+    case = _block_case(67, 768, 256, 32, _mask(256, 768, 32, 0.35, 5, empty=False), "both", torch.bfloat16, seed=5)
+    _check_fwd_dx(case, torch.bfloat16, xs=2, rc=0)
 
 
-def test_emulated_block_xs_no_blocks():
+def test_emulated_block_v2_no_blocks():
     """No block at all: the forward is the bias broadcast, dx is zero."""
     case = _block_case(9, 64, 32, 16, torch.zeros(2, 4, dtype=torch.bool), "both", torch.bfloat16)
-    _check_fwd_dx(case, torch.bfloat16, expect_xs=True)
+    _check_fwd_dx(case, torch.bfloat16, xs=2, rc=0)
+    case = _block_case(9, 1536, 32, 16, torch.zeros(2, 96, dtype=torch.bool), "both", torch.bfloat16)
+    _check_fwd_dx(case, torch.bfloat16, xs=1, rc=1)
 
 
-@pytest.mark.parametrize("what", ["switched off", "not square", "too wide", "float32"])
-def test_emulated_block_xs_falls_back(what, monkeypatch):
-    """Where the x-stationary kernel does not serve, the block_tc / gather kernels do, with the same results."""
+@pytest.mark.parametrize("what", ["switched off", "not square", "too wide", "64-blocks too wide", "float32"])
+def test_emulated_block_v2_falls_back(what, monkeypatch):
+    """Where no v2 kernel serves, the block_tc / gather kernels do, with the same results."""
     dtype, kb, C, R, block = torch.bfloat16, 16, 64, 48, None
     if what == "switched off":
-        monkeypatch.setenv("PADST_BLOCK_XS", "0")
+        monkeypatch.setenv("PADST_BLOCK_V2", "0")
     elif what == "not square":
         block = (16, 32)
-    elif what == "too wide":  # both sides: 64 rows x 1800 x 2 bytes + the warps' rings and staging > 227 KB
+    elif what == "too wide":  # both sides: too wide to stage whole, and more than 768 outputs
         C = R = 1792
+    elif what == "64-blocks too wide":  # the row-complete kernel takes 16/32-blocks only
+        kb, C, R = 64, 3072, 128
     else:
         dtype = torch.float32
     if block is None:
-        mask = torch.rand(R // kb, C // kb, generator=torch.Generator().manual_seed(0)) < (0.05 if C > 64 else 0.5)
-        case = _block_case(70, C, R, kb, mask, "both", dtype)
+        case = _block_case(70, C, R, kb, _mask(R, C, kb, 0.05 if C > 64 else 0.5, 0, empty=False), "both", dtype)
     else:
         case = make_case("block", 70, C, R, block=block, sparsity=0.5, perm="both", dtype=dtype)
-    _check_fwd_dx(case, dtype, expect_xs=False)
-
-
-def test_emulated_block_xs_narrow_side_only():
-    """fc1-like 128 -> 2048 (16-blocks): the forward stages x (128 wide) in the x-stationary kernel; dx would stage dy
-    (2048 wide), which does not fit, so block_tc serves it."""
-    gen = torch.Generator().manual_seed(2)
-    mask = torch.rand(128, 8, generator=gen) < 0.3
-    case = _block_case(20, 128, 2048, 16, mask, "both", torch.bfloat16, seed=2)
-    before = _xs_calls()
-    v = case.weight.values
-    assert_close_to_reference(fwd(case, case.x, v, case.bias, emu), fwd(case, _f64(case.x), _f64(v), _f64(case.bias),
-                                                                          ref), fwd(case, case.x, v, case.bias, ref))
-    assert _xs_calls() - before == 1
-    dy = torch.randn(20, 2048, dtype=torch.float64).to(torch.bfloat16)
-    assert_close_to_reference(dx(case, dy, v, emu), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref))
-    assert _xs_calls() - before == 1
+    _check_fwd_dx(case, dtype, xs=1 if what == "64-blocks too wide" else 0, rc=0)
 
 
 @pytest.mark.parametrize("shape,perm", [p for p in _cases(("block",))])
 def test_emulated_block_tc_kernel(shape, perm, monkeypatch):
-    """The block_tc kernel (the GPU default until the x-stationary one has run on a GPU), with the latter off."""
-    monkeypatch.setenv("PADST_BLOCK_XS", "0")
-    before = _xs_calls()
+    """The block_tc kernel (the GPU default until the v2 kernels have run on a GPU), with the v2 kernels off."""
+    monkeypatch.setenv("PADST_BLOCK_V2", "0")
+    before = _calls()
     _check_all(_make(shape, perm, torch.bfloat16, "cpu"), torch.bfloat16)
-    assert _xs_calls() == before
+    assert _calls() == before

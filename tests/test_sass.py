@@ -1,4 +1,4 @@
-"""What the compiler made of the x-stationary block kernels (csrc/kernels/block_xs.h), read from the built extension's
+"""What the compiler made of the v2 block kernels (csrc/kernels/block_xs.h, block_rc.h), read from the built extension's
 SASS with cuobjdump (it ships in the triton wheel that a CUDA torch installs). Needs no GPU: it runs in CI, which
 builds with CUDA for sm_90a, and fails the suite when a kernel regresses to what made the old block kernel slow
 (issue 16): no tensor-core instruction, no 128-bit or asynchronous global load, a call into the 64-bit integer
@@ -114,20 +114,21 @@ def _problems(sass: str, usage: str | None) -> list[str]:
     return bad
 
 
-XS_KERNELS = r"block_xs_kernel"
+V2_KERNELS = r"block_(xs|rc)_kernel"
 
 
-def test_every_x_stationary_kernel_is_built():
-    """2 dtypes x (forward, dx) x block sides 16 / 32 / 64, per architecture built."""
-    names = _kernels(XS_KERNELS)
+def test_every_v2_kernel_is_built():
+    """2 dtypes x (forward, dx) x block sides 16 / 32 / 64 (x-stationary) and 16 / 32 (row-complete)."""
+    names = _kernels(V2_KERNELS)
     for dtype in ("13__nv_bfloat16", "6__half"):
         for dx in ("Lb0E", "Lb1E"):
-            for kb in (16, 32, 64):
-                assert any(f"BlockXsI{dtype}{dx}Li{kb}E" in n for n in names), (dtype, dx, kb, sorted(names))
+            for kind, sides in (("BlockXs", (16, 32, 64)), ("BlockRc", (16, 32))):
+                for kb in sides:
+                    assert any(f"{kind}I{dtype}{dx}Li{kb}E" in n for n in names), (kind, dtype, dx, kb, sorted(names))
 
 
-def test_x_stationary_kernels_use_tensor_cores_wide_loads_no_division_no_spills():
-    kernels = _kernels(XS_KERNELS)
+def test_v2_kernels_use_tensor_cores_wide_loads_no_division_no_spills():
+    kernels = _kernels(V2_KERNELS)
     assert kernels
     usage = _res_usage()
     failures = {k: p for k, v in kernels.items() if (p := _problems(v, usage.get(k)))}

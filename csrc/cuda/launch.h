@@ -15,6 +15,7 @@
 #include "kernels/cuda_types.h"
 #include "kernels/block_sddmm_tc.h"
 #include "kernels/block_tc.h"
+#include "kernels/block_rc.h"
 #include "kernels/block_xs.h"
 #include "kernels/entries.h"
 #include "kernels/gather_mm.h"
@@ -92,11 +93,14 @@ PADST_CUDA_FOR_EACH_FLAT(PADST_SDDMM_EXTERN_F)
 PADST_BLOCK_TC_FOR_EACH(PADST_BLOCK_TC_EXTERN)
 #undef PADST_BLOCK_TC_EXTERN
 
-// x-stationary tensor-core block kernel (kernels/block_xs.h, csrc/cuda/block_xs.cu): square blocks kB in {16, 32, 64}.
-// block_xs_max_smem(): the shared memory one of its CTAs may use on the current device (0 if it cannot be queried).
-int64_t block_xs_max_smem();
+// The v2 tensor-core block kernels (csrc/cuda/block_v2.cu): x-stationary (kernels/block_xs.h, square blocks kB in
+// {16, 32, 64}) and row-complete (kernels/block_rc.h, kB in {16, 32}). block_v2_max_smem(): the shared memory one of
+// their CTAs may use on the current device (0 if it cannot be queried).
+int64_t block_v2_max_smem();
 template <typename T, bool kDx, int kB>
 cudaError_t block_xs(kern::BlockXsParams<T> p, cudaStream_t stream);
+template <typename T, bool kDx, int kB>
+cudaError_t block_rc(kern::BlockRcParams<T> p, cudaStream_t stream);
 #define PADST_BLOCK_XS_FOR_EACH(X) \
   X(__nv_bfloat16, false, 16)       \
   X(__nv_bfloat16, false, 32)       \
@@ -114,5 +118,18 @@ cudaError_t block_xs(kern::BlockXsParams<T> p, cudaStream_t stream);
   extern template cudaError_t block_xs<T, D, N>(kern::BlockXsParams<T>, cudaStream_t);
 PADST_BLOCK_XS_FOR_EACH(PADST_BLOCK_XS_EXTERN)
 #undef PADST_BLOCK_XS_EXTERN
+#define PADST_BLOCK_RC_FOR_EACH(X) \
+  X(__nv_bfloat16, false, 16)       \
+  X(__nv_bfloat16, false, 32)       \
+  X(__nv_bfloat16, true, 16)        \
+  X(__nv_bfloat16, true, 32)        \
+  X(__half, false, 16)              \
+  X(__half, false, 32)              \
+  X(__half, true, 16)               \
+  X(__half, true, 32)
+#define PADST_BLOCK_RC_EXTERN(T, D, N) \
+  extern template cudaError_t block_rc<T, D, N>(kern::BlockRcParams<T>, cudaStream_t);
+PADST_BLOCK_RC_FOR_EACH(PADST_BLOCK_RC_EXTERN)
+#undef PADST_BLOCK_RC_EXTERN
 
 }  // namespace padst::gpu

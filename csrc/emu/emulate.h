@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels/block_sddmm_tc.h"
+#include "kernels/block_rc.h"
 #include "kernels/block_xs.h"
 #include "kernels/block_tc.h"
 #include "kernels/gather_mm.h"
@@ -89,6 +90,26 @@ void block_xs(const kern::BlockXsParams<T>& p) {
     for (int tid = 0; tid < K::kThreads; ++tid) K::stage(p, cta, tid, xs);
     for (int w = 0; w < K::kWarps; ++w)
       K::warp_lines(p, cta, w, kern::sm80::kAllLanes, xs, K::ring(p, xs, w), K::ost(p, xs, w));
+  }
+}
+
+// The row-complete block kernel: each warp's phase "lines", then (after the CTA barrier) each warp's "store".
+inline std::atomic<int64_t>& block_rc_calls() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
+template <typename T, bool kDx, int kB>
+void block_rc(const kern::BlockRcParams<T>& p) {
+  block_rc_calls().fetch_add(1);
+  using K = kern::BlockRc<T, kDx, kB>;
+  std::vector<kern::sm80::V16> smem(static_cast<size_t>((K::smem_bytes(p.out_cols) + 15) / 16));
+  std::memset(smem.data(), 0xff, smem.size() * sizeof(kern::sm80::V16));
+  T* base = reinterpret_cast<T*>(smem.data());
+  for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
+    for (int w = 0; w < K::kWarps; ++w)
+      K::warp_lines(p, cta, w, kern::sm80::kAllLanes, K::ring(base, w), K::ostage(base));
+    for (int w = 0; w < K::kWarps; ++w) K::store_rows(p, cta, w, kern::sm80::kAllLanes, K::ostage(base));
   }
 }
 

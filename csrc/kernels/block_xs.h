@@ -25,6 +25,7 @@
 #pragma once
 
 #include "portable.h"
+#include "block_warp.h"
 #include "warp_sm80.h"
 
 namespace padst::kern {
@@ -63,7 +64,6 @@ struct BlockXs {
   static constexpr int kStages = 2;
   static constexpr int kOst = kRows * kLd;          // elements of a warp's output staging
   static constexpr int kNT = kB / 8;                // n8 tiles per line
-  static constexpr int kKT = kB / 16;               // k16 steps per block
   static constexpr int kMT = kRows / 16;            // m16 tiles
   static constexpr int kAcc = kMT * kNT * 4;        // float accumulators per lane
   static constexpr int kChunks = kB / 8;            // 16-byte chunks per block row
@@ -121,48 +121,10 @@ struct BlockXs {
     return false;
   }
 
-  // Starts the copy of block q's values into a ring slot (each lane its 16-byte chunks).
-  PADST_WARP_HD static void fetch(const Params& p, int q, T* slot, int lane) {
-    const int blk = p.blk ? p.blk[q] : q;
-    const T* src = p.values + static_cast<int64_t>(blk) * (kB * kB);
-    sm80::each_lane(lane, [&](int l) {
-      for (int i = l; i < kB * kChunks; i += 32) {
-        const int row = i / kChunks, c8 = i % kChunks;
-        sm80::cp_async_16(slot + row * kLd + c8 * 8, src + i * 8);
-      }
-    });
-  }
-
   // acc += A (the kRows rows of xs at columns col0..col0+kB) x W (the slot).
   PADST_WARP_HD static void multiply(const Params& p, const T* xs, int col0, const T* slot, sm80::WAcc<kAcc>& acc,
                                      int lane) {
-    const int ld = ldx(p);
-    PADST_UNROLL
-    for (int kk = 0; kk < kKT; ++kk) {
-      sm80::WReg<4> a[kMT];
-      PADST_UNROLL
-      for (int mi = 0; mi < kMT; ++mi)
-        sm80::ldsm_x4<T>(a[mi], lane,
-                         [&](int l) { return xs + (mi * 16 + (l & 15)) * ld + col0 + kk * 16 + (l >> 4) * 8; });
-      PADST_UNROLL
-      for (int np = 0; np < kNT / 2; ++np) {
-        sm80::WReg<4> b;
-        if constexpr (!kDx) {  // slot[n][k]: 8x8 matrices (n, k), (n, k+8), (n+8, k), (n+8, k+8)
-          sm80::ldsm_x4<T>(b, lane, [&](int l) {
-            return slot + (np * 16 + (l & 7) + ((l >> 4) << 3)) * kLd + kk * 16 + ((l >> 3) & 1) * 8;
-          });
-        } else {  // slot[k][n], transposed on load: (k, n), (k+8, n), (k, n+8), (k+8, n+8)
-          sm80::ldsm_x4_trans<T>(b, lane, [&](int l) {
-            return slot + (kk * 16 + (l & 7) + ((l >> 3) & 1) * 8) * kLd + np * 16 + (l >> 4) * 8;
-          });
-        }
-        PADST_UNROLL
-        for (int mi = 0; mi < kMT; ++mi) {
-          sm80::mma_16816<T>(acc, (mi * kNT + 2 * np) * 4, a[mi], 0, b, 0, lane);
-          sm80::mma_16816<T>(acc, (mi * kNT + 2 * np + 1) * 4, a[mi], 0, b, 2, lane);
-        }
-      }
-    }
+    warp_block_mma<T, kDx, kB, kMT>(xs + col0, ldx(p), slot, acc, 0, lane);
   }
 
   // Line o's epilogue: bias, convert, stage the kRows x kB tile, store rows. Each lane adds the bias of its 2 kNT
@@ -216,13 +178,14 @@ struct BlockXs {
     sm80::WAcc<kAcc> acc;
     int fo = warp, fq = warp < p.lines ? p.ptr[warp] : 0;  // next block to fetch
     int s = 0;
-    if (next_block(p, fo, fq)) fetch(p, fq, ring_w, lane);
+    if (next_block(p, fo, fq)) warp_fetch_block<T, kB>(p.values, p.blk ? p.blk[fq] : fq, ring_w, lane);
     sm80::cp_async_commit();
     for (int o = warp; o < p.lines; o += kWarps) {
       acc.zero();
       for (int q = p.ptr[o]; q < p.ptr[o + 1]; ++q) {
         int no = o, nq = q + 1;  // prefetch the block after q into the other slot
-        if (next_block(p, no, nq)) fetch(p, nq, ring_w + (s ^ 1) * kSlot, lane);
+        if (next_block(p, no, nq))
+          warp_fetch_block<T, kB>(p.values, p.blk ? p.blk[nq] : nq, ring_w + (s ^ 1) * kSlot, lane);
         sm80::cp_async_commit();
         sm80::cp_async_wait<1>();  // block q's group has landed
         sm80::syncwarp();

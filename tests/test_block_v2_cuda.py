@@ -1,8 +1,8 @@
-"""The x-stationary block kernel (csrc/kernels/block_xs.h) on a GPU, switched on with PADST_BLOCK_XS=1 (its GPU default
-stays off until these pass on one): forward and dx against the float64 reference and against the block_tc kernel,
-over block sides, permutations, dtypes and batch sizes around the CTA tile, the ViT-B MLP shapes, autograd through
-padst_ext.ops.block_linear, and opcheck. Skipped without a GPU; the same kernel's logic runs on the host in
-test_cuda_emulation.py (test_emulated_block_xs*)."""
+"""The v2 block kernels (x-stationary, csrc/kernels/block_xs.h; row-complete, block_rc.h) on a GPU, switched on with
+PADST_BLOCK_V2=1 (their GPU default stays off until these pass on one): forward and dx against the float64 reference
+and against the block_tc kernel, over block sides, permutations, dtypes and batch sizes around the CTA tiles, the ViT-B
+MLP shapes, autograd through padst_ext.ops.block_linear, and opcheck. Skipped without a GPU; the same kernels' logic
+runs on the host in test_cuda_emulation.py (test_emulated_block_xs / _rc / _v2*)."""
 
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ def _on(w, device, dtype):
 
 
 def _both_kernels(monkeypatch, fn):
-    monkeypatch.setenv("PADST_BLOCK_XS", "1")
+    monkeypatch.setenv("PADST_BLOCK_V2", "1")
     a = fn()
     torch.cuda.synchronize()
-    monkeypatch.setenv("PADST_BLOCK_XS", "0")
+    monkeypatch.setenv("PADST_BLOCK_V2", "0")
     b = fn()
     torch.cuda.synchronize()
     return a, b
@@ -52,36 +52,39 @@ def _both_kernels(monkeypatch, fn):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("perm", ["none", "in", "out", "both"])
-@pytest.mark.parametrize("kb", [16, 32, 64])
+@pytest.mark.parametrize("kernel,kb", [("xs", 16), ("xs", 32), ("xs", 64), ("rc", 16), ("rc", 32)])
 @pytest.mark.parametrize("B", [1, 31, 64, 69, 1000])
-def test_cuda_block_xs_matches_reference(B, kb, perm, dtype, monkeypatch):
-    case = _case(B, 4 * kb, 3 * kb, kb, 0.5, perm, dtype, seed=B + kb)
+def test_cuda_block_v2_matches_reference(B, kernel, kb, perm, dtype, monkeypatch):
+    """xs: 4 kb -> 3 kb, both passes x-stationary; rc: 1536 -> 10 kb, the forward row-complete (dx x-stationary)."""
+    C, R, density = (4 * kb, 3 * kb, 0.5) if kernel == "xs" else (1536, 10 * kb, 0.15)
+    case = _case(B, C, R, kb, density, perm, dtype, seed=B + kb)
     v, x, b = case.weight.values, case.x, case.bias
     dy = torch.randn(B, case.R, device="cuda", dtype=torch.float64).to(dtype)
     y_xs, y_tc = _both_kernels(monkeypatch, lambda: fwd(case, x, v, b, cuda_ops))
     dx_xs, dx_tc = _both_kernels(monkeypatch, lambda: dx(case, dy, v, cuda_ops))
     y64, dx64 = fwd(case, _f64(x), _f64(v), _f64(b), ref), dx(case, _f64(dy), _f64(v), ref)
-    assert_close_to_reference(y_xs, y64, fwd(case, x, v, b, ref), "forward (x-stationary)")
-    assert_close_to_reference(dx_xs, dx64, dx(case, dy, v, ref), "dx (x-stationary)")
+    assert_close_to_reference(y_xs, y64, fwd(case, x, v, b, ref), "forward (v2)")
+    assert_close_to_reference(dx_xs, dx64, dx(case, dy, v, ref), "dx (v2)")
     assert_close_to_reference(y_tc, y64, fwd(case, x, v, b, ref), "forward (block_tc)")
 
 
 @pytest.mark.parametrize("layer", ["fc1", "fc2"])
 @pytest.mark.parametrize("perm", ["none", "both"])
-def test_cuda_block_xs_vit_shapes(layer, perm, monkeypatch):
-    """ViT-B's MLP at 4096 tokens, block 32, 90 %: fc1's forward and fc2's dx are the x-stationary kernel's."""
+def test_cuda_block_v2_vit_shapes(layer, perm, monkeypatch):
+    """ViT-B's MLP at 4096 tokens, block 32, 90 %: fc1's forward and fc2's dx are the x-stationary kernel's, fc2's
+    forward and fc1's dx the row-complete kernel's."""
     C, R = (768, 3072) if layer == "fc1" else (3072, 768)
     case = _case(4096, C, R, 32, 0.1, perm, torch.bfloat16, seed=7)
     v, x, b = case.weight.values, case.x, case.bias
     dy = torch.randn(4096, R, device="cuda", dtype=torch.bfloat16)
-    monkeypatch.setenv("PADST_BLOCK_XS", "1")
+    monkeypatch.setenv("PADST_BLOCK_V2", "1")
     assert_close_to_reference(fwd(case, x, v, b, cuda_ops), fwd(case, _f64(x), _f64(v), _f64(b), ref),
                               fwd(case, x, v, b, ref), "forward")
     assert_close_to_reference(dx(case, dy, v, cuda_ops), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref), "dx")
 
 
-def test_cuda_block_xs_autograd_and_opcheck(monkeypatch):
-    monkeypatch.setenv("PADST_BLOCK_XS", "1")
+def test_cuda_block_v2_autograd_and_opcheck(monkeypatch):
+    monkeypatch.setenv("PADST_BLOCK_V2", "1")
     case = _case(70, 128, 96, 32, 0.5, "both", torch.bfloat16, seed=3)
     w = case.weight
     x = case.x.clone().requires_grad_()

@@ -1,0 +1,75 @@
+// The v2 tensor-core block kernels, x-stationary (csrc/kernels/block_xs.h) and row-complete (csrc/kernels/block_rc.h):
+// their __global__ wrappers and launchers, in their own translation unit (compiled in parallel with kernels.cu). See
+// csrc/cuda/launch.h for the contract.
+#include <limits>
+
+#include "cuda/launch.h"
+
+namespace padst::gpu {
+namespace {
+
+extern __shared__ __align__(128) unsigned char v2_smem_raw[];
+
+template <typename K>
+__global__ void __launch_bounds__(K::kThreads, 1) block_xs_kernel(typename K::Params p) {
+  using T = std::remove_cv_t<std::remove_pointer_t<decltype(p.out)>>;
+  T* xs = reinterpret_cast<T*>(v2_smem_raw);
+  K::stage(p, blockIdx.x, static_cast<int>(threadIdx.x), xs);
+  kern::sm80::cp_async_wait<0>();
+  __syncthreads();
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  K::warp_lines(p, blockIdx.x, warp, lane, xs, K::ring(p, xs, warp), K::ost(p, xs, warp));
+}
+
+template <typename K>
+__global__ void __launch_bounds__(K::kThreads, 1) block_rc_kernel(typename K::Params p) {
+  using T = std::remove_cv_t<std::remove_pointer_t<decltype(p.out)>>;
+  T* smem = reinterpret_cast<T*>(v2_smem_raw);
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  K::warp_lines(p, blockIdx.x, warp, lane, K::ring(smem, warp), K::ostage(smem));
+  __syncthreads();
+  K::store_rows(p, blockIdx.x, warp, lane, K::ostage(smem));
+}
+
+// Launches kernel<K> with `smem` bytes of dynamic shared memory (opting in above 48 KB).
+template <typename K, typename Kernel>
+cudaError_t launch(Kernel kernel, const typename K::Params& p, int64_t smem, cudaStream_t stream) {
+  const int64_t ctas = K::num_ctas(p);
+  if (ctas == 0) return cudaSuccess;
+  if (ctas > std::numeric_limits<int>::max()) return cudaErrorInvalidConfiguration;
+  if (smem > block_v2_max_smem()) return cudaErrorInvalidValue;  // the dispatcher checks this first
+  const cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (st != cudaSuccess) return st;
+  kernel<<<static_cast<unsigned>(ctas), K::kThreads, static_cast<size_t>(smem), stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t block_v2_max_smem() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+  return bytes < kern::kBlockXsMaxSmem ? bytes : kern::kBlockXsMaxSmem;
+}
+
+template <typename T, bool kDx, int kB>
+cudaError_t block_xs(kern::BlockXsParams<T> p, cudaStream_t stream) {
+  using K = kern::BlockXs<T, kDx, kB>;
+  return launch<K>(block_xs_kernel<K>, p, K::smem_bytes(p.in_cols), stream);
+}
+
+template <typename T, bool kDx, int kB>
+cudaError_t block_rc(kern::BlockRcParams<T> p, cudaStream_t stream) {
+  using K = kern::BlockRc<T, kDx, kB>;
+  return launch<K>(block_rc_kernel<K>, p, K::smem_bytes(p.out_cols), stream);
+}
+
+#define PADST_BLOCK_XS_INST(T, D, N) template cudaError_t block_xs<T, D, N>(kern::BlockXsParams<T>, cudaStream_t);
+PADST_BLOCK_XS_FOR_EACH(PADST_BLOCK_XS_INST)
+#undef PADST_BLOCK_XS_INST
+#define PADST_BLOCK_RC_INST(T, D, N) template cudaError_t block_rc<T, D, N>(kern::BlockRcParams<T>, cudaStream_t);
+PADST_BLOCK_RC_FOR_EACH(PADST_BLOCK_RC_INST)
+#undef PADST_BLOCK_RC_INST
+
+}  // namespace padst::gpu
