@@ -68,6 +68,10 @@ struct Backend<true> {
   static void block_rc(const kern::BlockRcParams<T>& p) {
     emu::block_rc<T, kDx, kB>(p);
   }
+  template <typename T, int kB>
+  static void block_gw(const kern::BlockGwParams<T>& p, int64_t max_row_blocks, const at::Tensor&) {
+    emu::block_gw<T, kB>(p, max_row_blocks);
+  }
   static int64_t block_v2_max_smem() { return kern::kBlockXsMaxSmem; }  // the emulation models an H100/H200
   template <typename T>
   static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor&) {
@@ -133,6 +137,13 @@ struct Backend<false> {
   template <typename T, bool kDx, int kB>
   static void block_rc(const kern::BlockRcParams<T>& p) {
     C10_CUDA_CHECK((gpu::block_rc<T, kDx, kB>(p, at::cuda::getCurrentCUDAStream())));
+  }
+  template <typename T, int kB>
+  static void block_gw(kern::BlockGwParams<T> p, int64_t max_row_blocks, const at::Tensor& ref) {
+    kern::BlockGw<T, kB>::plan(p, max_row_blocks);
+    at::Tensor partial = at::empty({static_cast<int64_t>(p.splits) * p.nnzb * kB * kB}, ref.options().dtype(at::kFloat));
+    p.partial = partial.mutable_data_ptr<float>();
+    C10_CUDA_CHECK((gpu::block_gw<T, kB>(p, at::cuda::getCurrentCUDAStream())));
   }
   static int64_t block_v2_max_smem() { return gpu::block_v2_max_smem(); }
   template <typename T>
@@ -276,7 +287,8 @@ bool try_block_tc(const at::Tensor& in, const std::optional<at::Tensor>& in_gath
 }
 
 // The v2 tensor-core block kernels: x-stationary (kernels/block_xs.h: the input side staged whole, so it must fit in
-// shared memory) and row-complete (kernels/block_rc.h: whole output rows, at most 768 wide). PADST_BLOCK_V2=1 / 0 turns
+// shared memory), row-complete (kernels/block_rc.h: whole output rows, at most 768 wide) and the weight gradient
+// (kernels/block_gw.h). PADST_BLOCK_V2=1 / 0 turns
 // them on / off; unset, they serve in the host emulation and not yet on a GPU: they have not run on one (issue 16), so
 // the device default stays the block_tc kernel until benchmarks/gpu_suite.sh has checked them there.
 inline bool block_v2_enabled(bool host) {
@@ -288,9 +300,12 @@ inline bool block_v2_enabled(bool host) {
 // Their int32 metadata, on the device of the data: ptr/idx/blk of the lines (CSR forward, CSC dx) and the index maps:
 // the x-stationary kernel writes input column c to staged position in_scatter[c], the row-complete one reads staged
 // position k from input column in_gather[k]; both write product column r to output column out_scatter[r].
+// The weight gradient (forward-direction metadata) reads dy through out_scatter (= inv(out_perm)) and x through
+// in_gather (= in_perm); max_line is the most blocks of one line.
 struct BlockV2Meta {
   at::Tensor ptr, idx;
   std::optional<at::Tensor> blk, in_scatter, in_gather, out_scatter;
+  int64_t max_line = 0;
 };
 
 // Runs a v2 kernel when one serves the problem (the x-stationary one first); false when block_tc / gather must.
@@ -357,6 +372,50 @@ bool try_block_v2(const at::Tensor& in, const at::Tensor& values, const std::opt
   return served;
 }
 
+// The v2 weight gradient (kernels/block_gw.h) when it serves; false when block_sddmm_tc / sddmm must.
+template <bool kHost>
+bool try_block_gw(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dv, const BlockMeta& m, const BlockV2Meta& vm) {
+  const int64_t kb = m.br;
+  if (!vm.ptr.defined() || !block_v2_enabled(kHost) || m.br != m.bc || (kb != 16 && kb != 32)) return false;
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
+  const int64_t R = dy.size(1), C = x.size(1), i32 = std::numeric_limits<int32_t>::max();
+  if (R % 8 != 0 || C % 8 != 0 || R > i32 || C > i32 || m.nnzb > i32) return false;
+  for (const void* ptr : {dy.const_data_ptr(), x.const_data_ptr()})
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  auto i32p = [](const std::optional<at::Tensor>& t) -> const int32_t* {
+    return t ? t->template const_data_ptr<int32_t>() : nullptr;
+  };
+  bool served = false;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "padst block_gw", [&] {
+    using T = typename Backend<kHost>::template type<scalar_t>;
+    kern::BlockGwParams<T> p;
+    p.dy = cptr<T>(dy);
+    p.x = cptr<T>(x);
+    p.dy_gather = i32p(vm.out_scatter);
+    p.x_gather = i32p(vm.in_gather);
+    p.row_ptr = vm.ptr.template const_data_ptr<int32_t>();
+    p.col_idx = vm.idx.template const_data_ptr<int32_t>();
+    p.out = mptr<T>(dv);
+    p.B = x.size(0);
+    p.R = static_cast<int32_t>(R);
+    p.C = static_cast<int32_t>(C);
+    p.rows = static_cast<int32_t>(vm.ptr.numel() - 1);
+    p.nnzb = static_cast<int32_t>(m.nnzb);
+    auto run = [&](auto kb_const) {
+      constexpr int kB = decltype(kb_const)::value;
+      if (kern::BlockGw<T, kB>::smem_bytes() > Backend<kHost>::block_v2_max_smem()) return;
+      Backend<kHost>::template block_gw<T, kB>(p, vm.max_line, x);
+      served = true;
+    };
+    if (kb == 16) {
+      run(std::integral_constant<int, 16>{});
+    } else {
+      run(std::integral_constant<int, 32>{});
+    }
+  });
+  return served;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Block
 // ---------------------------------------------------------------------------------------------------------
@@ -396,6 +455,8 @@ inline BlockDev upload(BlockProblem p, const at::Tensor& ref, bool csc) {
       d.v2.out_scatter = perm32_on_device(p.pin, false, ref);
     }
   } else if (v2) {
+    const at::Tensor counts = p.m.row_ptr.slice(0, 1) - p.m.row_ptr.slice(0, 0, -1);
+    d.v2.max_line = counts.numel() ? counts.max().item<int64_t>() : 0;
     d.v2.ptr = int32_on_device(p.m.row_ptr, ref);
     d.v2.idx = int32_on_device(p.m.col_idx, ref);
     d.v2.in_scatter = perm32_on_device(p.pin, true, ref);
@@ -481,6 +542,7 @@ at::Tensor block_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   auto dv = at::empty({m.nnzb, m.br, m.bc}, x.options());
   if (dv.numel() == 0) return dv;
   const at::Tensor dyc = dy.contiguous(), xc = x.contiguous();
+  if (try_block_gw<kHost>(dyc, xc, dv, m, d->v2)) return dv;
   if (kern::block_sddmm_tc_supports(m.br, m.bc) &&
       (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "padst block_sddmm_tc", [&] {

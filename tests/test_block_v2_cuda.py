@@ -1,6 +1,6 @@
-"""The v2 block kernels (x-stationary, csrc/kernels/block_xs.h; row-complete, block_rc.h) on a GPU, switched on with
-PADST_BLOCK_V2=1 (their GPU default stays off until these pass on one): forward and dx against the float64 reference
-and against the block_tc kernel, over block sides, permutations, dtypes and batch sizes around the CTA tiles, the ViT-B
+"""The v2 block kernels (x-stationary, csrc/kernels/block_xs.h; row-complete, block_rc.h; weight gradient, block_gw.h)
+on a GPU, switched on with PADST_BLOCK_V2=1 (their GPU default stays off until these pass on one): forward, dx and dW
+against the float64 reference and against the block_tc / block_sddmm_tc kernels, over block sides, permutations, dtypes and batch sizes around the CTA tiles, the ViT-B
 MLP shapes, autograd through padst_ext.ops.block_linear, and opcheck. Skipped without a GPU; the same kernels' logic
 runs on the host in test_cuda_emulation.py (test_emulated_block_xs / _rc / _v2*)."""
 
@@ -16,7 +16,7 @@ from padst_ext import ops
 from padst_ext import reference as ref
 
 from cases import assert_close_to_reference, has_cuda_kernel, make_case
-from test_ops import _f64, dx, fwd
+from test_ops import _f64, dw, dx, fwd
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernel("block_mm")),
                                 reason="no CUDA device or no CUDA kernels in this build")
@@ -81,6 +81,24 @@ def test_cuda_block_v2_vit_shapes(layer, perm, monkeypatch):
     assert_close_to_reference(fwd(case, x, v, b, cuda_ops), fwd(case, _f64(x), _f64(v), _f64(b), ref),
                               fwd(case, x, v, b, ref), "forward")
     assert_close_to_reference(dx(case, dy, v, cuda_ops), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref), "dx")
+    assert_close_to_reference(dw(case, dy, x, cuda_ops), dw(case, _f64(dy), _f64(x), ref), dw(case, dy, x, ref), "dW")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("perm", ["none", "in", "out", "both"])
+@pytest.mark.parametrize("kb", [16, 32])
+@pytest.mark.parametrize("B", [1, 65, 2000, 50176])
+def test_cuda_block_gw_matches_reference(B, kb, perm, dtype, monkeypatch):
+    """The v2 weight gradient against the float64 reference and the block_sddmm_tc kernel, and bit-identical reruns."""
+    case = _case(B, 6 * kb, 4 * kb, kb, 0.5, perm, dtype, seed=B + kb)
+    x = case.x
+    dy = torch.randn(B, case.R, device="cuda", dtype=torch.float64).to(dtype)
+    g_v2, g_tc = _both_kernels(monkeypatch, lambda: dw(case, dy, x, cuda_ops))
+    g64, glow = dw(case, _f64(dy), _f64(x), ref), dw(case, dy, x, ref)
+    assert_close_to_reference(g_v2, g64, glow, "dW (v2)")
+    assert_close_to_reference(g_tc, g64, glow, "dW (block_sddmm_tc)")
+    monkeypatch.setenv("PADST_BLOCK_V2", "1")
+    assert torch.equal(dw(case, dy, x, cuda_ops), g_v2)
 
 
 def test_cuda_block_v2_autograd_and_opcheck(monkeypatch):
@@ -103,3 +121,5 @@ def test_cuda_block_v2_autograd_and_opcheck(monkeypatch):
     meta = list(w.meta())
     torch.library.opcheck(torch.ops.padst.block_mm.default, (x, v, *meta, bias, case.in_perm, case.out_perm))
     torch.library.opcheck(torch.ops.padst.block_mm_t.default, (dy, v, *meta, case.in_perm, case.out_perm))
+    torch.library.opcheck(torch.ops.padst.block_sddmm.default,
+                          (dy, x, w.row_ptr, w.col_idx, 32, 32, case.in_perm, case.out_perm))

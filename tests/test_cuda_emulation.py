@@ -274,10 +274,78 @@ def test_emulated_block_v2_falls_back(what, monkeypatch):
     _check_fwd_dx(case, dtype, xs=1 if what == "64-blocks too wide" else 0, rc=0)
 
 
+def _gw_calls() -> int:
+    return torch.ops.padst_emu.block_gw_calls()
+
+
+def _check_dw(case, dtype, gw: int):
+    before = _gw_calls()
+    gen = torch.Generator().manual_seed(4)
+    dy = torch.randn(case.B, case.R, generator=gen, dtype=torch.float64).to(dtype)
+    x = case.x
+    assert_close_to_reference(dw(case, dy, x, emu), dw(case, _f64(dy), _f64(x), ref), dw(case, dy, x, ref), "dW")
+    assert _gw_calls() - before == gw
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("perm", ["none", "in", "out", "both"])
+@pytest.mark.parametrize("kb", [16, 32])
+@pytest.mark.parametrize("B", [1, 63, 64, 65, 300, 2000])
+def test_emulated_block_gw(B, kb, perm, dtype):
+    """The v2 weight gradient: batch 1, around one 64-row stage, several stages per split (300), several splits
+    (2000: 8 splits of 250 rows, none a multiple of 64); every permutation; an empty block-row."""
+    C, R = 6 * kb, 4 * kb
+    case = _block_case(B, C, R, kb, _mask(R, C, kb, 0.5, B + kb), perm, dtype, seed=B)
+    _check_dw(case, dtype, gw=1)
+
+
+@pytest.mark.parametrize("kb", [16, 32])
+def test_emulated_block_gw_groups(kb):
+    """Rows with more blocks than one CTA's group (32 of 16-blocks, 16 of 32-blocks): several groups per row, rows of
+    different lengths, and bit-identical reruns (the splits are summed in a fixed order)."""
+    C, R = 80 * kb if kb == 16 else 40 * kb, 3 * kb
+    mask = _mask(R, C, kb, 0.9, kb, empty=False)
+    mask[1, : C // kb // 2] = False  # a shorter row
+    case = _block_case(600, C, R, kb, mask, "both", torch.bfloat16, seed=kb)
+    _check_dw(case, torch.bfloat16, gw=1)
+    dy = torch.randn(600, R).to(torch.bfloat16)
+    w = case.weight
+    a = emu.block_sddmm(dy, case.x, w.row_ptr, w.col_idx, kb, kb, case.in_perm, case.out_perm)
+    b = emu.block_sddmm(dy, case.x, w.row_ptr, w.col_idx, kb, kb, case.in_perm, case.out_perm)
+    assert torch.equal(a, b)
+
+
+def test_emulated_block_gw_empty_batch():
+    case = _block_case(5, 64, 32, 16, _mask(32, 64, 16, 0.5, 0, empty=False), "both", torch.bfloat16)
+    w = case.weight
+    before = _gw_calls()
+    dv = emu.block_sddmm(torch.zeros(0, 32, dtype=torch.bfloat16), case.x[:0], w.row_ptr, w.col_idx, 16, 16,
+                         case.in_perm, case.out_perm)
+    assert torch.equal(dv, torch.zeros_like(w.values)) and _gw_calls() - before == 1
+
+
+@pytest.mark.parametrize("what", ["switched off", "64-blocks", "not square", "float32"])
+def test_emulated_block_gw_falls_back(what, monkeypatch):
+    dtype, kb, block = torch.bfloat16, 16, None
+    if what == "switched off":
+        monkeypatch.setenv("PADST_BLOCK_V2", "0")
+    elif what == "64-blocks":
+        kb = 64
+    elif what == "not square":
+        block = (16, 32)
+    else:
+        dtype = torch.float32
+    if block is None:
+        case = _block_case(70, 4 * kb, 2 * kb, kb, _mask(2 * kb, 4 * kb, kb, 0.5, 1), "both", dtype)
+    else:
+        case = make_case("block", 70, 128, 64, block=block, sparsity=0.5, perm="both", dtype=dtype)
+    _check_dw(case, dtype, gw=0)
+
+
 @pytest.mark.parametrize("shape,perm", [p for p in _cases(("block",))])
 def test_emulated_block_tc_kernel(shape, perm, monkeypatch):
     """The block_tc kernel (the GPU default until the v2 kernels have run on a GPU), with the v2 kernels off."""
     monkeypatch.setenv("PADST_BLOCK_V2", "0")
-    before = _calls()
+    before = _calls(), _gw_calls()
     _check_all(_make(shape, perm, torch.bfloat16, "cpu"), torch.bfloat16)
-    assert _calls() == before
+    assert (_calls(), _gw_calls()) == before

@@ -114,17 +114,20 @@ def _problems(sass: str, usage: str | None) -> list[str]:
     return bad
 
 
-V2_KERNELS = r"block_(xs|rc)_kernel"
+V2_KERNELS = r"block_(xs|rc|gw)_kernel"
 
 
 def test_every_v2_kernel_is_built():
-    """2 dtypes x (forward, dx) x block sides 16 / 32 / 64 (x-stationary) and 16 / 32 (row-complete)."""
+    """2 dtypes x (forward, dx) x block sides 16 / 32 / 64 (x-stationary) and 16 / 32 (row-complete); the weight
+    gradient for 2 dtypes x 16 / 32."""
     names = _kernels(V2_KERNELS)
     for dtype in ("13__nv_bfloat16", "6__half"):
         for dx in ("Lb0E", "Lb1E"):
             for kind, sides in (("BlockXs", (16, 32, 64)), ("BlockRc", (16, 32))):
                 for kb in sides:
                     assert any(f"{kind}I{dtype}{dx}Li{kb}E" in n for n in names), (kind, dtype, dx, kb, sorted(names))
+        for kb in (16, 32):
+            assert any(f"BlockGwI{dtype}Li{kb}E" in n for n in names), (dtype, kb, sorted(names))
 
 
 def test_v2_kernels_use_tensor_cores_wide_loads_no_division_no_spills():
@@ -133,12 +136,14 @@ def test_v2_kernels_use_tensor_cores_wide_loads_no_division_no_spills():
     usage = _res_usage()
     failures = {k: p for k, v in kernels.items() if (p := _problems(v, usage.get(k)))}
     assert not failures, "\n".join(f"{k}: {p}" for k, p in failures.items())
-    # and the pieces of the design: ldmatrix (LDSM, .MT88 transposed for dx) and 128-bit stores of output rows
+    # and the pieces of the design: ldmatrix (LDSM; .MT88, transposed, for dx's weights and both dW operands) and
+    # 128-bit stores of output rows (the products; dW writes float partials)
     for k, v in kernels.items():
         ops = set(_opcodes(v))
         assert any(o.startswith("LDSM") for o in ops), k
-        assert any(o.startswith("STG") and o.endswith(".128") for o in ops), k
-        if "Lb1E" in k:
+        if "BlockGw" not in k:
+            assert any(o.startswith("STG") and o.endswith(".128") for o in ops), k
+        if "Lb1E" in k or "BlockGw" in k:
             assert any(o.startswith("LDSM") and ".MT88" in o for o in ops), k
 
 

@@ -15,6 +15,7 @@
 #include "kernels/cuda_types.h"
 #include "kernels/block_sddmm_tc.h"
 #include "kernels/block_tc.h"
+#include "kernels/block_gw.h"
 #include "kernels/block_rc.h"
 #include "kernels/block_xs.h"
 #include "kernels/entries.h"
@@ -101,6 +102,10 @@ template <typename T, bool kDx, int kB>
 cudaError_t block_xs(kern::BlockXsParams<T> p, cudaStream_t stream);
 template <typename T, bool kDx, int kB>
 cudaError_t block_rc(kern::BlockRcParams<T> p, cudaStream_t stream);
+// The v2 weight gradient (kernels/block_gw.h, kB in {16, 32}): p planned with BlockGw<T, kB>::plan, p.partial holding
+// splits * nnzb * kB * kB floats.
+template <typename T, int kB>
+cudaError_t block_gw(kern::BlockGwParams<T> p, cudaStream_t stream);
 #define PADST_BLOCK_XS_FOR_EACH(X) \
   X(__nv_bfloat16, false, 16)       \
   X(__nv_bfloat16, false, 32)       \
@@ -131,5 +136,13 @@ PADST_BLOCK_XS_FOR_EACH(PADST_BLOCK_XS_EXTERN)
   extern template cudaError_t block_rc<T, D, N>(kern::BlockRcParams<T>, cudaStream_t);
 PADST_BLOCK_RC_FOR_EACH(PADST_BLOCK_RC_EXTERN)
 #undef PADST_BLOCK_RC_EXTERN
+#define PADST_BLOCK_GW_FOR_EACH(X) \
+  X(__nv_bfloat16, 16)              \
+  X(__nv_bfloat16, 32)              \
+  X(__half, 16)                     \
+  X(__half, 32)
+#define PADST_BLOCK_GW_EXTERN(T, N) extern template cudaError_t block_gw<T, N>(kern::BlockGwParams<T>, cudaStream_t);
+PADST_BLOCK_GW_FOR_EACH(PADST_BLOCK_GW_EXTERN)
+#undef PADST_BLOCK_GW_EXTERN
 
 }  // namespace padst::gpu

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels/block_sddmm_tc.h"
+#include "kernels/block_gw.h"
 #include "kernels/block_rc.h"
 #include "kernels/block_xs.h"
 #include "kernels/block_tc.h"
@@ -111,6 +112,45 @@ void block_rc(const kern::BlockRcParams<T>& p) {
       K::warp_lines(p, cta, w, kern::sm80::kAllLanes, K::ring(base, w), K::ostage(base));
     for (int w = 0; w < K::kWarps; ++w) K::store_rows(p, cta, w, kern::sm80::kAllLanes, K::ostage(base));
   }
+}
+
+// The v2 weight gradient: per CTA, the double-buffered stage / mma loop (phases per thread / per warp), then each warp's
+// store; then the ordered reduction of the splits.
+inline std::atomic<int64_t>& block_gw_calls() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
+template <typename T, int kB>
+void block_gw(kern::BlockGwParams<T> p, int64_t max_row_blocks) {
+  block_gw_calls().fetch_add(1);
+  using K = kern::BlockGw<T, kB>;
+  K::plan(p, max_row_blocks);
+  std::vector<float> partial(static_cast<size_t>(p.splits) * p.nnzb * kB * kB);
+  p.partial = partial.data();
+  std::vector<kern::sm80::V16> smem(static_cast<size_t>((K::smem_bytes() + 15) / 16));
+  std::memset(smem.data(), 0xff, smem.size() * sizeof(kern::sm80::V16));
+  T* base = reinterpret_cast<T*>(smem.data());
+  std::vector<kern::sm80::WAcc<K::kAcc>> acc(K::kWarps);
+  for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
+    int row, split, group, q0, q1;
+    K::decode(p, cta, row, split, group);
+    K::blocks(p, row, group, q0, q1);
+    if (q0 >= q1) continue;
+    const int64_t b_begin = split * p.chunk, b_end = std::min(p.B, b_begin + p.chunk);
+    for (auto& a : acc) a.zero();
+    int buf = 0;
+    for (int tid = 0; tid < K::kThreads; ++tid) K::stage(p, row, q0, q1, b_begin, b_end, tid, base, 0);
+    for (int64_t b0 = b_begin; b0 < b_end; b0 += K::kRows) {
+      if (b0 + K::kRows < b_end)
+        for (int tid = 0; tid < K::kThreads; ++tid) K::stage(p, row, q0, q1, b0 + K::kRows, b_end, tid, base, buf ^ 1);
+      for (int w = 0; w < K::kWarps; ++w) K::mma(q0, q1, w, kern::sm80::kAllLanes, base, buf, acc[w]);
+      buf ^= 1;
+    }
+    for (int w = 0; w < K::kWarps; ++w) K::store(p, split, q0, q1, w, kern::sm80::kAllLanes, acc[w]);
+  }
+  for (int64_t cta = 0; cta < K::reduce_ctas(p); ++cta)
+    for (int tid = 0; tid < K::kReduceThreads; ++tid) K::reduce(p, cta, tid);
 }
 
 template <typename T>
