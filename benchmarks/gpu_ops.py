@@ -15,7 +15,10 @@ T = 50176 tokens (= 196 x 256: ViT-B/16 at 224 px has 196 patches, 197 tokens wi
 
 each PERMUTED (random in_perm and out_perm for block / diagonal; N:M: random in_perm folded into col_idx; 2:4
 cuSPARSELt: in_perm passed to the op) and IDENTITY (no permutation / sorted indices), so that the permuted /
-identity ratio can be read off (target <= 1.05). Every layer has a bias (as ViT-B's Linear layers do).
+identity ratio can be read off (target <= 1.05). Every layer has a bias (as ViT-B's Linear layers do). Block cases
+time padst twice: the block_tc kernels (padst_perm / padst_ident, PADST_BLOCK_V2=0) and the v2 kernels (padst_v2_*,
+rows marked "v2", PADST_BLOCK_V2=1: x-stationary, row-complete and the grouped dW where they serve, block_tc
+elsewhere), each checked against the reference before it is timed.
 
 Baselines, timed round-robin with the padst variants of the same case (so drift hits all of them alike):
   dense      cuBLAS F.linear(x, W, b), W [R, C] dense; forward and forward+backward (dx, dW, db)
