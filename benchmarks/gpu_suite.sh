@@ -8,8 +8,11 @@
 # 3. the CUDA tests: pytest -k "(cuda or semi_structured or sass) and not emulation" (the CUDA params of tests/cases.py
 #    have the id "cuda"; test_cuda_emulation.py is host-only and left to the CPU suite). The recipe tests among them
 #    need timm and transformers in the python that runs this (pip install -e ".[recipes]" or the wheels offline)
-# 4. benchmarks/gpu_ops.py (JSON + markdown table)
-# 5. a short summary, printed LAST: GPU, build, test counts, the benchmark table
+# 4. compute-sanitizer (racecheck, synccheck, memcheck; 40 s each at most) on benchmarks/v2_sanitize.py: small calls
+#    of the v2 block kernels, whose memory ordering (cp.async waits, barriers) the host emulation cannot check;
+#    skipped when the tool is missing
+# 5. benchmarks/gpu_ops.py (JSON + markdown table)
+# 6. a short summary, printed LAST: GPU, build, test counts, sanitizer results, the benchmark table
 #
 # Logs and results go to $OUT when it is set (build.log, tests.log, bench.log, gpu_ops.json, gpu_ops.md), else logs
 # to a temporary folder and results to benchmarks/results/. The whole script keeps within SUITE_BUDGET_S seconds
@@ -89,7 +92,8 @@ TESTS_RC=-1
 TESTS_LINE="not run (build failed)"
 if [ $BUILD_RC -eq 0 ]; then
   BENCH_MIN=150 # seconds kept for the benchmark
-  TEST_T=$(($(left) - BENCH_MIN))
+  SAN_MAX=120   # and for the sanitizer runs (3 x 40 s at most)
+  TEST_T=$(($(left) - BENCH_MIN - SAN_MAX))
   [ $TEST_T -gt 240 ] && TEST_T=240
   [ $TEST_T -lt 30 ] && TEST_T=30
   stamp "CUDA tests, timeout ${TEST_T} s (log: $LOG/tests.log)"
@@ -103,6 +107,24 @@ if [ $BUILD_RC -eq 0 ]; then
   [ $TESTS_RC -eq 124 ] && TESTS_LINE="TIMED OUT after ${TEST_T} s; $TESTS_LINE"
   [ $TESTS_RC -ne 0 ] && { echo "--- test failures"; grep -E "^(FAILED|ERROR)" "$LOG/tests.log" | head -n 30; }
   stamp "tests rc $TESTS_RC: $TESTS_LINE"
+fi
+
+# ---------------------------------------------------------------------------------------------------------------
+SAN_LINE="not run"
+if [ $BUILD_RC -eq 0 ]; then
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    SAN_LINE=""
+    for tool in racecheck synccheck memcheck; do
+      stamp "compute-sanitizer --tool $tool on the v2 kernels (log: $LOG/sanitize_$tool.log)"
+      (cd /tmp && timeout -k 5 40 compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" \
+        "$OLDPWD/benchmarks/v2_sanitize.py") >"$LOG/sanitize_$tool.log" 2>&1
+      rc=$?
+      tail -n 3 "$LOG/sanitize_$tool.log"
+      SAN_LINE="$SAN_LINE $tool rc $rc$([ $rc -eq 124 ] && echo ' (timed out)');"
+    done
+  else
+    SAN_LINE="compute-sanitizer not found"
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,6 +148,7 @@ stamp "SUMMARY"
 echo "GPU:    ${GPU:-unknown}"
 echo "build:  $BUILD_STATUS, ${BUILD_S} s"
 echo "tests:  rc $TESTS_RC: $TESTS_LINE"
+echo "sanitizer (v2 kernels):$SAN_LINE"
 echo "bench:  rc $BENCH_RC$([ "$BENCH_RC" = 124 ] && echo ' (timed out)'), results in $RESULTS/gpu_ops.json and .md"
 if [ -f "$LOG/bench.log" ]; then
   if grep -q "^padst_ext CUDA ops on" "$LOG/bench.log"; then

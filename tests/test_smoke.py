@@ -107,3 +107,17 @@ def test_gpu_suite_script_is_valid_bash():
     res = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True,
                          check=False)
     assert res.returncode == 0, res.stderr
+
+
+def test_v2_sanitize_script_on_the_emulation():
+    """benchmarks/v2_sanitize.py (what gpu_suite.sh runs under compute-sanitizer) through the emulation: every v2
+    kernel serves at least once and every call matches the reference."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "v2_sanitize.py"), "--cpu"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT, check=False)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "all calls matched" in res.stdout
+    counts = res.stdout.split("emulated v2 calls:")[1].splitlines()[0]
+    assert all(int(n) > 0 for n in counts.replace(",", " ").split() if n.isdigit()), counts
