@@ -89,6 +89,7 @@ void block_xs(const kern::BlockXsParams<T>& p) {
   T* xs = reinterpret_cast<T*>(smem.data());
   for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
     for (int tid = 0; tid < K::kThreads; ++tid) K::stage(p, cta, tid, xs);
+    kern::sm80::host::async_copies().retire_all_but(0);  // every thread's cp_async_wait<0>(), then __syncthreads()
     for (int w = 0; w < K::kWarps; ++w)
       K::warp_lines(p, cta, w, kern::sm80::kAllLanes, xs, K::ring(p, xs, w), K::ost(p, xs, w));
   }
@@ -140,13 +141,19 @@ void block_gw(kern::BlockGwParams<T> p, int64_t max_row_blocks) {
     const int64_t b_begin = split * p.chunk, b_end = std::min(p.B, b_begin + p.chunk);
     for (auto& a : acc) a.zero();
     int buf = 0;
+    auto& copies = kern::sm80::host::async_copies();
     for (int tid = 0; tid < K::kThreads; ++tid) K::stage(p, row, q0, q1, b_begin, b_end, tid, base, 0);
     for (int64_t b0 = b_begin; b0 < b_end; b0 += K::kRows) {
-      if (b0 + K::kRows < b_end)
+      if (b0 + K::kRows < b_end) {  // each thread commits one group per stage: wait<1> keeps the newest in flight
         for (int tid = 0; tid < K::kThreads; ++tid) K::stage(p, row, q0, q1, b0 + K::kRows, b_end, tid, base, buf ^ 1);
+        copies.retire_all_but(K::kThreads);
+      } else {
+        copies.retire_all_but(0);
+      }
       for (int w = 0; w < K::kWarps; ++w) K::mma(q0, q1, w, kern::sm80::kAllLanes, base, buf, acc[w]);
       buf ^= 1;
     }
+    copies.retire_all_but(0);
     for (int w = 0; w < K::kWarps; ++w) K::store(p, split, q0, q1, w, kern::sm80::kAllLanes, acc[w]);
   }
   for (int64_t cta = 0; cta < K::reduce_ctas(p); ++cta)

@@ -13,13 +13,18 @@
 //           calls f for every lane in turn (on the device: f(lane) once).
 // The host models follow the PTX ISA's fragment tables (9.7.13.4.8 "Matrix Fragments for mma.m16n8k16",
 // 9.7.8.x ldmatrix), so a kernel that gets a fragment or address wrong fails in the emulation tests, not only on a
-// GPU. What the emulation cannot check: memory-ordering (a missing cp.async wait or __syncwarp), bank conflicts,
-// alignment faults and speed; those are for the GPU tests and the SASS check (tests/test_sass.py).
+// GPU. cp.async is modelled as deferred (a copy lands when a wait_group retires its group), so a read of a ring slot
+// before its wait shows in the emulation. What it cannot check: barriers (a missing __syncwarp / __syncthreads),
+// bank conflicts, alignment faults and speed; those are for the GPU tests, compute-sanitizer
+// (benchmarks/v2_sanitize.py) and the SASS check (tests/test_sass.py).
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#if !defined(__CUDACC__)
+#include <vector>
+#endif
 
 #include "portable.h"
 
@@ -265,19 +270,52 @@ PADST_WARP_HD void store_pair(T* dst, T lo, T hi) {
 #endif
 }
 
-// cp.async.cg.shared.global 16 bytes (L2 only: streamed weights), and the group fence / wait. Host: a plain copy,
-// and the fences are no-ops (the emulation runs a warp's steps in program order).
+#if !defined(__CUDACC__)
+namespace host {
+// The emulation's model of cp.async: a copy is taken from the source when issued and lands in shared memory only
+// when a wait_group retires its group, so a kernel that reads a slot before waiting for it reads stale (or NaN-
+// poisoned) data in the emulation, as it may on the GPU. One queue per host thread: the emulation runs a CTA's
+// threads and warps one after another, and each of them waits for its own groups (see csrc/emu/emulate.h).
+struct AsyncCopies {
+  struct Copy {
+    void* dst;
+    unsigned char bytes[16];
+  };
+  std::vector<Copy> open;                 // issued, not yet committed
+  std::vector<std::vector<Copy>> groups;  // committed, oldest first
+  void retire_all_but(size_t n) {
+    while (groups.size() > n) {
+      for (const Copy& c : groups.front()) std::memcpy(c.dst, c.bytes, 16);
+      groups.erase(groups.begin());
+    }
+  }
+};
+inline AsyncCopies& async_copies() {
+  thread_local AsyncCopies q;
+  return q;
+}
+}  // namespace host
+#endif
+
+// cp.async.cg.shared.global 16 bytes (L2 only: streamed data), and the group fence / wait. Host: the model above.
 PADST_WARP_HD void cp_async_16(void* smem_dst, const void* gmem_src) {
 #if defined(__CUDACC__)
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem_src));
 #else
-  std::memcpy(smem_dst, gmem_src, 16);
+  host::AsyncCopies::Copy c;
+  c.dst = smem_dst;
+  std::memcpy(c.bytes, gmem_src, 16);
+  host::async_copies().open.push_back(c);
 #endif
 }
 PADST_WARP_HD void cp_async_commit() {
 #if defined(__CUDACC__)
   asm volatile("cp.async.commit_group;\n" ::);
+#else
+  host::AsyncCopies& q = host::async_copies();
+  q.groups.push_back(std::move(q.open));
+  q.open.clear();
 #endif
 }
 // Wait until at most N committed groups of this thread are still in flight.
@@ -285,6 +323,8 @@ template <int N>
 PADST_WARP_HD void cp_async_wait() {
 #if defined(__CUDACC__)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#else
+  host::async_copies().retire_all_but(N);
 #endif
 }
 
