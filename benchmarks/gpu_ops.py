@@ -55,6 +55,10 @@ metadata and permutations, which stay int64 as padst_ext.formats builds them):
                        + 3 nnz [values read by fwd and dx, dvalues written] + 2 R [bias, dbias fused into dW])
                        + 3 x metadata (block: the dx pass reads the CSC metadata, nnzb + C/bc + 1 more) + 3 x perms
 The 2:4 bound uses the same FLOPs (2 T nnz) at the dense peak: sparse tensor cores do 2 T nnz at the dense rate.
+P depends on the implementation (compute_peak): block and cuSPARSELt 2:4 run on tensor cores, P = P[dtype]; the N:M
+and diagonal kernels (and padst's general kernel on 2:4) run on the CUDA cores and accumulate in fp32, so for them
+P = P[fp32] (fp32 mm with TF32 off is cuBLAS's SIMT FMA rate) in bf16 too: their "roof" is against what CUDA
+cores can do, not against a tensor-core peak no SIMT kernel can reach.
 
     python benchmarks/gpu_ops.py                 # full run (about 3-4 min on an H100)
     python benchmarks/gpu_ops.py --quick         # a few T = 4096 bf16 cases, few reps
@@ -226,6 +230,14 @@ def cost_model(case: Case, nnz: int, meta_fwd: int, meta_bwd: int, perm_elems: i
                 + 2 * meta_fwd + meta_bwd + 3 * perm_b)
     return {"nnz": float(nnz), "fwd_flops": 2.0 * T * nnz, "fwd_bytes": float(fwd_bytes),
             "fwdbwd_flops": 6.0 * T * nnz, "fwdbwd_bytes": float(fb_bytes)}
+
+
+def compute_peak(case: Case, key: str, peaks: dict) -> float:
+    """The FLOP/s ceiling of one implementation: tensor cores (the case dtype's measured mm rate) for block and for
+    cuSPARSELt 2:4, the CUDA cores' FMA rate (measured as fp32 mm with TF32 off) for the N:M and diagonal kernels,
+    which cannot use tensor cores and accumulate in fp32 whatever the input dtype (issue 17)."""
+    simt = case.structure in ("nm", "diag") or (case.structure == "2:4" and key.startswith("padst"))
+    return peaks["fp32"] if simt else peaks[case.dt]
 
 
 def bound_ms(flops: float, nbytes: float, peak: float, bw: float) -> float:
@@ -733,7 +745,8 @@ def run_case(case: Case, device: torch.device, timer: Timer, args, peaks: dict) 
             info["unavailable"] = v.unavailable
         if v.cost:
             info["cost"] = v.cost
-            peak = peaks[case.dt]
+            peak = compute_peak(case, v.key, peaks)
+            info["compute_peak"] = peak
             info["bound_fwd_ms"] = bound_ms(v.cost["fwd_flops"], v.cost["fwd_bytes"], peak, peaks["bandwidth"])
             info["bound_fwdbwd_ms"] = bound_ms(v.cost["fwdbwd_flops"], v.cost["fwdbwd_bytes"], peak,
                                                peaks["bandwidth"])
@@ -911,7 +924,7 @@ def print_model(cases: list[Case], idx_nm: int, peaks) -> None:
           f"{'f+b MB':>8} {'bound ms':>9}")
     for c in cases:
         cost = structure_cost(c, idx_nm)["padst_perm"]
-        bw, pk = peaks["bandwidth"], peaks[c.dt]
+        bw, pk = peaks["bandwidth"], compute_peak(c, "padst_perm", peaks)
         print(f"{c.name:<30} {full_density(c):>7.4f} {cost['fwd_flops'] / 1e9:>9.2f} {cost['fwd_bytes'] / 1e6:>8.1f} "
               f"{bound_ms(cost['fwd_flops'], cost['fwd_bytes'], pk, bw):>9.4f} {cost['fwdbwd_flops'] / 1e9:>9.2f} "
               f"{cost['fwdbwd_bytes'] / 1e6:>8.1f} "
