@@ -349,3 +349,29 @@ def test_emulated_block_tc_kernel(shape, perm, monkeypatch):
     before = _calls(), _gw_calls()
     _check_all(_make(shape, perm, torch.bfloat16, "cpu"), torch.bfloat16)
     assert (_calls(), _gw_calls()) == before
+
+
+# --- the column permutation kernel of the cuSPARSELt path (csrc/kernels/permute_cols.h) ------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 17])
+@pytest.mark.parametrize("cols", [8, 24, 768, 3072])
+def test_emulated_permute_cols(rows, cols, dtype):
+    """out[:, c] = x[:, idx[c]] for the gather (lt24_mm's dense operand) and, with the inverse, the scatter
+    (lt24_mm_t's dx); rows around one CTA's 8, 16-byte vectors of 8 (16-bit) or 4 (fp32) elements."""
+    gen = torch.Generator().manual_seed(rows * cols)
+    x = torch.randn(rows, cols, generator=gen).to(dtype)
+    perm = torch.randperm(cols, generator=gen)
+    got = torch.ops.padst_emu._permute_cols(x, perm.int())
+    assert torch.equal(got, x[:, perm])
+    scattered = torch.empty_like(x)
+    scattered[:, perm] = x
+    assert torch.equal(torch.ops.padst_emu._permute_cols(x, torch.argsort(perm).int()), scattered)
+
+
+def test_emulated_permute_cols_limits():
+    with pytest.raises(ValueError, match="not served"):
+        torch.ops.padst_emu._permute_cols(torch.zeros(2, 12, dtype=torch.bfloat16), torch.arange(12).int())
+    with pytest.raises(ValueError, match="not served"):  # 8 rows x 6,144 x 2 bytes per CTA is the most it stages
+        torch.ops.padst_emu._permute_cols(torch.zeros(2, 6152, dtype=torch.bfloat16), torch.arange(6152).int())

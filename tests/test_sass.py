@@ -157,3 +157,16 @@ def test_the_check_catches_what_it_looks_for():
         problems = _problems(v, usage.get(k))
         assert any("CALL" in p for p in problems), (k, problems)
         assert any("128-bit" in p for p in problems), (k, problems)
+
+
+def test_permute_kernel_moves_16_bytes_without_division_or_spills():
+    """The cuSPARSELt path's column permutation (csrc/kernels/permute_cols.h): 128-bit loads and stores of whole rows."""
+    kernels = _kernels(r"permute_cols_kernel")
+    assert len(kernels) >= 2, sorted(kernels)  # 2- and 4-byte elements
+    usage = _res_usage()
+    for k, v in kernels.items():
+        ops = _opcodes(v)
+        assert any(o.startswith("LDG") and o.endswith(".128") for o in ops), k
+        assert any(o.startswith("STG") and o.endswith(".128") for o in ops), k
+        problems = [p for p in _problems(v, usage.get(k)) if "tensor-core" not in p]
+        assert not problems, (k, problems)

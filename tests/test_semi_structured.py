@@ -511,6 +511,33 @@ def test_gpu_raw_ops_small_shapes(dtype, R, C, B):
 
 
 @needs_gpu
+@pytest.mark.parametrize("C", [64, 3072, 8192])  # 8192 x 2 bytes is past what the row-permute kernel stages
+def test_gpu_permuted_calls_do_not_synchronise(C):
+    """The permutation is validated once per tensor version (csrc/meta_cache.h): the second call with the same
+    in_perm makes no host synchronisation (torch's sync debug mode raises on one), and is still right."""
+    gen = torch.Generator().manual_seed(C)
+    R, B = 64, 24
+    W = (torch.randn(R, C, generator=gen) * _transposable(R, C, gen)).to("cuda", torch.bfloat16)
+    x = torch.randn(B, C, generator=gen).to("cuda", torch.bfloat16)
+    dy = torch.randn(B, R, generator=gen).to("cuda", torch.bfloat16)
+    perm = torch.randperm(C, generator=gen).cuda()
+    comp, comp_t = ops.lt24_compress(W), ops.lt24_compress(W.t().contiguous())
+    ops.lt24_mm(x, comp, R, C, None, perm)
+    ops.lt24_mm_t(dy, comp_t, R, C, perm)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = ops.lt24_mm(x, comp, R, C, None, perm)
+        dx = ops.lt24_mm_t(dy, comp_t, R, C, perm)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(y.float(), x.float()[:, perm] @ W.float().t(), rtol=2e-2, atol=2e-2)
+    want = torch.empty(B, C, device="cuda")
+    want[:, perm] = dy.float() @ W.float()
+    torch.testing.assert_close(dx.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@needs_gpu
 def test_gpu_fallback_path_for_unsupported_shapes():
     gen = torch.Generator().manual_seed(14)
     R, C = 24, 64  # R not a multiple of 16

@@ -12,7 +12,10 @@
 // Permutation: cuSPARSELt reads its dense operand through a pointer and a leading dimension only, so x[:, in_perm]
 // cannot be folded into the matmul. lt24_mm gathers it into the dense operand buffer right before the matmul (one
 // extra read + write of x; the buffer is the one that also absorbs the batch padding), and lt24_mm_t scatters dx
-// the same way (index_copy_). This is the one place in padst where the permutation costs a pass over the data.
+// the same way (as the gather through the inverse permutation). This is the one place in padst where the
+// permutation costs a pass over the data; the pass is the row-permute kernel of csrc/kernels/permute_cols.h (16-byte
+// loads and stores, the gather in shared memory; index_select where it does not serve). The permutation is validated
+// once per tensor version and kept on the device with its inverse (csrc/meta_cache.h): no host sync per call.
 //
 // Bias: added as beta * C with C = D pre-filled with the broadcast bias (beta = 1), NOT through cuSPARSELt's bias
 // epilogue: the epilogue takes the bias *pointer* as a matmul-descriptor attribute set before the plan is built, so
@@ -24,6 +27,7 @@
 // Every cusparseLt* status is checked (PADST_LT_CHECK).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -40,7 +44,9 @@
 #include <vector>
 
 #include "checks.h"
+#include "cuda/launch.h"
 #include "lt24_logic.h"
+#include "meta_cache.h"
 
 #define PADST_LT_CHECK(call)                                                                                    \
   do {                                                                                                          \
@@ -244,15 +250,52 @@ void check_compressed(const char* op, const at::Tensor& compressed, const at::Te
                     "-byte aligned (pass the tensor lt24_compress returned, not a slice of it)");
 }
 
+// A validated permutation on the device: fwd (perm) and inv (its inverse), int32.
+struct LtPerm {
+  bool identity = true;
+  at::Tensor fwd, inv;
+};
+
+// out[:, c] = a[:, idx[c]] for the first a.size(0) rows of out (contiguous, aligned): the row-permute kernel where it
+// serves, index_select otherwise.
+void permute_columns_into(at::Tensor out, const at::Tensor& a, const at::Tensor& idx) {
+  const int64_t rows = a.size(0), cols = a.size(1);
+  const bool two = a.element_size() == 2;
+  const bool served = a.is_contiguous() && aligned(a) && aligned(out) && aligned(idx) && out.is_contiguous() &&
+                      (two ? kern::PermuteCols<uint16_t>::serves(cols, cols, cols)
+                           : kern::PermuteCols<uint32_t>::serves(cols, cols, cols));
+  if (!served) {
+    at::index_select_out(out, a, 1, idx);
+    return;
+  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    kern::PermuteColsParams<T> p;
+    p.in = reinterpret_cast<const T*>(a.const_data_ptr());
+    p.out = reinterpret_cast<T*>(out.mutable_data_ptr());
+    p.idx = idx.const_data_ptr<int32_t>();
+    p.rows = rows;
+    p.ld_in = p.ld_out = cols;
+    p.cols = static_cast<int32_t>(cols);
+    C10_CUDA_CHECK(gpu::permute_cols<T>(p, at::cuda::getCurrentCUDAStream()));
+  };
+  if (two) {
+    run(uint16_t{});
+  } else {
+    run(uint32_t{});
+  }
+}
+
 // The dense operand [Bp, K] of the matmul: `a` [B, K] gathered through `perm` (columns), padded with zero rows to Bp,
 // contiguous and aligned. Returns `a` itself when nothing is needed.
-at::Tensor dense_operand(const at::Tensor& a, const std::optional<at::Tensor>& perm, int64_t Bp) {
+at::Tensor dense_operand(const at::Tensor& a, const LtPerm* perm, int64_t Bp) {
   const int64_t B = a.size(0), K = a.size(1);
-  if (!perm.has_value() && Bp == B && a.is_contiguous() && aligned(a)) return a;
+  const bool permute = perm != nullptr && !perm->identity;
+  if (!permute && Bp == B && a.is_contiguous() && aligned(a)) return a;
   at::Tensor buf = at::empty({Bp, K}, a.options());
   at::Tensor head = buf.narrow(0, 0, B);
-  if (perm.has_value()) {
-    at::index_select_out(head, a, 1, *perm);  // the fused gather: x_p = x[:, perm], written straight into the buffer
+  if (permute) {
+    permute_columns_into(head, a.contiguous(), perm->fwd);  // x_p = x[:, perm], written straight into the buffer
   } else {
     head.copy_(a);
   }
@@ -300,12 +343,24 @@ at::Tensor run_matmul(const char* op, const at::Tensor& dense, const at::Tensor&
   return out;
 }
 
-std::optional<at::Tensor> checked_perm(const char* op, const std::optional<at::Tensor>& perm, int64_t n,
-                                       const at::Tensor& ref) {
-  if (!perm.has_value()) return std::nullopt;
-  // Full bijection check (one small device-to-host copy, as the other padst ops do); the identity needs no pass.
-  if (check_perm(op, "in_perm", perm, n, ref).identity) return std::nullopt;
-  return perm->to(at::kLong);
+// in_perm validated (a full bijection check) once per tensor version and kept on the device with its inverse; null
+// for no permutation. A hit costs no host synchronisation.
+std::shared_ptr<const LtPerm> checked_perm(const char* op, const std::optional<at::Tensor>& perm, int64_t n,
+                                           const at::Tensor& ref) {
+  if (!perm.has_value()) return nullptr;
+  impl::MetaKey key(op);
+  key.meta(perm).val(n).sig(ref);
+  return impl::MetaCache::instance().get<LtPerm>(std::move(key), [&] {
+    const Perm p = check_perm(op, "in_perm", perm, n, ref);
+    LtPerm lp;
+    lp.identity = p.identity;
+    if (!p.identity) {
+      const auto opts = at::TensorOptions().dtype(at::kLong);
+      lp.fwd = at::tensor(p.fwd, opts).to(at::kInt).to(ref.device());
+      lp.inv = at::tensor(p.inv, opts).to(at::kInt).to(ref.device());
+    }
+    return lp;
+  });
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -367,7 +422,7 @@ at::Tensor lt24_mm_cuda(const at::Tensor& x, const at::Tensor& compressed, int64
   const auto perm = checked_perm(op, in_perm, in_features, x);
   if (B == 0) return at::empty({0, out_features}, x.options());
 
-  const at::Tensor dense = dense_operand(x, perm, padded_batch(B, dt));
+  const at::Tensor dense = dense_operand(x, perm.get(), padded_batch(B, dt));
   const std::optional<at::Tensor> bc =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   at::Tensor y = run_matmul(op, dense, compressed, dt, out_features, in_features, /*transposed=*/false, bc);
@@ -389,13 +444,14 @@ at::Tensor lt24_mm_t_cuda(const at::Tensor& dy, const at::Tensor& compressed, in
   const auto perm = checked_perm(op, in_perm, in_features, dy);
   if (B == 0) return at::empty({0, in_features}, dy.options());
 
-  const at::Tensor dense = dense_operand(dy, std::nullopt, padded_batch(B, dt));
+  const at::Tensor dense = dense_operand(dy, nullptr, padded_batch(B, dt));
   at::Tensor dxp = run_matmul(op, dense, compressed, dt, out_features, in_features, /*transposed=*/true, std::nullopt);
   if (dxp.size(0) != B) dxp = dxp.narrow(0, 0, B);
-  if (!perm.has_value()) return dxp;
-  // The fused scatter: dx[:, perm[j]] = dx_p[:, j] (one extra pass over dx, as the gather in lt24_mm).
+  if (perm == nullptr || perm->identity) return dxp;
+  // The scatter dx[:, perm[j]] = dx_p[:, j] as the gather dx[:, c] = dx_p[:, inv[c]] (one extra pass over dx, as
+  // the gather in lt24_mm).
   at::Tensor dx = at::empty({B, in_features}, dy.options());
-  dx.index_copy_(1, *perm, dxp);
+  permute_columns_into(dx, dxp.contiguous(), perm->inv);
   return dx;
 }
 

@@ -20,6 +20,7 @@
 #include "kernels/block_xs.h"
 #include "kernels/entries.h"
 #include "kernels/gather_mm.h"
+#include "kernels/permute_cols.h"
 #include "kernels/sddmm.h"
 
 namespace padst::gpu {
@@ -37,6 +38,14 @@ template <typename T>
 cudaError_t block_sddmm_tc(kern::BlockSddmmTcParams<T> p, cudaStream_t stream);
 extern template cudaError_t block_sddmm_tc<__nv_bfloat16>(kern::BlockSddmmTcParams<__nv_bfloat16>, cudaStream_t);
 extern template cudaError_t block_sddmm_tc<__half>(kern::BlockSddmmTcParams<__half>, cudaStream_t);
+
+// out[r, c] = in[r, idx[c]] (kernels/permute_cols.h) for 2-byte (T = uint16_t) and 4-byte (uint32_t) elements: the
+// values are moved, never interpreted. PermuteCols<T>::serves(cols, ld_in, ld_out) and 16-byte aligned pointers
+// are the caller's to check (cudaErrorInvalidValue otherwise).
+template <typename T>
+cudaError_t permute_cols(kern::PermuteColsParams<T> p, cudaStream_t stream);
+extern template cudaError_t permute_cols<uint16_t>(kern::PermuteColsParams<uint16_t>, cudaStream_t);
+extern template cudaError_t permute_cols<uint32_t>(kern::PermuteColsParams<uint32_t>, cudaStream_t);
 
 // p.splits / p.chunk planned with kern::Sddmm<T, F>::plan and p.partial holding splits * nnz accumulators.
 template <typename T, typename F>

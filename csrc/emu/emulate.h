@@ -19,6 +19,7 @@
 #include "kernels/block_tc.h"
 #include "kernels/gather_mm.h"
 #include "kernels/nm_transpose.h"
+#include "kernels/permute_cols.h"
 #include "kernels/sddmm.h"
 
 namespace padst::emu {
@@ -181,6 +182,18 @@ void block_sddmm_tc(kern::BlockSddmmTcParams<T> p) {
   }
   for (int64_t cta = 0; cta < K::reduce_ctas(p); ++cta)
     for (int tid = 0; tid < K::kBlockThreads; ++tid) K::reduce(p, cta, tid);
+}
+
+// The column permutation: each warp's row, lane-parallel.
+template <typename T>
+void permute_cols(const kern::PermuteColsParams<T>& p) {
+  using K = kern::PermuteCols<T>;
+  std::vector<kern::sm80::V16> smem(static_cast<size_t>((K::smem_bytes(p.cols) + 15) / 16));
+  std::memset(smem.data(), 0xff, smem.size() * sizeof(kern::sm80::V16));
+  T* base = reinterpret_cast<T*>(smem.data());
+  for (int64_t cta = 0; cta < K::num_ctas(p); ++cta)
+    for (int w = 0; w < K::kWarps; ++w)
+      K::warp_row(p, cta, w, kern::sm80::kAllLanes, base + static_cast<int64_t>(w) * p.cols);
 }
 
 // ent [nnz], ptr [C+1] as described in nm_transpose.h.
