@@ -26,6 +26,8 @@ Baselines, timed round-robin with the padst variants of the same case (so drift 
              (bf16 only: every new shape is a Triton compile; cuSPARSE's BSR covers fp32)
   torch CSR  W.to_sparse_csr() @ x^T (every case; cuSPARSE)
   torch 2:4  F.linear(x, to_sparse_semi_structured(W), b) (2:4 cases)
+padst's cuSPARSELt rows come twice: "lt" (bias pre-filled, default algorithm) and "lt epi" (PADST_LT24_EPILOGUE=1:
+cuSPARSELt's bias epilogue with beta = 0 and the algorithm search on the first call).
 The torch sparse baselines get x^T made contiguous outside the timed region and add no bias (both favour torch);
 they are timed forward only.
 
@@ -210,6 +212,7 @@ def structure_cost(case: Case, idx_nm: int = 4) -> dict[str, dict[str, float]]:
     if st == "2:4":  # cuSPARSELt: 2-bit indices per kept value; the permutation is a gather of x
         out["lt24_perm"] = cost_model(case, nnz, nnz // 4, nnz // 4, C)
         out["lt24_ident"] = cost_model(case, nnz, nnz // 4, nnz // 4, 0)
+        out["lt24e_perm"], out["lt24e_ident"] = out["lt24_perm"], out["lt24_ident"]
     return out
 
 
@@ -470,21 +473,23 @@ def _semi_structured_module():
         return None, f"n/a ({short_error(e)})"
 
 
-def _with_env(name: str, value: str | None, fn: Callable) -> Callable:
-    """fn with the environment variable `name` set to `value` during each call (None: fn itself)."""
-    if value is None:
+def _with_env(env: dict[str, str] | None, fn: Callable) -> Callable:
+    """fn with the environment variables of `env` set during each call (None: fn itself). padst reads its kernel
+    switches (PADST_BLOCK_V2, PADST_LT24_EPILOGUE) at every call, so variants of one run can differ."""
+    if not env:
         return fn
 
     def run(*args):
-        old = os.environ.get(name)
-        os.environ[name] = value
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             return fn(*args)
         finally:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     return run
 
@@ -511,19 +516,17 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
     variants: list[Variant] = []
     skipped: dict[str, str] = {}
 
-    def padst_variant(key, apply, values, S_of, mask, ip, op, needs=(), block_v2=None):
-        """block_v2: None = the library's kernel choice; "1" / "0" = PADST_BLOCK_V2 for this variant's calls (the v2
-        block kernels on / off; the variable is read at every call, so variants of one run can differ)."""
+    def padst_variant(key, apply, values, S_of, mask, ip, op, needs=(), env=None):
+        """env: environment variables set during this variant's calls (kernel switches), None = the defaults."""
         xr = x.detach().requires_grad_()
         vr = values.detach().requires_grad_()
         br = bias.detach().requires_grad_()
-        fwd = _with_env("PADST_BLOCK_V2", block_v2, lambda: apply(x, values, bias))
-        fwdbwd = _with_env("PADST_BLOCK_V2", block_v2,
-                           lambda: torch.autograd.grad(apply(xr, vr, br), (xr, vr, br), dy))
+        fwd = _with_env(env, lambda: apply(x, values, bias))
+        fwdbwd = _with_env(env, lambda: torch.autograd.grad(apply(xr, vr, br), (xr, vr, br), dy))
         v = Variant(key, fwd=fwd, fwdbwd=fwdbwd, needs=needs, cost=costs.get(key))
         if do_check:
-            v.check = _with_env("PADST_BLOCK_V2", block_v2,
-                                lambda grad: _check_linear(apply, x, values, bias, dy, S_of, mask, ip, op, dtype, grad))
+            v.check = _with_env(env, lambda grad: _check_linear(apply, x, values, bias, dy, S_of, mask, ip, op, dtype,
+                                                                grad))
         return v
 
     def plain_variant(key, fwd, out_of, S, ip=None, op=None, with_bias=False):
@@ -562,13 +565,14 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
 
         # block: padst_* is the block_tc kernel, padst_v2_* the v2 kernels where they serve (the x-stationary one for
         # fc1's forward and fc2's dx, the row-complete one for fc2's forward and fc1's dx), block_tc elsewhere
-        tc = "0" if st.startswith("block") else None
+        tc = {"PADST_BLOCK_V2": "0"} if st.startswith("block") else None
         variants.append(padst_variant("padst_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm, needs, tc))
         variants.append(padst_variant("padst_ident", apply_id, w.values, S_of, mask, None, None, needs, tc))
         if st.startswith("block"):
+            v2 = {"PADST_BLOCK_V2": "1"}
             variants.append(padst_variant("padst_v2_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm,
-                                          needs, "1"))
-            variants.append(padst_variant("padst_v2_ident", apply_id, w.values, S_of, mask, None, None, needs, "1"))
+                                          needs, v2))
+            variants.append(padst_variant("padst_v2_ident", apply_id, w.values, S_of, mask, None, None, needs, v2))
         S_id = S_of(w.values)
         S_ref, ip_ref, op_ref = S_id, in_perm, out_perm
         # the layer's effective dense weight: x @ W.T == (x[:, in_perm] @ S.T)[:, out_perm] (exact: a permutation)
@@ -613,12 +617,16 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
             if ss is None:
                 skipped["lt24"] = why
             else:
-                for key, ip in (("lt24_perm", in_perm), ("lt24_ident", None)):
+                # lt24_*: bias pre-filled into y (beta = 1), cuSPARSELt's default algorithm; lt24e_*: the bias
+                # epilogue and the algorithm search (PADST_LT24_EPILOGUE=1)
+                for key, ip, epi in (("lt24_perm", in_perm, "0"), ("lt24_ident", None, "0"),
+                                     ("lt24e_perm", in_perm, "1"), ("lt24e_ident", None, "1")):
                     def lt_apply(xx, v, b, ip=ip):
                         return ss.lt24_linear(xx, v, w_i.col_idx, n, m, C, in_perm=ip, bias=b)
 
                     variants.append(padst_variant(key, lt_apply, w_i.values,
-                                                  lambda v: F.nm_to_dense(v, w_i.col_idx, C), w_i.mask(), ip, None))
+                                                  lambda v: F.nm_to_dense(v, w_i.col_idx, C), w_i.mask(), ip, None,
+                                                  env={"PADST_LT24_EPILOGUE": epi}))
             if not is_cuda:
                 skipped["torch_24"] = "needs CUDA"
             else:
@@ -791,6 +799,8 @@ def impl_rows(row) -> list[tuple]:
         out = [(" nm", "padst_perm", "padst_ident")]
         if "lt24_perm" in row["variants"]:
             out.append((" lt", "lt24_perm", "lt24_ident"))
+        if "lt24e_perm" in row["variants"]:
+            out.append((" lt epi", "lt24e_perm", "lt24e_ident"))
     return out
 
 
@@ -850,7 +860,7 @@ def _label(r) -> str:
 def detailed_table(rows: list[dict]) -> list[str]:
     """Every variant's median ms (errors as [n] with the messages listed below the table)."""
     cols = ["dense", "padst_perm", "padst_ident", "padst_v2_perm", "padst_v2_ident", "lt24_perm", "lt24_ident",
-            "torch_bsr", "triton_bsr", "torch_csr", "torch_24", "torch_24_cusparselt"]
+            "lt24e_perm", "lt24e_ident", "torch_bsr", "triton_bsr", "torch_csr", "torch_24", "torch_24_cusparselt"]
     notes: dict[str, int] = {}
 
     def note(msg: str) -> str:

@@ -38,7 +38,7 @@ int64_t padded_batch_op(at::ScalarType dtype, int64_t batch) {
 
 PlanKey key_from_fields(const char* op, at::IntArrayRef f) {
   TORCH_CHECK_VALUE(f.size() == PlanKey::kNumFields, op, ": expected ", PlanKey::kNumFields,
-                    " fields [device, dtype_code, out_features, in_features, batch, transposed, bias, alg_id], got ",
+                    " fields [device, dtype_code, out_features, in_features, batch, transposed, bias, alg_id, bias_ptr], got ",
                     f.size());
   TORCH_CHECK_VALUE(f[1] >= 0 && f[1] <= 2, op, ": dtype_code must be 0 (float16), 1 (bfloat16) or 2 (float32), got ",
                     f[1]);
@@ -51,6 +51,7 @@ PlanKey key_from_fields(const char* op, at::IntArrayRef f) {
   k.transposed = f[5] != 0;
   k.bias = f[6] != 0;
   k.alg_id = static_cast<int32_t>(f[7]);
+  k.bias_ptr = f[8];
   return k;
 }
 

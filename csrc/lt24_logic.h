@@ -187,26 +187,28 @@ struct PlanKey {
   int64_t batch = 0;  // padded batch (the GEMM's n)
   bool transposed = false;
   bool bias = false;
-  int32_t alg_id = 0;  // cuSPARSELt algorithm config id (0 = the default heuristic)
+  int32_t alg_id = 0;    // cuSPARSELt algorithm config id (0 = the default heuristic)
+  int64_t bias_ptr = 0;  // the bias epilogue's device pointer, built into the plan (0: no epilogue)
 
   bool operator==(const PlanKey& o) const {
     return device == o.device && dtype == o.dtype && out_features == o.out_features && in_features == o.in_features &&
-           batch == o.batch && transposed == o.transposed && bias == o.bias && alg_id == o.alg_id;
+           batch == o.batch && transposed == o.transposed && bias == o.bias && alg_id == o.alg_id &&
+           bias_ptr == o.bias_ptr;
   }
   bool operator!=(const PlanKey& o) const { return !(*this == o); }
 
   // The fields as integers, in a fixed order (used by the host test op and by repr()).
   std::vector<int64_t> fields() const {
     return {device, static_cast<int64_t>(dtype), out_features, in_features, batch, transposed ? 1 : 0, bias ? 1 : 0,
-            alg_id};
+            alg_id, bias_ptr};
   }
-  static constexpr std::size_t kNumFields = 8;
+  static constexpr std::size_t kNumFields = 9;
 
   std::string repr() const {
     std::ostringstream s;
     s << "PlanKey(device=" << device << ", dtype=" << dtype_name(dtype) << ", out_features=" << out_features
       << ", in_features=" << in_features << ", batch=" << batch << ", transposed=" << (transposed ? 1 : 0)
-      << ", bias=" << (bias ? 1 : 0) << ", alg_id=" << alg_id << ")";
+      << ", bias=" << (bias ? 1 : 0) << ", alg_id=" << alg_id << ", bias_ptr=" << bias_ptr << ")";
     return s.str();
   }
 };

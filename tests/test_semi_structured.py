@@ -62,8 +62,8 @@ def test_pattern_check_registered_on_cpu():
 # Plan-cache key and LRU
 # ----------------------------------------------------------------------------------------------------------
 
-BASE_KEY = [0, 0, 256, 512, 64, 0, 0, 0]  # device, dtype, out, in, batch, transposed, bias, alg_id
-FIELD_NAMES = ["device", "dtype", "out_features", "in_features", "batch", "transposed", "bias", "alg_id"]
+BASE_KEY = [0, 0, 256, 512, 64, 0, 0, 0, 0]  # device, dtype, out, in, batch, transposed, bias, alg_id, bias_ptr
+FIELD_NAMES = ["device", "dtype", "out_features", "in_features", "batch", "transposed", "bias", "alg_id", "bias_ptr"]
 
 
 def _variant(i: int):
@@ -92,17 +92,17 @@ def test_plan_key_distinguishes_every_field(i):
 
 
 def test_plan_key_hashes_do_not_collide_on_a_grid():
-    keys = [[d, t, r, c, b, tr, bi, 0] for d in (0, 1) for t in (0, 1, 2) for r in (16, 32, 48) for c in (16, 32, 48)
+    keys = [[d, t, r, c, b, tr, bi, 0, 0] for d in (0, 1) for t in (0, 1, 2) for r in (16, 32, 48) for c in (16, 32, 48)
             for b in (8, 16) for tr in (0, 1) for bi in (0, 1)]
     hashes = {ops._lt24_plan_key(k)[0] for k in keys}
     assert len(hashes) == len(keys)
 
 
 def test_plan_key_rejects_malformed_fields():
-    with pytest.raises(ValueError, match="expected 8 fields"):
+    with pytest.raises(ValueError, match="expected 9 fields"):
         ops._lt24_plan_key([0, 0, 1])
     with pytest.raises(ValueError, match="dtype_code"):
-        ops._lt24_plan_key([0, 7, 16, 16, 8, 0, 0, 0])
+        ops._lt24_plan_key([0, 7, 16, 16, 8, 0, 0, 0, 0])
 
 
 def test_lru_trace():
@@ -535,6 +535,37 @@ def test_gpu_permuted_calls_do_not_synchronise(C):
     want = torch.empty(B, C, device="cuda")
     want[:, perm] = dy.float() @ W.float()
     torch.testing.assert_close(dx.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_bias_epilogue_and_search(dtype, monkeypatch):
+    """PADST_LT24_EPILOGUE=1: the bias through cuSPARSELt's epilogue (beta = 0) with the algorithm searched on the
+    first call. Checked: right with and without a permutation; a second bias of the same shape gets its own plan (the
+    pointer is in the key); a bias changed in place is seen; lt24_mm_t (no bias) is unaffected; repeated calls give
+    the same result."""
+    monkeypatch.setenv("PADST_LT24_EPILOGUE", "1")
+    gen = torch.Generator().manual_seed(21)
+    R, C, B = 64, 128, 40
+    W = (torch.randn(R, C, generator=gen) * _transposable(R, C, gen)).to("cuda", dtype)
+    x = torch.randn(B, C, generator=gen).to("cuda", dtype)
+    dy = torch.randn(B, R, generator=gen).to("cuda", dtype)
+    perm = torch.randperm(C, generator=gen).cuda()
+    b1, b2 = (torch.randn(R, generator=gen).to("cuda", dtype) for _ in range(2))
+    comp, comp_t = ops.lt24_compress(W), ops.lt24_compress(W.t().contiguous())
+    Wf = W.float()
+    for p in (None, perm):
+        xp = x.float() if p is None else x.float()[:, p]
+        for b in (b1, b2):
+            y = ops.lt24_mm(x, comp, R, C, b, p)
+            torch.testing.assert_close(y.float(), xp @ Wf.t() + b.float(), rtol=2e-2, atol=2e-2)
+            assert torch.equal(ops.lt24_mm(x, comp, R, C, b, p), y)
+    b1.mul_(-2.0)  # same storage, new values: the plan reads the pointer at every call
+    torch.testing.assert_close(ops.lt24_mm(x, comp, R, C, b1, None).float(), x.float() @ Wf.t() + b1.float(),
+                               rtol=2e-2, atol=2e-2)
+    want = torch.empty(B, C, device="cuda")
+    want[:, perm] = dy.float() @ Wf
+    torch.testing.assert_close(ops.lt24_mm_t(dy, comp_t, R, C, perm).float(), want, rtol=2e-2, atol=2e-2)
 
 
 @needs_gpu

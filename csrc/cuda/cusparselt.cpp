@@ -17,9 +17,14 @@
 // loads and stores, the gather in shared memory; index_select where it does not serve). The permutation is validated
 // once per tensor version and kept on the device with its inverse (csrc/meta_cache.h): no host sync per call.
 //
-// Bias: added as beta * C with C = D pre-filled with the broadcast bias (beta = 1), NOT through cuSPARSELt's bias
-// epilogue: the epilogue takes the bias *pointer* as a matmul-descriptor attribute set before the plan is built, so
-// a cached plan would keep reading the first call's bias. Cost: one write of y before the matmul.
+// Bias, two ways. Default: added as beta * C with C = D pre-filled with the broadcast bias (beta = 1). Cost: one
+// write of y before the matmul. With PADST_LT24_EPILOGUE=1: cuSPARSELt's bias epilogue with beta = 0, as torch's
+// _cslt_sparse_mm does; the epilogue takes the bias *pointer* as a matmul-descriptor attribute set before the plan is
+// built, so the pointer is part of the plan key (a layer's bias keeps its storage across steps, so its plans are
+// reused); and on the first call of each problem cusparseLtMatmulSearch picks the algorithm (the winner's id is
+// remembered per problem and the final plan built with it). Repeated runs during the search are harmless only with
+// beta = 0, which is why the search comes with the epilogue. Off by default until benchmarks/gpu_suite.sh has shown
+// on a GPU that the epilogue's result is right and faster (issue 17).
 //
 // Streams and devices: every op runs under a CUDAGuard on its input's device and enqueues on
 // at::cuda::getCurrentCUDAStream(); one cuSPARSELt handle per device (cuSPARSELt's rule), created lazily and never
@@ -36,6 +41,7 @@
 #include <cusparseLt.h>
 
 #include <array>
+#include <cstdlib>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -117,8 +123,15 @@ struct DeviceState {
   std::mutex mu;  // guards everything below and serialises this device's cuSPARSELt calls
   std::unique_ptr<cusparseLtHandle_t> handle;
   LruCache<PlanKey, std::unique_ptr<Plan>, PlanKeyHash> plans{kPlanCacheCapacity};
+  LruCache<PlanKey, int32_t, PlanKeyHash> searched{4 * kPlanCacheCapacity};  // problem (alg_id 0) -> searched alg id
   int64_t hits = 0, misses = 0;
 };
+
+// PADST_LT24_EPILOGUE=1: the bias epilogue and the algorithm search (see the header comment). Read at every call.
+bool epilogue_enabled() {
+  const char* v = std::getenv("PADST_LT24_EPILOGUE");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
 
 // Leaked on purpose (see the header comment on process exit).
 DeviceState& device_state(int device) {
@@ -185,6 +198,10 @@ std::unique_ptr<Plan> build_plan(const cusparseLtHandle_t* h, const PlanKey& key
   // compute types for these inputs any more; float inputs run on TF32 tensor cores).
   PADST_LT_CHECK(cusparseLtMatmulDescriptorInit(h, &p->matmul, cuda_op(L.op_a), cuda_op(L.op_b), &p->a, &p->b, &p->d,
                                                 &p->d, CUSPARSE_COMPUTE_32F));
+  if (key.bias_ptr != 0) {  // the bias epilogue (one value per row of D, i.e. per output feature)
+    void* bias = reinterpret_cast<void*>(static_cast<intptr_t>(key.bias_ptr));
+    PADST_LT_CHECK(cusparseLtMatmulDescSetAttribute(h, &p->matmul, CUSPARSELT_MATMUL_BIAS_POINTER, &bias, sizeof(bias)));
+  }
   PADST_LT_CHECK(cusparseLtMatmulAlgSelectionInit(h, &p->alg, &p->matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
   p->has_alg = true;
   if (key.alg_id != 0) {
@@ -309,8 +326,9 @@ at::Tensor run_matmul(const char* op, const at::Tensor& dense, const at::Tensor&
   const int64_t Bp = dense.size(0);
   const int64_t M = transposed ? in_features : out_features;
   at::Tensor out = at::empty({Bp, M}, dense.options());
-  if (bias.has_value()) out.copy_(bias->unsqueeze(0).expand({Bp, M}));
-  const float alpha = 1.0f, beta = bias.has_value() ? 1.0f : 0.0f;
+  const bool epilogue = epilogue_enabled();
+  if (bias.has_value() && !epilogue) out.copy_(bias->unsqueeze(0).expand({Bp, M}));
+  const float alpha = 1.0f, beta = bias.has_value() && !epilogue ? 1.0f : 0.0f;
 
   PlanKey key;
   key.device = dense.get_device();
@@ -320,26 +338,49 @@ at::Tensor run_matmul(const char* op, const at::Tensor& dense, const at::Tensor&
   key.batch = Bp;
   key.transposed = transposed;
   key.bias = bias.has_value();
+  if (epilogue && bias.has_value())
+    key.bias_ptr = static_cast<int64_t>(reinterpret_cast<intptr_t>(bias->const_data_ptr()));
 
   DeviceState& st = device_state(key.device);
   std::lock_guard<std::mutex> lock(st.mu);
-  Plan& plan = plan_locked(st, key);
-  TORCH_CHECK_VALUE(static_cast<size_t>(compressed.numel()) == plan.compressed_bytes, op, ": compressed holds ",
-                    compressed.numel(), " bytes but a ", dtype_name(dt), " weight [",
-                    transposed ? in_features : out_features, ", ", transposed ? out_features : in_features,
-                    "] compresses to ", plan.compressed_bytes,
-                    " bytes: was it compressed from a weight of this shape and dtype",
-                    transposed ? " (for lt24_mm_t: from W.t().contiguous())" : "", "?");
-  at::Tensor workspace;
-  void* ws = nullptr;
-  if (plan.workspace_bytes > 0) {
-    workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, dense.options().dtype(at::kByte));
-    ws = workspace.mutable_data_ptr();
-  }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto workspace_for = [&](const Plan& p) {
+    return p.workspace_bytes > 0
+               ? at::empty({static_cast<int64_t>(p.workspace_bytes)}, dense.options().dtype(at::kByte))
+               : at::Tensor();
+  };
+  // The matmul reads the plan's compressed size from `compressed`: never let it read past the end.
+  auto check_size = [&](const Plan& p) {
+    TORCH_CHECK_VALUE(static_cast<size_t>(compressed.numel()) == p.compressed_bytes, op, ": compressed holds ",
+                      compressed.numel(), " bytes but a ", dtype_name(dt), " weight [",
+                      transposed ? in_features : out_features, ", ", transposed ? out_features : in_features,
+                      "] compresses to ", p.compressed_bytes,
+                      " bytes: was it compressed from a weight of this shape and dtype",
+                      transposed ? " (for lt24_mm_t: from W.t().contiguous())" : "", "?");
+  };
+  if (epilogue) {  // the algorithm: searched on the first call of this problem, remembered after
+    if (const int32_t* found = st.searched.find(key)) {
+      key.alg_id = *found;
+    } else {
+      Plan& first = plan_locked(st, key);
+      check_size(first);
+      at::Tensor ws = workspace_for(first);
+      PADST_LT_CHECK(cusparseLtMatmulSearch(handle_locked(st), &first.plan, &alpha, compressed.const_data_ptr(),
+                                            dense.const_data_ptr(), &beta, out.const_data_ptr(), out.mutable_data_ptr(),
+                                            ws.defined() ? ws.mutable_data_ptr() : nullptr, &stream, 1));
+      int32_t alg_id = 0;
+      PADST_LT_CHECK(cusparseLtMatmulAlgGetAttribute(handle_locked(st), &first.alg, CUSPARSELT_MATMUL_ALG_CONFIG_ID,
+                                                     &alg_id, sizeof(alg_id)));
+      st.searched.put(key, alg_id);
+      key.alg_id = alg_id;
+    }
+  }
+  Plan& plan = plan_locked(st, key);
+  check_size(plan);
+  at::Tensor workspace = workspace_for(plan);
   PADST_LT_CHECK(cusparseLtMatmul(handle_locked(st), &plan.plan, &alpha, compressed.const_data_ptr(),
-                                  dense.const_data_ptr(), &beta, out.const_data_ptr(), out.mutable_data_ptr(), ws,
-                                  &stream, 1));
+                                  dense.const_data_ptr(), &beta, out.const_data_ptr(), out.mutable_data_ptr(),
+                                  workspace.defined() ? workspace.mutable_data_ptr() : nullptr, &stream, 1));
   return out;
 }
 
