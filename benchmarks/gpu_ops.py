@@ -26,7 +26,8 @@ Baselines, timed round-robin with the padst variants of the same case (so drift 
              (bf16 only: every new shape is a Triton compile; cuSPARSE's BSR covers fp32)
   torch CSR  W.to_sparse_csr() @ x^T (every case; cuSPARSE)
   torch 2:4  F.linear(x, to_sparse_semi_structured(W), b) (2:4 cases)
-padst's cuSPARSELt rows come twice: "lt" (bias pre-filled, default algorithm) and "lt epi" (PADST_LT24_EPILOGUE=1:
+N:M cases likewise: the gather kernel (padst_*, PADST_NM_V2=0) and the v2 forward (padst_v2_*, "v2" rows,
+PADST_NM_V2=1; its backward is the gather kernel's). padst's cuSPARSELt rows come twice: "lt" (bias pre-filled, default algorithm) and "lt epi" (PADST_LT24_EPILOGUE=1:
 cuSPARSELt's bias epilogue with beta = 0 and the algorithm search on the first call).
 The torch sparse baselines get x^T made contiguous outside the timed region and add no bias (both favour torch);
 they are timed forward only.
@@ -209,6 +210,7 @@ def structure_cost(case: Case, idx_nm: int = 4) -> dict[str, dict[str, float]]:
     nnz = R * C // case.m * case.n
     out = {"padst_perm": cost_model(case, nnz, nnz * idx_nm, nnz * idx_nm, 0),
            "padst_ident": cost_model(case, nnz, nnz * idx_nm, nnz * idx_nm, 0)}
+    out["padst_v2_perm"], out["padst_v2_ident"] = out["padst_perm"], out["padst_ident"]
     if st == "2:4":  # cuSPARSELt: 2-bit indices per kept value; the permutation is a gather of x
         out["lt24_perm"] = cost_model(case, nnz, nnz // 4, nnz // 4, C)
         out["lt24_ident"] = cost_model(case, nnz, nnz // 4, nnz // 4, 0)
@@ -603,12 +605,14 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
         w_i = _to(F.nm_from_dense(dense, nmask, n, m, index_dtype=index_dtype), device, dtype)
         density = w_p.density
         needs = ("nm_mm", "nm_mm_t", "nm_sddmm")
-        for key, w in (("padst_perm", w_p), ("padst_ident", w_i)):
+        # padst_*: the gather kernel (PADST_NM_V2=0); padst_v2_*: the v2 forward (nm_fwd.h) where it serves
+        for key, w, env in (("padst_perm", w_p, "0"), ("padst_ident", w_i, "0"), ("padst_v2_perm", w_p, "1"),
+                            ("padst_v2_ident", w_i, "1")):
             def apply(xx, v, b, w=w):
                 return ops.nm_linear(xx, w._replace(values=v), b)
 
             variants.append(padst_variant(key, apply, w.values, lambda v, w=w: F.nm_to_dense(v, w.col_idx, C),
-                                          w.mask(), None, None, needs))
+                                          w.mask(), None, None, needs, env={"PADST_NM_V2": env}))
         S_id = w_i.to_dense()  # logical frame: the permuted layer computes x[:, in_perm] @ S_id.T
         S_ref, ip_ref, op_ref = S_id, in_perm, None
         dense_eff = w_p.to_dense()
@@ -793,10 +797,11 @@ def check_code(info: dict) -> str:
 def impl_rows(row) -> list[tuple]:
     """(label suffix, perm key, ident key) of the padst implementations of a case."""
     out = [("", "padst_perm", "padst_ident")]
+    if row["structure"] == "2:4":
+        out = [(" nm", "padst_perm", "padst_ident")]
     if "padst_v2_perm" in row["variants"]:
         out.append((" v2", "padst_v2_perm", "padst_v2_ident"))
     if row["structure"] == "2:4":
-        out = [(" nm", "padst_perm", "padst_ident")]
         if "lt24_perm" in row["variants"]:
             out.append((" lt", "lt24_perm", "lt24_ident"))
         if "lt24e_perm" in row["variants"]:

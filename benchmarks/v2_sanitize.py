@@ -1,4 +1,5 @@
-"""Small calls of every v2 block kernel (x-stationary, row-complete, grouped dW), for compute-sanitizer on a GPU.
+"""Small calls of every v2 kernel (block: x-stationary, row-complete, grouped dW; the N:M forward; the cuSPARSELt
+path's column permutation is covered by the CUDA tests), for compute-sanitizer on a GPU.
 
 The host emulation checks these kernels' indices, fragments and addresses, but not memory ordering: a missing
 cp.async wait or barrier, or a shared-memory race, only shows on a GPU, and often not as a wrong result. Run under
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
         return 1
     ops = torch.ops.padst_emu if args.cpu else torch.ops.padst
     os.environ["PADST_BLOCK_V2"] = "1"
+    os.environ["PADST_NM_V2"] = "1"
     dtype = torch.bfloat16
     # (name, C, R, block side, density, B): the x-stationary kernel serves both passes of the first three, the row-
     # complete one the forward of "rc fwd" and dx of "rc dx", the grouped dW every 16/32 case.
@@ -78,10 +80,27 @@ def main(argv=None) -> int:
                 bad += not ok
                 print(f"{name:14s} {'perm' if permuted else 'id  '} {k:4s} max err {err:.3e} (scale {scale:.1f}) "
                       f"{'ok' if ok else 'WRONG'}")
+    for C, R, n, m, B, dt in ((768, 96, 1, 12, 70, torch.bfloat16), (3072, 64, 1, 24, 20, torch.float32)):
+        gen = torch.Generator().manual_seed(C)
+        perm = torch.randperm(C, generator=gen)
+        mask = torch.zeros(R, C // m, m, dtype=torch.bool).scatter_(
+            -1, torch.rand(R, C // m, m, generator=gen).topk(n, dim=-1).indices, True).reshape(R, C)
+        w = F.nm_from_dense(torch.randn(R, C, generator=gen, dtype=torch.float64), mask, n, m, perm=perm)
+        x = torch.randn(B, C, generator=gen).to(device, dt)
+        bias = torch.randn(R, generator=gen).to(device, dt)
+        got = ops.nm_mm(x, w.values.to(device, dt), w.col_idx.to(device), n, m, bias)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        want = ref.nm_mm(x.double().cpu(), w.values.to(dt).double(), w.col_idx, n, m, bias.double().cpu())
+        err = (got.double().cpu() - want).abs().max().item()
+        scale = max(1.0, want.abs().max().item())
+        ok = err <= 2e-2 * scale
+        bad += not ok
+        print(f"nm {n}:{m} {str(dt):14s} fwd  max err {err:.3e} (scale {scale:.1f}) {'ok' if ok else 'WRONG'}")
     if args.cpu:  # which emulated kernels served (every v2 kernel should have)
         e = torch.ops.padst_emu
         print(f"emulated v2 calls: x-stationary {e.block_xs_calls()}, row-complete {e.block_rc_calls()}, "
-              f"dW {e.block_gw_calls()}")
+              f"dW {e.block_gw_calls()}, N:M forward {e.nm_fwd_calls()}")
     print("v2_sanitize:", "all calls matched" if bad == 0 else f"{bad} calls WRONG")
     return 0 if bad == 0 else 1
 

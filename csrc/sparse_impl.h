@@ -73,6 +73,10 @@ struct Backend<true> {
     emu::block_gw<T, kB>(p, max_row_blocks);
   }
   static int64_t block_v2_max_smem() { return kern::kBlockXsMaxSmem; }  // the emulation models an H100/H200
+  template <typename T, typename I>
+  static void nm_fwd(const kern::NmFwdParams<T, I>& p) {
+    emu::nm_fwd<T, I>(p);
+  }
   template <typename T>
   static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor&) {
     emu::block_sddmm_tc(p);
@@ -146,6 +150,10 @@ struct Backend<false> {
     C10_CUDA_CHECK((gpu::block_gw<T, kB>(p, at::cuda::getCurrentCUDAStream())));
   }
   static int64_t block_v2_max_smem() { return gpu::block_v2_max_smem(); }
+  template <typename T, typename I>
+  static void nm_fwd(const kern::NmFwdParams<T, I>& p) {
+    C10_CUDA_CHECK((gpu::nm_fwd<T, I>(p, at::cuda::getCurrentCUDAStream())));
+  }
   template <typename T>
   static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor& ref) {
     kern::BlockSddmmTc<T>::plan(p);
@@ -576,7 +584,50 @@ struct NmDev {
   NmProblem p;
   at::Tensor ci;        // col_idx as int64 on the device
   at::Tensor ent, ptr;  // its stable transpose (dx only)
+  at::Tensor it;        // the v2 forward's indices: col_idx transposed [K, R], uint16 bits in int16 storage
 };
+
+// The v2 N:M forward (kernels/nm_fwd.h). PADST_NM_V2=1 / 0 turns it on / off; unset, it serves in the host emulation
+// and not yet on a GPU (it has not run on one, issue 17).
+inline bool nm_v2_enabled(bool host) {
+  const char* v = std::getenv("PADST_NM_V2");
+  if (v == nullptr || *v == '\0') return host;
+  return !(v[0] == '0' && v[1] == '\0');
+}
+
+// Runs the v2 forward when it serves; false when the gather kernel must.
+template <bool kHost>
+bool try_nm_fwd(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias, at::Tensor& y,
+                const NmDev& d) {
+  if (!d.it.defined() || !nm_v2_enabled(kHost)) return false;
+  const auto st = x.scalar_type();
+  if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) return false;
+  const int64_t C = d.p.C, R = d.p.R, vec = 16 / x.element_size();
+  if (kern::nm_fwd_rows(C) == 0 || C % vec != 0 || R % 2 != 0 || !x.is_contiguous() ||
+      reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 != 0 || R > std::numeric_limits<int32_t>::max() ||
+      d.p.K > std::numeric_limits<int32_t>::max())
+    return false;
+  const at::Tensor vt = values.t().contiguous();  // [K, R]: R * K values, small next to the activations
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "padst nm_fwd", [&] {
+    using T = typename Backend<kHost>::template type<scalar_t>;
+    kern::NmFwdParams<T, uint16_t> p;
+    p.x = cptr<T>(x);
+    p.vt = cptr<T>(vt);
+    p.it = reinterpret_cast<const uint16_t*>(d.it.const_data_ptr());
+    p.bias = cptr<T>(bias);
+    p.out = mptr<T>(y);
+    p.B = x.size(0);
+    p.C = static_cast<int32_t>(C);
+    p.R = static_cast<int32_t>(R);
+    p.K = static_cast<int32_t>(d.p.K);
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "padst: unreachable (float64 is not served)");
+    } else {
+      Backend<kHost>::nm_fwd(p);
+    }
+  });
+  return true;
+}
 
 template <bool kHost>
 at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m,
@@ -587,10 +638,14 @@ at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor
   key.sig(x).sig(values).sig(bias).meta(col_idx).val(n).val(m);
   const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
     check_nm_mm_args(x, values, col_idx, bias, n, m);
-    return NmDev{NmProblem{values.size(0), x.size(1), values.size(1)}, col_idx.to(at::kLong).contiguous(), {}, {}};
+    NmDev r{NmProblem{values.size(0), x.size(1), values.size(1)}, col_idx.to(at::kLong).contiguous(), {}, {}, {}};
+    if (x.size(1) <= 65536)  // uint16 indices (two's complement int16 storage keeps the 16 bits)
+      r.it = col_idx.to(at::kLong).t().contiguous().to(at::kInt).to(at::kShort).to(x.device());
+    return r;
   });
   auto y = at::empty({x.size(0), d->p.R}, x.options());
   if (y.numel() == 0) return y;
+  if (try_nm_fwd<kHost>(x, values, contiguous(bias), y, *d)) return y;
   run_gather<kHost>(x.contiguous(), std::nullopt, values.contiguous(), contiguous(bias), std::nullopt, y,
                     kern::NmRows<int64_t>{idx_ptr(d->ci), d->p.K});
   return y;
@@ -604,7 +659,7 @@ at::Tensor nm_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Ten
   MetaKey key(op);
   key.sig(dy).sig(values).meta(col_idx).val(n).val(m);
   const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
-    NmDev r{validate_nm_mm_t(op, dy, values, col_idx, n, m), col_idx.to(at::kLong).contiguous(), {}, {}};
+    NmDev r{validate_nm_mm_t(op, dy, values, col_idx, n, m), col_idx.to(at::kLong).contiguous(), {}, {}, {}};
     std::tie(r.ent, r.ptr) = Backend<kHost>::nm_transpose(r.ci, r.p.C);
     return r;
   });

@@ -375,3 +375,46 @@ def test_emulated_permute_cols_limits():
         torch.ops.padst_emu._permute_cols(torch.zeros(2, 12, dtype=torch.bfloat16), torch.arange(12).int())
     with pytest.raises(ValueError, match="not served"):  # 8 rows x 6,144 x 2 bytes per CTA is the most it stages
         torch.ops.padst_emu._permute_cols(torch.zeros(2, 6152, dtype=torch.bfloat16), torch.arange(6152).int())
+
+
+# --- the v2 N:M forward on CUDA cores (csrc/kernels/nm_fwd.h) -------------------------------------------------
+# On by default in the emulation (PADST_NM_V2 unset); serves fp32/bf16/fp16 with an even number of rows and at most
+# 3,072 input columns (32 / 16 / 8 batch rows per CTA up to 768 / 1,536 / 3,072). nm_fwd_calls() counts its calls.
+
+
+def _nm_calls() -> int:
+    return torch.ops.padst_emu.nm_fwd_calls()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("B", [1, 7, 8, 33, 70])
+@pytest.mark.parametrize("C,R,nm", [(64, 48, (1, 8)), (768, 36, (1, 12)), (1536, 20, (2, 24)), (3072, 10, (1, 24)),
+                                    (96, 1030, (3, 8))])
+def test_emulated_nm_fwd(C, R, nm, B, dtype):
+    """Each batch-tile size (C up to 768: 32 rows per CTA, 1,536: 16, 3,072: 8), batch 1 and partial tiles, more
+    rows than one pass of the CTA's threads (1,030 > 512), several N:M ratios, the permutation folded in."""
+    case = make_case("nm", B, C, R, nm=nm, perm="in", dtype=dtype, seed=B + C)
+    v, x, b = case.weight.values, case.x, case.bias
+    before = _nm_calls()
+    assert_close_to_reference(fwd(case, x, v, b, emu), fwd(case, _f64(x), _f64(v), _f64(b), ref),
+                              fwd(case, x, v, b, ref), "forward")
+    assert _nm_calls() - before == 1
+
+
+@pytest.mark.parametrize("what", ["switched off", "odd rows", "too wide", "float64"])
+def test_emulated_nm_fwd_falls_back(what, monkeypatch):
+    C, R, dtype = 64, 48, torch.float32
+    if what == "switched off":
+        monkeypatch.setenv("PADST_NM_V2", "0")
+    elif what == "odd rows":
+        R = 47
+    elif what == "too wide":
+        C = 3200
+    else:
+        dtype = torch.float64
+    case = make_case("nm", 9, C, R, nm=(1, 8), perm="in", dtype=dtype)
+    v, x, b = case.weight.values, case.x, case.bias
+    before = _nm_calls()
+    assert_close_to_reference(fwd(case, x, v, b, emu), fwd(case, _f64(x), _f64(v), _f64(b), ref),
+                              fwd(case, x, v, b, ref), "forward")
+    assert _nm_calls() == before

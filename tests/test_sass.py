@@ -170,3 +170,18 @@ def test_permute_kernel_moves_16_bytes_without_division_or_spills():
         assert any(o.startswith("STG") and o.endswith(".128") for o in ops), k
         problems = [p for p in _problems(v, usage.get(k)) if "tensor-core" not in p]
         assert not problems, (k, problems)
+
+
+def test_nm_forward_reads_16_bytes_and_feeds_fmas_from_16_byte_shared_loads():
+    """The v2 N:M forward (csrc/kernels/nm_fwd.h): 128-bit global loads when staging x, 128-bit shared loads feeding
+    the FMAs, no division routine, no spills."""
+    kernels = _kernels(r"nm_fwd_kernel")
+    assert len(kernels) >= 9, sorted(kernels)  # 3 dtypes x 3 batch-tile sizes
+    usage = _res_usage()
+    for k, v in kernels.items():
+        ops = _opcodes(v)
+        assert any(o.startswith("LDG") and o.endswith(".128") for o in ops), k
+        assert any(o.startswith("LDS") and o.endswith(".128") for o in ops), k
+        assert any(o.startswith("FFMA") for o in ops), k
+        problems = [p for p in _problems(v, usage.get(k)) if "tensor-core" not in p]
+        assert not problems, (k, problems)

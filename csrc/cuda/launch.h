@@ -20,6 +20,7 @@
 #include "kernels/block_xs.h"
 #include "kernels/entries.h"
 #include "kernels/gather_mm.h"
+#include "kernels/nm_fwd.h"
 #include "kernels/permute_cols.h"
 #include "kernels/sddmm.h"
 
@@ -46,6 +47,18 @@ template <typename T>
 cudaError_t permute_cols(kern::PermuteColsParams<T> p, cudaStream_t stream);
 extern template cudaError_t permute_cols<uint16_t>(kern::PermuteColsParams<uint16_t>, cudaStream_t);
 extern template cudaError_t permute_cols<uint32_t>(kern::PermuteColsParams<uint32_t>, cudaStream_t);
+
+// The v2 N:M forward (kernels/nm_fwd.h): values and indices transposed [K, R], indices uint16 (it serves inputs of
+// at most 3,072 columns). NmFwd<T, I, nm_fwd_rows(C)>::serves(C, R) and a 16-byte aligned x are the caller's to check.
+template <typename T, typename I>
+cudaError_t nm_fwd(kern::NmFwdParams<T, I> p, cudaStream_t stream);
+#define PADST_NM_FWD_FOR_EACH(X) \
+  X(float, uint16_t)             \
+  X(__nv_bfloat16, uint16_t)     \
+  X(__half, uint16_t)
+#define PADST_NM_FWD_EXTERN(T, I) extern template cudaError_t nm_fwd<T, I>(kern::NmFwdParams<T, I>, cudaStream_t);
+PADST_NM_FWD_FOR_EACH(PADST_NM_FWD_EXTERN)
+#undef PADST_NM_FWD_EXTERN
 
 // p.splits / p.chunk planned with kern::Sddmm<T, F>::plan and p.partial holding splits * nnz accumulators.
 template <typename T, typename F>

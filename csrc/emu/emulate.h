@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <cstdint>
 #include <numeric>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "kernels/block_xs.h"
 #include "kernels/block_tc.h"
 #include "kernels/gather_mm.h"
+#include "kernels/nm_fwd.h"
 #include "kernels/nm_transpose.h"
 #include "kernels/permute_cols.h"
 #include "kernels/sddmm.h"
@@ -182,6 +184,32 @@ void block_sddmm_tc(kern::BlockSddmmTcParams<T> p) {
   }
   for (int64_t cta = 0; cta < K::reduce_ctas(p); ++cta)
     for (int tid = 0; tid < K::kBlockThreads; ++tid) K::reduce(p, cta, tid);
+}
+
+// The v2 N:M forward: "stage" then "rows", per thread.
+inline std::atomic<int64_t>& nm_fwd_calls() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
+template <typename T, typename I, int kTB>
+void nm_fwd_tb(const kern::NmFwdParams<T, I>& p) {
+  using K = kern::NmFwd<T, I, kTB>;
+  std::vector<float> xs(static_cast<size_t>(K::smem_bytes(p.C) / 4), std::numeric_limits<float>::quiet_NaN());
+  for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
+    for (int tid = 0; tid < K::kThreads; ++tid) K::stage(p, cta, tid, xs.data());
+    for (int tid = 0; tid < K::kThreads; ++tid) K::rows(p, cta, tid, xs.data());
+  }
+}
+
+template <typename T, typename I>
+void nm_fwd(const kern::NmFwdParams<T, I>& p) {
+  nm_fwd_calls().fetch_add(1);
+  switch (kern::nm_fwd_rows(p.C)) {
+    case 32: nm_fwd_tb<T, I, 32>(p); break;
+    case 16: nm_fwd_tb<T, I, 16>(p); break;
+    default: nm_fwd_tb<T, I, 8>(p); break;
+  }
 }
 
 // The column permutation: each warp's row, lane-parallel.

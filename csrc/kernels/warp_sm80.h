@@ -255,6 +255,33 @@ PADST_WARP_HD T elem16(const V16& v, int j) {
   return t;
 }
 
+// Element j of the 16 bytes as a 2- or 4-byte type (j < 16 / sizeof(T)).
+template <typename T>
+PADST_WARP_HD T elem(const V16& v, int j) {
+  if constexpr (sizeof(T) == 2) {
+    return elem16<T>(v, j);
+  } else {
+    static_assert(sizeof(T) == 4, "2- or 4-byte element types");
+    const uint32_t w = v.w[j];
+    T t;
+    std::memcpy(&t, &w, 4);
+    return t;
+  }
+}
+
+// Four floats from shared memory in one 16-byte load (p 16-byte aligned).
+PADST_WARP_HD void lds4(float (&q)[4], const float* p) {
+#if defined(__CUDACC__)
+  const float4 f = *reinterpret_cast<const float4*>(p);
+  q[0] = f.x;
+  q[1] = f.y;
+  q[2] = f.z;
+  q[3] = f.w;
+#else
+  std::memcpy(q, p, 16);
+#endif
+}
+
 // Two adjacent 16-bit values as one 32-bit store (dst 4-byte aligned).
 template <typename T>
 PADST_WARP_HD void store_pair(T* dst, T lo, T hi) {
