@@ -26,8 +26,8 @@ Baselines, timed round-robin with the padst variants of the same case (so drift 
              (bf16 only: every new shape is a Triton compile; cuSPARSE's BSR covers fp32)
   torch CSR  W.to_sparse_csr() @ x^T (every case; cuSPARSE)
   torch 2:4  F.linear(x, to_sparse_semi_structured(W), b) (2:4 cases)
-N:M cases likewise: the gather kernel (padst_*, PADST_NM_V2=0) and the v2 forward (padst_v2_*, "v2" rows,
-PADST_NM_V2=1; its backward is the gather kernel's). padst's cuSPARSELt rows come twice: "lt" (bias pre-filled, default algorithm) and "lt epi" (PADST_LT24_EPILOGUE=1:
+N:M and diagonal cases likewise: the gather kernel (padst_*, PADST_ROWS_V2=0) and the v2 row kernel (padst_v2_*, "v2"
+rows, PADST_ROWS_V2=1: N:M forward, diagonal forward and dx; the rest is the gather and sampled kernels'). padst's cuSPARSELt rows come twice: "lt" (bias pre-filled, default algorithm) and "lt epi" (PADST_LT24_EPILOGUE=1:
 cuSPARSELt's bias epilogue with beta = 0 and the algorithm search on the first call).
 The torch sparse baselines get x^T made contiguous outside the timed region and add no bias (both favour torch);
 they are timed forward only.
@@ -205,8 +205,10 @@ def structure_cost(case: Case, idx_nm: int = 4) -> dict[str, dict[str, float]]:
     if st == "diag":
         L = min(R, C)
         K = math.ceil((1 - s) * R * C / L)
-        return {"padst_perm": cost_model(case, K * L, K * 8, K * 8, C + R),
-                "padst_ident": cost_model(case, K * L, K * 8, K * 8, 0)}
+        out = {"padst_perm": cost_model(case, K * L, K * 8, K * 8, C + R),
+               "padst_ident": cost_model(case, K * L, K * 8, K * 8, 0)}
+        out["padst_v2_perm"], out["padst_v2_ident"] = out["padst_perm"], out["padst_ident"]
+        return out
     nnz = R * C // case.m * case.n
     out = {"padst_perm": cost_model(case, nnz, nnz * idx_nm, nnz * idx_nm, 0),
            "padst_ident": cost_model(case, nnz, nnz * idx_nm, nnz * idx_nm, 0)}
@@ -566,15 +568,15 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
             return linear(xx, w._replace(values=v), b)
 
         # block: padst_* is the block_tc kernel, padst_v2_* the v2 kernels where they serve (the x-stationary one for
-        # fc1's forward and fc2's dx, the row-complete one for fc2's forward and fc1's dx), block_tc elsewhere
-        tc = {"PADST_BLOCK_V2": "0"} if st.startswith("block") else None
+        # fc1's forward and fc2's dx, the row-complete one for fc2's forward and fc1's dx), block_tc elsewhere;
+        # diagonal: padst_* the gather kernel, padst_v2_* the v2 row kernel where it serves
+        switch = "PADST_BLOCK_V2" if st.startswith("block") else "PADST_ROWS_V2"
+        tc = {switch: "0"}
         variants.append(padst_variant("padst_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm, needs, tc))
         variants.append(padst_variant("padst_ident", apply_id, w.values, S_of, mask, None, None, needs, tc))
-        if st.startswith("block"):
-            v2 = {"PADST_BLOCK_V2": "1"}
-            variants.append(padst_variant("padst_v2_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm,
-                                          needs, v2))
-            variants.append(padst_variant("padst_v2_ident", apply_id, w.values, S_of, mask, None, None, needs, v2))
+        v2 = {switch: "1"}  # block: the v2 tensor-core kernels; diagonal: the v2 row kernel (forward and dx)
+        variants.append(padst_variant("padst_v2_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm, needs, v2))
+        variants.append(padst_variant("padst_v2_ident", apply_id, w.values, S_of, mask, None, None, needs, v2))
         S_id = S_of(w.values)
         S_ref, ip_ref, op_ref = S_id, in_perm, out_perm
         # the layer's effective dense weight: x @ W.T == (x[:, in_perm] @ S.T)[:, out_perm] (exact: a permutation)
@@ -605,14 +607,14 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
         w_i = _to(F.nm_from_dense(dense, nmask, n, m, index_dtype=index_dtype), device, dtype)
         density = w_p.density
         needs = ("nm_mm", "nm_mm_t", "nm_sddmm")
-        # padst_*: the gather kernel (PADST_NM_V2=0); padst_v2_*: the v2 forward (nm_fwd.h) where it serves
+        # padst_*: the gather kernel (PADST_ROWS_V2=0); padst_v2_*: the v2 row kernel (rows_v2.h) where it serves
         for key, w, env in (("padst_perm", w_p, "0"), ("padst_ident", w_i, "0"), ("padst_v2_perm", w_p, "1"),
                             ("padst_v2_ident", w_i, "1")):
             def apply(xx, v, b, w=w):
                 return ops.nm_linear(xx, w._replace(values=v), b)
 
             variants.append(padst_variant(key, apply, w.values, lambda v, w=w: F.nm_to_dense(v, w.col_idx, C),
-                                          w.mask(), None, None, needs, env={"PADST_NM_V2": env}))
+                                          w.mask(), None, None, needs, env={"PADST_ROWS_V2": env}))
         S_id = w_i.to_dense()  # logical frame: the permuted layer computes x[:, in_perm] @ S_id.T
         S_ref, ip_ref, op_ref = S_id, in_perm, None
         dense_eff = w_p.to_dense()

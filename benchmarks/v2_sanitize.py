@@ -1,5 +1,5 @@
-"""Small calls of every v2 kernel (block: x-stationary, row-complete, grouped dW; the N:M forward; the cuSPARSELt
-path's column permutation is covered by the CUDA tests), for compute-sanitizer on a GPU.
+"""Small calls of every v2 kernel (block: x-stationary, row-complete, grouped dW; the row kernel: N:M forward, diagonal
+forward and dx; the cuSPARSELt path's column permutation is covered by the CUDA tests), for compute-sanitizer on a GPU.
 
 The host emulation checks these kernels' indices, fragments and addresses, but not memory ordering: a missing
 cp.async wait or barrier, or a shared-memory race, only shows on a GPU, and often not as a wrong result. Run under
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         return 1
     ops = torch.ops.padst_emu if args.cpu else torch.ops.padst
     os.environ["PADST_BLOCK_V2"] = "1"
-    os.environ["PADST_NM_V2"] = "1"
+    os.environ["PADST_ROWS_V2"] = "1"
     dtype = torch.bfloat16
     # (name, C, R, block side, density, B): the x-stationary kernel serves both passes of the first three, the row-
     # complete one the forward of "rc fwd" and dx of "rc dx", the grouped dW every 16/32 case.
@@ -97,10 +97,32 @@ def main(argv=None) -> int:
         ok = err <= 2e-2 * scale
         bad += not ok
         print(f"nm {n}:{m} {str(dt):14s} fwd  max err {err:.3e} (scale {scale:.1f}) {'ok' if ok else 'WRONG'}")
+    for C, R in ((768, 256), (256, 768)):  # a wide and a tall diagonal layer, permuted: forward and dx
+        gen = torch.Generator().manual_seed(R)
+        offsets = torch.randperm(max(R, C), generator=gen)[:24].sort().values
+        w = F.diag_from_dense(torch.randn(R, C, generator=gen, dtype=torch.float64), offsets)
+        ip, op = torch.randperm(C, generator=gen), torch.randperm(R, generator=gen)
+        x = torch.randn(33, C, generator=gen).to(device, torch.bfloat16)
+        dy = torch.randn(33, R, generator=gen).to(device, torch.bfloat16)
+        v = w.values.to(device, torch.bfloat16)
+        off = w.offsets.to(device)
+        got = {"fwd": ops.diag_mm(x, v, off, R, None, ip.to(device), op.to(device)),
+               "dx": ops.diag_mm_t(dy, v, off, C, ip.to(device), op.to(device))}
+        if device == "cuda":
+            torch.cuda.synchronize()
+        v64 = v.double().cpu()
+        want = {"fwd": ref.diag_mm(x.double().cpu(), v64, w.offsets, R, None, ip, op),
+                "dx": ref.diag_mm_t(dy.double().cpu(), v64, w.offsets, C, ip, op)}
+        for k in got:
+            err = (got[k].double().cpu() - want[k]).abs().max().item()
+            scale = max(1.0, want[k].abs().max().item())
+            ok = err <= 2e-2 * scale
+            bad += not ok
+            print(f"diag {C}->{R} perm {k:4s} max err {err:.3e} (scale {scale:.1f}) {'ok' if ok else 'WRONG'}")
     if args.cpu:  # which emulated kernels served (every v2 kernel should have)
         e = torch.ops.padst_emu
         print(f"emulated v2 calls: x-stationary {e.block_xs_calls()}, row-complete {e.block_rc_calls()}, "
-              f"dW {e.block_gw_calls()}, N:M forward {e.nm_fwd_calls()}")
+              f"dW {e.block_gw_calls()}, rows {e.rows_v2_calls()}")
     print("v2_sanitize:", "all calls matched" if bad == 0 else f"{bad} calls WRONG")
     return 0 if bad == 0 else 1
 

@@ -73,9 +73,9 @@ struct Backend<true> {
     emu::block_gw<T, kB>(p, max_row_blocks);
   }
   static int64_t block_v2_max_smem() { return kern::kBlockXsMaxSmem; }  // the emulation models an H100/H200
-  template <typename T, typename I>
-  static void nm_fwd(const kern::NmFwdParams<T, I>& p) {
-    emu::nm_fwd<T, I>(p);
+  template <typename T, typename E>
+  static void rows_v2(const kern::RowsV2Params<T, E>& p) {
+    emu::rows_v2<T, E>(p);
   }
   template <typename T>
   static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor&) {
@@ -150,9 +150,9 @@ struct Backend<false> {
     C10_CUDA_CHECK((gpu::block_gw<T, kB>(p, at::cuda::getCurrentCUDAStream())));
   }
   static int64_t block_v2_max_smem() { return gpu::block_v2_max_smem(); }
-  template <typename T, typename I>
-  static void nm_fwd(const kern::NmFwdParams<T, I>& p) {
-    C10_CUDA_CHECK((gpu::nm_fwd<T, I>(p, at::cuda::getCurrentCUDAStream())));
+  template <typename T, typename E>
+  static void rows_v2(const kern::RowsV2Params<T, E>& p) {
+    C10_CUDA_CHECK((gpu::rows_v2<T, E>(p, at::cuda::getCurrentCUDAStream())));
   }
   template <typename T>
   static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor& ref) {
@@ -584,46 +584,46 @@ struct NmDev {
   NmProblem p;
   at::Tensor ci;        // col_idx as int64 on the device
   at::Tensor ent, ptr;  // its stable transpose (dx only)
-  at::Tensor it;        // the v2 forward's indices: col_idx transposed [K, R], uint16 bits in int16 storage
+  at::Tensor it;        // the v2 row kernel's indices: col_idx transposed [K, R], uint16 bits in int16 storage
 };
 
-// The v2 N:M forward (kernels/nm_fwd.h). PADST_NM_V2=1 / 0 turns it on / off; unset, it serves in the host emulation
-// and not yet on a GPU (it has not run on one, issue 17).
-inline bool nm_v2_enabled(bool host) {
-  const char* v = std::getenv("PADST_NM_V2");
+// The v2 row kernel (kernels/rows_v2.h): the N:M forward, the diagonal forward and dx. PADST_ROWS_V2=1 / 0 turns it
+// on / off; unset, it serves in the host emulation and not yet on a GPU (it has not run on one, issue 17).
+inline bool rows_v2_enabled(bool host) {
+  const char* v = std::getenv("PADST_ROWS_V2");
   if (v == nullptr || *v == '\0') return host;
   return !(v[0] == '0' && v[1] == '\0');
 }
 
-// Runs the v2 forward when it serves; false when the gather kernel must.
-template <bool kHost>
-bool try_nm_fwd(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias, at::Tensor& y,
-                const NmDev& d) {
-  if (!d.it.defined() || !nm_v2_enabled(kHost)) return false;
-  const auto st = x.scalar_type();
+// Runs it when it serves (fp32/bf16/fp16, an even number of output rows, an input of at most 3,072 columns); false
+// when the gather kernel must. in_scatter / out_scatter: int32 index maps (see RowsV2Params) or null.
+template <bool kHost, typename E>
+bool try_rows_v2(const at::Tensor& in, const std::optional<at::Tensor>& in_scatter, const at::Tensor& values,
+                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scatter, at::Tensor& out,
+                 int64_t K, const E& entries) {
+  if (!rows_v2_enabled(kHost)) return false;
+  const auto st = in.scalar_type();
   if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) return false;
-  const int64_t C = d.p.C, R = d.p.R, vec = 16 / x.element_size();
-  if (kern::nm_fwd_rows(C) == 0 || C % vec != 0 || R % 2 != 0 || !x.is_contiguous() ||
-      reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 != 0 || R > std::numeric_limits<int32_t>::max() ||
-      d.p.K > std::numeric_limits<int32_t>::max())
+  const int64_t C = in.size(1), R = out.size(1), vec = 16 / in.element_size(), i32 = std::numeric_limits<int32_t>::max();
+  if (kern::rows_v2_tile(C) == 0 || C % vec != 0 || R % 2 != 0 || !in.is_contiguous() ||
+      reinterpret_cast<uintptr_t>(in.const_data_ptr()) % 16 != 0 || R > i32 || K > i32 || values.numel() > i32)
     return false;
-  const at::Tensor vt = values.t().contiguous();  // [K, R]: R * K values, small next to the activations
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "padst nm_fwd", [&] {
-    using T = typename Backend<kHost>::template type<scalar_t>;
-    kern::NmFwdParams<T, uint16_t> p;
-    p.x = cptr<T>(x);
-    p.vt = cptr<T>(vt);
-    p.it = reinterpret_cast<const uint16_t*>(d.it.const_data_ptr());
-    p.bias = cptr<T>(bias);
-    p.out = mptr<T>(y);
-    p.B = x.size(0);
-    p.C = static_cast<int32_t>(C);
-    p.R = static_cast<int32_t>(R);
-    p.K = static_cast<int32_t>(d.p.K);
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "padst: unreachable (float64 is not served)");
-    } else {
-      Backend<kHost>::nm_fwd(p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "padst rows_v2", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      using T = typename Backend<kHost>::template type<scalar_t>;
+      kern::RowsV2Params<T, E> p;
+      p.x = cptr<T>(in);
+      p.in_scatter = in_scatter ? in_scatter->template const_data_ptr<int32_t>() : nullptr;
+      p.values = cptr<T>(values);
+      p.bias = cptr<T>(bias);
+      p.out_scatter = out_scatter ? out_scatter->template const_data_ptr<int32_t>() : nullptr;
+      p.out = mptr<T>(out);
+      p.B = in.size(0);
+      p.C = static_cast<int32_t>(C);
+      p.R = static_cast<int32_t>(R);
+      p.K = static_cast<int32_t>(K);
+      p.entries = entries;
+      Backend<kHost>::rows_v2(p);
     }
   });
   return true;
@@ -645,7 +645,14 @@ at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor
   });
   auto y = at::empty({x.size(0), d->p.R}, x.options());
   if (y.numel() == 0) return y;
-  if (try_nm_fwd<kHost>(x, values, contiguous(bias), y, *d)) return y;
+  if (d->it.defined()) {
+    const at::Tensor xc = x.contiguous();
+    // values [R, K] read transposed, [K, R]: R * K values, small next to the activations
+    if (try_rows_v2<kHost>(xc, std::nullopt, values.t().contiguous(), contiguous(bias), std::nullopt, y, d->p.K,
+                           kern::NmEntries{reinterpret_cast<const uint16_t*>(d->it.const_data_ptr()),
+                                           static_cast<int32_t>(d->p.R)}))
+      return y;
+  }
   run_gather<kHost>(x.contiguous(), std::nullopt, values.contiguous(), contiguous(bias), std::nullopt, y,
                     kern::NmRows<int64_t>{idx_ptr(d->ci), d->p.K});
   return y;
@@ -694,10 +701,19 @@ struct DiagDev {
   DiagProblem p;
   at::Tensor off;                              // offsets as int64 on the device
   std::optional<at::Tensor> in_fwd, out_inv;
+  at::Tensor off32;                            // the v2 row kernel's: offsets and the four index maps, int32
+  std::optional<at::Tensor> in_fwd32, in_inv32, out_fwd32, out_inv32;
 };
 inline DiagDev upload(DiagProblem p, const at::Tensor& ref) {
   DiagDev d;
   d.off = on_device(p.off, ref);
+  if (std::max(p.R, p.C) <= std::numeric_limits<int32_t>::max()) {
+    d.off32 = int32_on_device(p.off, ref);
+    d.in_fwd32 = perm32_on_device(p.pin, false, ref);
+    d.in_inv32 = perm32_on_device(p.pin, true, ref);
+    d.out_fwd32 = perm32_on_device(p.pout, false, ref);
+    d.out_inv32 = perm32_on_device(p.pout, true, ref);
+  }
   d.in_fwd = perm_on_device(p.pin, false, ref);
   d.out_inv = perm_on_device(p.pout, true, ref);
   d.p = std::move(p);
@@ -705,6 +721,10 @@ inline DiagDev upload(DiagProblem p, const at::Tensor& ref) {
 }
 inline kern::DiagRows diag_rows(const DiagDev& d, bool shifted) {
   return kern::DiagRows{idx_ptr(d.off), d.off.size(0), std::min(d.p.R, d.p.C), std::max(d.p.R, d.p.C), shifted};
+}
+inline kern::DiagEntries diag_entries(const DiagDev& d, bool shifted) {
+  return kern::DiagEntries{d.off32.const_data_ptr<int32_t>(), static_cast<int32_t>(std::min(d.p.R, d.p.C)),
+                           static_cast<int32_t>(std::max(d.p.R, d.p.C)), shifted};
 }
 
 template <bool kHost>
@@ -721,6 +741,10 @@ at::Tensor diag_mm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   });
   auto y = at::empty({x.size(0), d->p.R}, x.options());
   if (y.numel() == 0) return y;
+  // v2: x staged through inv(in_perm) (column c to its permuted place), y stored through inv(out_perm)
+  if (d->off32.defined() && try_rows_v2<kHost>(x.contiguous(), d->in_inv32, values.contiguous(), contiguous(bias),
+                                               d->out_inv32, y, d->off.size(0), diag_entries(*d, d->p.R >= d->p.C)))
+    return y;
   run_gather<kHost>(x.contiguous(), d->in_fwd, values.contiguous(), contiguous(bias), d->out_inv, y,
                     diag_rows(*d, /*shifted=*/d->p.R >= d->p.C));
   return y;
@@ -739,6 +763,10 @@ at::Tensor diag_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::T
   });
   auto dx = at::empty({dy.size(0), d->p.C}, dy.options());
   if (dx.numel() == 0) return dx;
+  // v2: dy staged through out_perm (the inverse of the gather inv(out_perm)), dx stored through in_perm
+  if (d->off32.defined() && try_rows_v2<kHost>(dy.contiguous(), d->out_fwd32, values.contiguous(), std::nullopt,
+                                               d->in_fwd32, dx, d->off.size(0), diag_entries(*d, d->p.R < d->p.C)))
+    return dx;
   run_gather<kHost>(dy.contiguous(), d->out_inv, values.contiguous(), std::nullopt, d->in_fwd, dx,
                     diag_rows(*d, /*shifted=*/d->p.R < d->p.C));
   return dx;

@@ -377,35 +377,57 @@ def test_emulated_permute_cols_limits():
         torch.ops.padst_emu._permute_cols(torch.zeros(2, 6152, dtype=torch.bfloat16), torch.arange(6152).int())
 
 
-# --- the v2 N:M forward on CUDA cores (csrc/kernels/nm_fwd.h) -------------------------------------------------
-# On by default in the emulation (PADST_NM_V2 unset); serves fp32/bf16/fp16 with an even number of rows and at most
-# 3,072 input columns (32 / 16 / 8 batch rows per CTA up to 768 / 1,536 / 3,072). nm_fwd_calls() counts its calls.
+# --- the v2 row kernel on CUDA cores (csrc/kernels/rows_v2.h): the N:M forward, the diagonal forward and dx --------
+# On by default in the emulation (PADST_ROWS_V2 unset); serves fp32/bf16/fp16 with an even number of output rows and at
+# most 3,072 input columns (32 / 16 / 8 batch rows per CTA up to 768 / 1,536 / 3,072). rows_v2_calls() counts its calls.
 
 
-def _nm_calls() -> int:
-    return torch.ops.padst_emu.nm_fwd_calls()
+def _rows_calls() -> int:
+    return torch.ops.padst_emu.rows_v2_calls()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("B", [1, 7, 8, 33, 70])
 @pytest.mark.parametrize("C,R,nm", [(64, 48, (1, 8)), (768, 36, (1, 12)), (1536, 20, (2, 24)), (3072, 10, (1, 24)),
                                     (96, 1030, (3, 8))])
-def test_emulated_nm_fwd(C, R, nm, B, dtype):
+def test_emulated_rows_v2_nm(C, R, nm, B, dtype):
     """Each batch-tile size (C up to 768: 32 rows per CTA, 1,536: 16, 3,072: 8), batch 1 and partial tiles, more
     rows than one pass of the CTA's threads (1,030 > 512), several N:M ratios, the permutation folded in."""
     case = make_case("nm", B, C, R, nm=nm, perm="in", dtype=dtype, seed=B + C)
     v, x, b = case.weight.values, case.x, case.bias
-    before = _nm_calls()
+    before = _rows_calls()
     assert_close_to_reference(fwd(case, x, v, b, emu), fwd(case, _f64(x), _f64(v), _f64(b), ref),
                               fwd(case, x, v, b, ref), "forward")
-    assert _nm_calls() - before == 1
+    assert _rows_calls() - before == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("perm", ["none", "in", "out", "both"])
+@pytest.mark.parametrize("B", [1, 9, 40])
+@pytest.mark.parametrize("C,R,sparsity", [(64, 48, 0.75), (48, 64, 0.75), (768, 1040, 0.95), (1536, 96, 0.9),
+                                          (96, 1536, 0.9)])
+def test_emulated_rows_v2_diag(C, R, sparsity, B, perm, dtype):
+    """Wide and tall diagonals (direct and shifted rows, forward and dx), both permutations, every batch tile."""
+    case = make_case("diag", B, C, R, sparsity=sparsity, perm=perm, dtype=dtype, seed=B + C + R)
+    before = _rows_calls()
+    _check_fwd_dx_any(case, dtype)
+    assert _rows_calls() - before == 2
+
+
+def _check_fwd_dx_any(case, dtype):
+    gen = torch.Generator().manual_seed(5)
+    dy = torch.randn(case.B, case.R, generator=gen, dtype=torch.float64).to(dtype)
+    v, x, b = case.weight.values, case.x, case.bias
+    assert_close_to_reference(fwd(case, x, v, b, emu), fwd(case, _f64(x), _f64(v), _f64(b), ref),
+                              fwd(case, x, v, b, ref), "forward")
+    assert_close_to_reference(dx(case, dy, v, emu), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref), "dx")
 
 
 @pytest.mark.parametrize("what", ["switched off", "odd rows", "too wide", "float64"])
-def test_emulated_nm_fwd_falls_back(what, monkeypatch):
+def test_emulated_rows_v2_falls_back(what, monkeypatch):
     C, R, dtype = 64, 48, torch.float32
     if what == "switched off":
-        monkeypatch.setenv("PADST_NM_V2", "0")
+        monkeypatch.setenv("PADST_ROWS_V2", "0")
     elif what == "odd rows":
         R = 47
     elif what == "too wide":
@@ -414,7 +436,7 @@ def test_emulated_nm_fwd_falls_back(what, monkeypatch):
         dtype = torch.float64
     case = make_case("nm", 9, C, R, nm=(1, 8), perm="in", dtype=dtype)
     v, x, b = case.weight.values, case.x, case.bias
-    before = _nm_calls()
+    before = _rows_calls()
     assert_close_to_reference(fwd(case, x, v, b, emu), fwd(case, _f64(x), _f64(v), _f64(b), ref),
                               fwd(case, x, v, b, ref), "forward")
-    assert _nm_calls() == before
+    assert _rows_calls() == before

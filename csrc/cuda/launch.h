@@ -20,7 +20,7 @@
 #include "kernels/block_xs.h"
 #include "kernels/entries.h"
 #include "kernels/gather_mm.h"
-#include "kernels/nm_fwd.h"
+#include "kernels/rows_v2.h"
 #include "kernels/permute_cols.h"
 #include "kernels/sddmm.h"
 
@@ -48,17 +48,20 @@ cudaError_t permute_cols(kern::PermuteColsParams<T> p, cudaStream_t stream);
 extern template cudaError_t permute_cols<uint16_t>(kern::PermuteColsParams<uint16_t>, cudaStream_t);
 extern template cudaError_t permute_cols<uint32_t>(kern::PermuteColsParams<uint32_t>, cudaStream_t);
 
-// The v2 N:M forward (kernels/nm_fwd.h): values and indices transposed [K, R], indices uint16 (it serves inputs of
-// at most 3,072 columns). NmFwd<T, I, nm_fwd_rows(C)>::serves(C, R) and a 16-byte aligned x are the caller's to check.
-template <typename T, typename I>
-cudaError_t nm_fwd(kern::NmFwdParams<T, I> p, cudaStream_t stream);
-#define PADST_NM_FWD_FOR_EACH(X) \
-  X(float, uint16_t)             \
-  X(__nv_bfloat16, uint16_t)     \
-  X(__half, uint16_t)
-#define PADST_NM_FWD_EXTERN(T, I) extern template cudaError_t nm_fwd<T, I>(kern::NmFwdParams<T, I>, cudaStream_t);
-PADST_NM_FWD_FOR_EACH(PADST_NM_FWD_EXTERN)
-#undef PADST_NM_FWD_EXTERN
+// The v2 row kernel on CUDA cores (kernels/rows_v2.h): the N:M forward (NmEntries) and the diagonal forward and dx
+// (DiagEntries). RowsV2<T, E, rows_v2_tile(C)>::serves(C, R) and a 16-byte aligned x are the caller's to check.
+template <typename T, typename E>
+cudaError_t rows_v2(kern::RowsV2Params<T, E> p, cudaStream_t stream);
+#define PADST_ROWS_V2_FOR_EACH(X)      \
+  X(float, kern::NmEntries)            \
+  X(__nv_bfloat16, kern::NmEntries)    \
+  X(__half, kern::NmEntries)           \
+  X(float, kern::DiagEntries)          \
+  X(__nv_bfloat16, kern::DiagEntries)  \
+  X(__half, kern::DiagEntries)
+#define PADST_ROWS_V2_EXTERN(T, E) extern template cudaError_t rows_v2<T, E>(kern::RowsV2Params<T, E>, cudaStream_t);
+PADST_ROWS_V2_FOR_EACH(PADST_ROWS_V2_EXTERN)
+#undef PADST_ROWS_V2_EXTERN
 
 // p.splits / p.chunk planned with kern::Sddmm<T, F>::plan and p.partial holding splits * nnz accumulators.
 template <typename T, typename F>

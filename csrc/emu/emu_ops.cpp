@@ -55,7 +55,7 @@ TORCH_LIBRARY(padst_emu, m) {
   m.def("block_xs_calls() -> int", [] { return padst::emu::block_xs_calls().load(); });
   m.def("block_rc_calls() -> int", [] { return padst::emu::block_rc_calls().load(); });
   m.def("block_gw_calls() -> int", [] { return padst::emu::block_gw_calls().load(); });
-  m.def("nm_fwd_calls() -> int", [] { return padst::emu::nm_fwd_calls().load(); });
+  m.def("rows_v2_calls() -> int", [] { return padst::emu::rows_v2_calls().load(); });
   // The cuSPARSELt path's column permutation kernel (csrc/kernels/permute_cols.h): out[r, c] = x[r, idx[c]].
   m.def("_permute_cols(Tensor x, Tensor idx) -> Tensor");
 }

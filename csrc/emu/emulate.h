@@ -19,7 +19,7 @@
 #include "kernels/block_xs.h"
 #include "kernels/block_tc.h"
 #include "kernels/gather_mm.h"
-#include "kernels/nm_fwd.h"
+#include "kernels/rows_v2.h"
 #include "kernels/nm_transpose.h"
 #include "kernels/permute_cols.h"
 #include "kernels/sddmm.h"
@@ -186,15 +186,15 @@ void block_sddmm_tc(kern::BlockSddmmTcParams<T> p) {
     for (int tid = 0; tid < K::kBlockThreads; ++tid) K::reduce(p, cta, tid);
 }
 
-// The v2 N:M forward: "stage" then "rows", per thread.
-inline std::atomic<int64_t>& nm_fwd_calls() {
+// The v2 row kernel (N:M forward, diagonal forward and dx): "stage" then "rows", per thread.
+inline std::atomic<int64_t>& rows_v2_calls() {
   static std::atomic<int64_t> n{0};
   return n;
 }
 
-template <typename T, typename I, int kTB>
-void nm_fwd_tb(const kern::NmFwdParams<T, I>& p) {
-  using K = kern::NmFwd<T, I, kTB>;
+template <typename T, typename E, int kTB>
+void rows_v2_tb(const kern::RowsV2Params<T, E>& p) {
+  using K = kern::RowsV2<T, E, kTB>;
   std::vector<float> xs(static_cast<size_t>(K::smem_bytes(p.C) / 4), std::numeric_limits<float>::quiet_NaN());
   for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
     for (int tid = 0; tid < K::kThreads; ++tid) K::stage(p, cta, tid, xs.data());
@@ -202,13 +202,13 @@ void nm_fwd_tb(const kern::NmFwdParams<T, I>& p) {
   }
 }
 
-template <typename T, typename I>
-void nm_fwd(const kern::NmFwdParams<T, I>& p) {
-  nm_fwd_calls().fetch_add(1);
-  switch (kern::nm_fwd_rows(p.C)) {
-    case 32: nm_fwd_tb<T, I, 32>(p); break;
-    case 16: nm_fwd_tb<T, I, 16>(p); break;
-    default: nm_fwd_tb<T, I, 8>(p); break;
+template <typename T, typename E>
+void rows_v2(const kern::RowsV2Params<T, E>& p) {
+  rows_v2_calls().fetch_add(1);
+  switch (kern::rows_v2_tile(p.C)) {
+    case 32: rows_v2_tb<T, E, 32>(p); break;
+    case 16: rows_v2_tb<T, E, 16>(p); break;
+    default: rows_v2_tb<T, E, 8>(p); break;
   }
 }
 

@@ -1,7 +1,7 @@
-"""The v2 N:M forward (csrc/kernels/nm_fwd.h) on a GPU, switched on with PADST_NM_V2=1 (its GPU default stays off until
-these pass on one): against the float64 reference and the gather kernel, over dtypes, batch sizes around the CTA's
-batch tile, the three tile sizes and the ViT-B shapes; autograd and opcheck. Skipped without a GPU; the same kernel
-runs on the host in test_cuda_emulation.py (test_emulated_nm_fwd*)."""
+"""The v2 row kernel (csrc/kernels/rows_v2.h: the N:M forward, the diagonal forward and dx) on a GPU, switched on with
+PADST_ROWS_V2=1 (its GPU default stays off until these pass on one): against the float64 reference and the gather
+kernel, over dtypes, batch sizes around the CTA's batch tile, the three tile sizes and the ViT-B shapes; autograd and
+opcheck. Skipped without a GPU; the same kernel runs on the host in test_cuda_emulation.py (test_emulated_rows_v2*)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from padst_ext import ops
 from padst_ext import reference as ref
 
 from cases import assert_close_to_reference, has_cuda_kernel, make_case
-from test_ops import _f64, fwd
+from test_ops import _f64, dx, fwd
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernel("nm_mm")),
                                 reason="no CUDA device or no CUDA kernels in this build")
@@ -21,20 +21,20 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kern
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("B", [1, 7, 33, 4096])
 @pytest.mark.parametrize("C,R,nm", [(768, 3072, (1, 12)), (3072, 768, (1, 24)), (1536, 96, (2, 24)), (64, 1030, (1, 8))])
-def test_cuda_nm_v2_matches_reference(C, R, nm, B, dtype, monkeypatch):
+def test_cuda_rows_v2_nm_matches_reference(C, R, nm, B, dtype, monkeypatch):
     case = make_case("nm", B, C, R, nm=nm, perm="in", dtype=dtype, device="cuda", seed=B + C)
     v, x, b = case.weight.values, case.x, case.bias
-    monkeypatch.setenv("PADST_NM_V2", "1")
+    monkeypatch.setenv("PADST_ROWS_V2", "1")
     y = fwd(case, x, v, b, torch.ops.padst)
     torch.cuda.synchronize()
     assert_close_to_reference(y, fwd(case, _f64(x), _f64(v), _f64(b), ref), fwd(case, x, v, b, ref), "forward (v2)")
-    monkeypatch.setenv("PADST_NM_V2", "0")
+    monkeypatch.setenv("PADST_ROWS_V2", "0")
     assert_close_to_reference(fwd(case, x, v, b, torch.ops.padst), fwd(case, _f64(x), _f64(v), _f64(b), ref),
                               fwd(case, x, v, b, ref), "forward (gather)")
 
 
-def test_cuda_nm_v2_autograd_and_opcheck(monkeypatch):
-    monkeypatch.setenv("PADST_NM_V2", "1")
+def test_cuda_rows_v2_nm_autograd_and_opcheck(monkeypatch):
+    monkeypatch.setenv("PADST_ROWS_V2", "1")
     case = make_case("nm", 40, 96, 64, nm=(1, 8), perm="in", dtype=torch.float32, device="cuda")
     w = case.weight
     x = case.x.clone().requires_grad_()
@@ -48,3 +48,18 @@ def test_cuda_nm_v2_autograd_and_opcheck(monkeypatch):
     for g, e in zip(got, want):
         torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4)
     torch.library.opcheck(torch.ops.padst.nm_mm.default, (x, v, w.col_idx, w.n, w.m, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("perm", ["none", "both"])
+@pytest.mark.parametrize("B", [1, 33, 4096])
+@pytest.mark.parametrize("C,R,sparsity", [(768, 3072, 0.9), (3072, 768, 0.95), (96, 1040, 0.75)])
+def test_cuda_rows_v2_diag_matches_reference(C, R, sparsity, B, perm, dtype, monkeypatch):
+    case = make_case("diag", B, C, R, sparsity=sparsity, perm=perm, dtype=dtype, device="cuda", seed=B + C)
+    v, x, b = case.weight.values, case.x, case.bias
+    dy = torch.randn(B, R, device="cuda", dtype=torch.float64).to(dtype)
+    monkeypatch.setenv("PADST_ROWS_V2", "1")
+    assert_close_to_reference(fwd(case, x, v, b, torch.ops.padst), fwd(case, _f64(x), _f64(v), _f64(b), ref),
+                              fwd(case, x, v, b, ref), "forward (v2)")
+    assert_close_to_reference(dx(case, dy, v, torch.ops.padst), dx(case, _f64(dy), _f64(v), ref),
+                              dx(case, dy, v, ref), "dx (v2)")
