@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "cuda/launch.h"
+#include "cuda/launch_util.cuh"
 
 namespace padst::gpu {
 namespace {
@@ -66,17 +67,11 @@ __global__ void __launch_bounds__(K::kReduceThreads) block_gw_reduce_kernel(type
   K::reduce(p, blockIdx.x, static_cast<int>(threadIdx.x));
 }
 
-// Launches kernel<K> with `smem` bytes of dynamic shared memory (opting in above 48 KB).
+// Launches kernel<K> with `smem` bytes of dynamic shared memory.
 template <typename K, typename Kernel>
 cudaError_t launch(Kernel kernel, const typename K::Params& p, int64_t smem, cudaStream_t stream) {
-  const int64_t ctas = K::num_ctas(p);
-  if (ctas == 0) return cudaSuccess;
-  if (ctas > std::numeric_limits<int>::max()) return cudaErrorInvalidConfiguration;
   if (smem > block_v2_max_smem()) return cudaErrorInvalidValue;  // the dispatcher checks this first
-  const cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (st != cudaSuccess) return st;
-  kernel<<<static_cast<unsigned>(ctas), K::kThreads, static_cast<size_t>(smem), stream>>>(p);
-  return cudaGetLastError();
+  return launch_smem(kernel, K::num_ctas(p), K::kThreads, smem, smem, p, stream);
 }
 
 }  // namespace

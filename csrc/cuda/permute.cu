@@ -1,7 +1,6 @@
 // Column permutation kernel (csrc/kernels/permute_cols.h): __global__ wrapper and launcher. See csrc/cuda/launch.h.
-#include <limits>
-
 #include "cuda/launch.h"
+#include "cuda/launch_util.cuh"
 
 namespace padst::gpu {
 namespace {
@@ -21,17 +20,9 @@ __global__ void __launch_bounds__(K::kThreads) permute_cols_kernel(typename K::P
 template <typename T>
 cudaError_t permute_cols(kern::PermuteColsParams<T> p, cudaStream_t stream) {
   using K = kern::PermuteCols<T>;
-  const int64_t ctas = K::num_ctas(p);
-  if (ctas == 0) return cudaSuccess;
-  if (ctas > std::numeric_limits<int>::max() || !K::serves(p.cols, p.ld_in, p.ld_out)) return cudaErrorInvalidValue;
-  const int64_t smem = K::smem_bytes(p.cols);
-  if (smem > 48 * 1024) {
-    const cudaError_t st = cudaFuncSetAttribute(permute_cols_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                static_cast<int>(K::kMaxSmem));
-    if (st != cudaSuccess) return st;
-  }
-  permute_cols_kernel<K><<<static_cast<unsigned>(ctas), K::kThreads, static_cast<size_t>(smem), stream>>>(p);
-  return cudaGetLastError();
+  if (!K::serves(p.cols, p.ld_in, p.ld_out)) return cudaErrorInvalidValue;
+  return launch_smem(permute_cols_kernel<K>, K::num_ctas(p), K::kThreads, K::smem_bytes(p.cols), K::kMaxSmem, p,
+                     stream);
 }
 
 template cudaError_t permute_cols<uint16_t>(kern::PermuteColsParams<uint16_t>, cudaStream_t);

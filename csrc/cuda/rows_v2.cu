@@ -1,8 +1,7 @@
 // The v2 row kernel on CUDA cores (csrc/kernels/rows_v2.h: the N:M forward, the diagonal forward and dx): __global__
 // wrapper and launcher. See csrc/cuda/launch.h.
-#include <limits>
-
 #include "cuda/launch.h"
+#include "cuda/launch_util.cuh"
 
 namespace padst::gpu {
 namespace {
@@ -19,17 +18,8 @@ __global__ void __launch_bounds__(K::kThreads) rows_v2_kernel(typename K::Params
 
 template <typename K>
 cudaError_t launch_rows(const typename K::Params& p, cudaStream_t stream) {
-  const int64_t ctas = K::num_ctas(p);
-  if (ctas == 0) return cudaSuccess;
-  if (ctas > std::numeric_limits<int>::max() || !K::serves(p.C, p.R)) return cudaErrorInvalidValue;
-  const int64_t smem = K::smem_bytes(p.C);
-  if (smem > 48 * 1024) {
-    const cudaError_t st = cudaFuncSetAttribute(rows_v2_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                static_cast<int>(kern::kRowsV2Smem));
-    if (st != cudaSuccess) return st;
-  }
-  rows_v2_kernel<K><<<static_cast<unsigned>(ctas), K::kThreads, static_cast<size_t>(smem), stream>>>(p);
-  return cudaGetLastError();
+  if (!K::serves(p.C, p.R)) return cudaErrorInvalidValue;
+  return launch_smem(rows_v2_kernel<K>, K::num_ctas(p), K::kThreads, K::smem_bytes(p.C), kern::kRowsV2Smem, p, stream);
 }
 
 }  // namespace
