@@ -145,7 +145,8 @@ struct Backend<false> {
   template <typename T, int kB>
   static void block_gw(kern::BlockGwParams<T> p, int64_t max_row_blocks, const at::Tensor& ref) {
     kern::BlockGw<T, kB>::plan(p, max_row_blocks);
-    at::Tensor partial = at::empty({static_cast<int64_t>(p.splits) * p.nnzb * kB * kB}, ref.options().dtype(at::kFloat));
+    const int64_t n = static_cast<int64_t>(p.splits) * p.nnzb * kB * kB;
+    at::Tensor partial = at::empty({n}, ref.options().dtype(at::kFloat));
     p.partial = partial.mutable_data_ptr<float>();
     C10_CUDA_CHECK((gpu::block_gw<T, kB>(p, at::cuda::getCurrentCUDAStream())));
   }
@@ -382,7 +383,8 @@ bool try_block_v2(const at::Tensor& in, const at::Tensor& values, const std::opt
 
 // The v2 weight gradient (kernels/block_gw.h) when it serves; false when block_sddmm_tc / sddmm must.
 template <bool kHost>
-bool try_block_gw(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dv, const BlockMeta& m, const BlockV2Meta& vm) {
+bool try_block_gw(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dv, const BlockMeta& m,
+                  const BlockV2Meta& vm) {
   const int64_t kb = m.br;
   if (!vm.ptr.defined() || !block_v2_enabled(kHost) || m.br != m.bc || (kb != 16 && kb != 32)) return false;
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
@@ -604,7 +606,8 @@ bool try_rows_v2(const at::Tensor& in, const std::optional<at::Tensor>& in_scatt
   if (!rows_v2_enabled(kHost)) return false;
   const auto st = in.scalar_type();
   if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) return false;
-  const int64_t C = in.size(1), R = out.size(1), vec = 16 / in.element_size(), i32 = std::numeric_limits<int32_t>::max();
+  const int64_t C = in.size(1), R = out.size(1), vec = 16 / in.element_size();
+  const int64_t i32 = std::numeric_limits<int32_t>::max();
   if (kern::rows_v2_tile(C) == 0 || C % vec != 0 || R % 2 != 0 || !in.is_contiguous() ||
       reinterpret_cast<uintptr_t>(in.const_data_ptr()) % 16 != 0 || R > i32 || K > i32 || values.numel() > i32)
     return false;

@@ -1,8 +1,9 @@
 """The v2 block kernels (x-stationary, csrc/kernels/block_xs.h; row-complete, block_rc.h; weight gradient, block_gw.h)
 on a GPU, switched on with PADST_BLOCK_V2=1 (their GPU default stays off until these pass on one): forward, dx and dW
-against the float64 reference and against the block_tc / block_sddmm_tc kernels, over block sides, permutations, dtypes and batch sizes around the CTA tiles, the ViT-B
-MLP shapes, autograd through padst_ext.ops.block_linear, and opcheck. Skipped without a GPU; the same kernels' logic
-runs on the host in test_cuda_emulation.py (test_emulated_block_xs / _rc / _v2*)."""
+against the float64 reference and against the block_tc / block_sddmm_tc kernels, over block sides, permutations,
+dtypes and batch sizes around the CTA tiles, the ViT-B MLP shapes, autograd through padst_ext.ops.block_linear, and
+opcheck. Skipped without a GPU; the same kernels' logic runs on the host in test_cuda_emulation.py
+(test_emulated_block_xs / _rc / _gw / _v2*)."""
 
 from __future__ import annotations
 

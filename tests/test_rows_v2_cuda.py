@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kern
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("B", [1, 7, 33, 4096])
-@pytest.mark.parametrize("C,R,nm", [(768, 3072, (1, 12)), (3072, 768, (1, 24)), (1536, 96, (2, 24)), (64, 1030, (1, 8))])
+@pytest.mark.parametrize("C,R,nm", [(768, 3072, (1, 12)), (3072, 768, (1, 24)), (1536, 96, (2, 24)),
+                                    (64, 1030, (1, 8))])
 def test_cuda_rows_v2_nm_matches_reference(C, R, nm, B, dtype, monkeypatch):
     case = make_case("nm", B, C, R, nm=nm, perm="in", dtype=dtype, device="cuda", seed=B + C)
     v, x, b = case.weight.values, case.x, case.bias

@@ -160,7 +160,7 @@ def test_the_check_catches_what_it_looks_for():
 
 
 def test_permute_kernel_moves_16_bytes_without_division_or_spills():
-    """The cuSPARSELt path's column permutation (csrc/kernels/permute_cols.h): 128-bit loads and stores of whole rows."""
+    """The cuSPARSELt path's column permutation (csrc/kernels/permute_cols.h): 128-bit loads and stores of rows."""
     kernels = _kernels(r"permute_cols_kernel")
     assert len(kernels) >= 2, sorted(kernels)  # 2- and 4-byte elements
     usage = _res_usage()

@@ -200,7 +200,8 @@ std::unique_ptr<Plan> build_plan(const cusparseLtHandle_t* h, const PlanKey& key
                                                 &p->d, CUSPARSE_COMPUTE_32F));
   if (key.bias_ptr != 0) {  // the bias epilogue (one value per row of D, i.e. per output feature)
     void* bias = reinterpret_cast<void*>(static_cast<intptr_t>(key.bias_ptr));
-    PADST_LT_CHECK(cusparseLtMatmulDescSetAttribute(h, &p->matmul, CUSPARSELT_MATMUL_BIAS_POINTER, &bias, sizeof(bias)));
+    PADST_LT_CHECK(
+        cusparseLtMatmulDescSetAttribute(h, &p->matmul, CUSPARSELT_MATMUL_BIAS_POINTER, &bias, sizeof(bias)));
   }
   PADST_LT_CHECK(cusparseLtMatmulAlgSelectionInit(h, &p->alg, &p->matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
   p->has_alg = true;

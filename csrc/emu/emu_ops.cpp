@@ -50,8 +50,8 @@ TORCH_LIBRARY(padst_emu, m) {
   m.def(PADST_SCHEMA_DIAG_MM);
   m.def(PADST_SCHEMA_DIAG_MM_T);
   m.def(PADST_SCHEMA_DIAG_SDDMM);
-  // How often the v2 block kernels (csrc/kernels/block_xs.h, block_rc.h, block_gw.h) have served so far: tests use them to tell
-  // which kernel ran.
+  // How often the v2 kernels (csrc/kernels/block_xs.h, block_rc.h, block_gw.h, rows_v2.h) have served so far: tests use
+  // them to tell which kernel ran.
   m.def("block_xs_calls() -> int", [] { return padst::emu::block_xs_calls().load(); });
   m.def("block_rc_calls() -> int", [] { return padst::emu::block_rc_calls().load(); });
   m.def("block_gw_calls() -> int", [] { return padst::emu::block_gw_calls().load(); });

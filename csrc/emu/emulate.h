@@ -118,8 +118,8 @@ void block_rc(const kern::BlockRcParams<T>& p) {
   }
 }
 
-// The v2 weight gradient: per CTA, the double-buffered stage / mma loop (phases per thread / per warp), then each warp's
-// store; then the ordered reduction of the splits.
+// The v2 weight gradient: per CTA, the double-buffered stage / mma loop (phases per thread / per warp), then each
+// warp's store; then the ordered reduction of the splits.
 inline std::atomic<int64_t>& block_gw_calls() {
   static std::atomic<int64_t> n{0};
   return n;

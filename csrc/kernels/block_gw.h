@@ -1,6 +1,7 @@
 // The v2 tensor-core weight gradient of the block structure, fp16/bf16, square blocks kB = 16 or 32:
 //   dV[q][r][c] = sum_b dz[b, i*kB + r] * x_p[b, j*kB + c]        for each block q = (i, j)
-// with dz[., r] = dy[., dy_gather[r]] (inverse output permutation) and x_p[., c] = x[., x_gather[c]] (input permutation).
+// with dz[., r] = dy[., dy_gather[r]] (the inverse output permutation) and x_p[., c] = x[., x_gather[c]] (the input
+// permutation).
 // A grouped GEMM per block-row with split-K over the batch: CTA = (block-row i, batch split s, group g of the row's
 // blocks; kGroup = 8 warps x kPerWarp blocks per group). Per 64 batch rows, the CTA stages the row's dz tile once
 // (shared by every block of the row) and each warp the x tiles of its blocks, double-buffered with cp.async (16-byte
@@ -84,7 +85,8 @@ struct BlockGw {
     return smem + buf * kStage + kTile * (1 + warp * kPerWarp + m);
   }
 
-  // Copies (kRows x kB) of src's columns col0.. (through gather) for batch rows b0.. (< b1) into tile; zero rows past b1.
+  // Copies (kRows x kB) of src's columns col0.. (through gather) for batch rows b0.. (< b1) into tile; zero rows
+  // past b1.
   PADST_WARP_HD static void copy_tile(const T* src, int32_t ld_src, const int32_t* gather, int col0, int64_t b0,
                                       int64_t b1, T* tile, int i0, int step) {
     if (gather == nullptr) {

@@ -146,7 +146,8 @@ struct BlockRc {
     int s = 0;
     if (next_block(p, warp, fl, fq)) fetch(p, cta, fq, ring_w, lane);
     sm80::cp_async_commit();
-    PADST_UNROLL  // a compile-time li keeps every line's accumulators in registers (a runtime one puts them on the stack)
+    // unrolled: a compile-time li keeps every line's accumulators in registers (a runtime one puts them on the stack)
+    PADST_UNROLL
     for (int li = 0; li < kLinesPerWarp; ++li) {
       const int o = warp + li * kWarps;
       if (o >= p.lines) break;

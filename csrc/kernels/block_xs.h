@@ -2,7 +2,8 @@
 // layer with a narrow output (fc2's dx reads dy [B, 768]), fp16/bf16, square blocks of side kB = 16, 32 or 64.
 // Same product as block_tc.h, organised so that every byte of the activation is read from global memory once:
 //   out[b, dst(o*kB + n)] = bias[dst(.)] + sum_{q in line o} sum_k in_p[b, idx[q]*kB + k] * W_q(k, n)
-//   forward: lines = block-rows (CSR), W_q(k, n) = V[q][n][k];  dx: lines = block-columns (CSC), W_q(k, n) = V[blk[q]][k][n]
+//   forward: lines = block-rows (CSR), W_q(k, n) = V[q][n][k]
+//   dx:      lines = block-columns (CSC), W_q(k, n) = V[blk[q]][k][n]
 //
 // CTA = kRows batch rows (64; 32 for kB = 64) x every output line, kWarps warps (8; 4 for kB = 64).
 //  1. "stage" (all threads): the CTA's kRows x in_cols slice of `in` goes to shared memory once, 16 bytes per load,
@@ -14,14 +15,15 @@
 //     blocks stream through a private 2-slot ring in shared memory with cp.async (the next block is in flight while
 //     the current one is multiplied). Per block: ldmatrix (A: the staged rows, B: the weight block, .trans for dx)
 //     and mma.sync m16n8k16 into kRows x kB float accumulators held in registers. After a line's last block the
-//     epilogue adds the bias in registers, converts, writes the kRows x kB tile to a per-warp staging area, and stores whole
-//     rows of the line with 16-byte stores (scalar stores through out_scatter when the output is permuted).
+//     epilogue adds the bias in registers, converts, writes the kRows x kB tile to a per-warp staging area, and stores
+//     whole rows of the line with 16-byte stores (scalar stores through out_scatter when the output is permuted).
 // Index arithmetic is 32-bit with compile-time divisors inside the kernel (global row offsets are 64-bit products).
 //
 // The host emulation (csrc/emu/emulate.h) runs phase 1 per thread and phase 2 once per warp with the lane-parallel
-// models of warp_sm80.h, so the staging with the permutation, the line schedule, the cp.async ring's addressing, the
-// ldmatrix addresses, the mma fragment layouts and the epilogue are executed and checked on the host; memory
-// ordering (cp.async waits, __syncwarp) and speed are left to the GPU.
+// models of warp_sm80.h, so the staging with the permutation, the line schedule, the cp.async ring's addressing and
+// waits (copies land only when their group is waited for), the ldmatrix addresses, the mma fragment layouts and the
+// epilogue are executed and checked on the host; barriers (__syncwarp) and speed are left to the GPU
+// (benchmarks/v2_sanitize.py under compute-sanitizer, tests/test_block_v2_cuda.py, gpu_ops.py).
 #pragma once
 
 #include "portable.h"
@@ -33,7 +35,7 @@ namespace padst::kern {
 template <typename T>
 struct BlockXsParams {
   const T* in = nullptr;                // [B, in_cols], 16-byte aligned, in_cols % 8 == 0
-  const int32_t* in_scatter = nullptr;  // [in_cols], 16-byte aligned: staged position of input column c; null = identity
+  const int32_t* in_scatter = nullptr;  // [in_cols], 16-byte aligned: staged place of input column c; null: identity
   const T* values = nullptr;            // [nnzb, kB, kB], 16-byte aligned
   const T* bias = nullptr;              // [out_cols] or null
   const int32_t* out_scatter = nullptr;  // [out_cols]: output column of product column r; null = identity
