@@ -27,7 +27,7 @@ Baselines, timed round-robin with the padst variants of the same case (so drift 
   torch CSR  W.to_sparse_csr() @ x^T (every case; cuSPARSE)
   torch 2:4  F.linear(x, to_sparse_semi_structured(W), b) (2:4 cases)
 N:M and diagonal cases likewise: the gather kernel (padst_*, PADST_ROWS_V2=0) and the v2 row kernel (padst_v2_*, "v2"
-rows, PADST_ROWS_V2=1: N:M forward, diagonal forward and dx; the rest is the gather and sampled kernels'). padst's
+rows, PADST_ROWS_V2=1: forward and dx; dW is the sampled kernel's). padst's
 cuSPARSELt rows come twice: "lt" (bias pre-filled, default algorithm) and "lt epi" (PADST_LT24_EPILOGUE=1:
 cuSPARSELt's bias epilogue with beta = 0 and the algorithm search on the first call).
 The torch sparse baselines get x^T made contiguous outside the timed region and add no bias (both favour torch);

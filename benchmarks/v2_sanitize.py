@@ -1,5 +1,6 @@
 """Small calls of every v2 kernel (block: x-stationary, row-complete, grouped dW; the row kernel: N:M forward, diagonal
-forward and dx; the cuSPARSELt path's column permutation is covered by the CUDA tests), for compute-sanitizer on a GPU.
+forward and dx, N:M dx; the cuSPARSELt path's column permutation is covered by the CUDA tests), for compute-sanitizer
+on a GPU.
 
 The host emulation checks these kernels' indices, fragments and addresses, but not memory ordering: a missing
 cp.async wait or barrier, or a shared-memory race, only shows on a GPU, and often not as a wrong result. Run under
@@ -88,15 +89,20 @@ def main(argv=None) -> int:
         w = F.nm_from_dense(torch.randn(R, C, generator=gen, dtype=torch.float64), mask, n, m, perm=perm)
         x = torch.randn(B, C, generator=gen).to(device, dt)
         bias = torch.randn(R, generator=gen).to(device, dt)
-        got = ops.nm_mm(x, w.values.to(device, dt), w.col_idx.to(device), n, m, bias)
+        dy = torch.randn(B, R, generator=gen).to(device, dt)
+        vd, cid = w.values.to(device, dt), w.col_idx.to(device)
+        got = {"fwd": ops.nm_mm(x, vd, cid, n, m, bias), "dx": ops.nm_mm_t(dy, vd, cid, n, m)}
         if device == "cuda":
             torch.cuda.synchronize()
-        want = ref.nm_mm(x.double().cpu(), w.values.to(dt).double(), w.col_idx, n, m, bias.double().cpu())
-        err = (got.double().cpu() - want).abs().max().item()
-        scale = max(1.0, want.abs().max().item())
-        ok = err <= 2e-2 * scale
-        bad += not ok
-        print(f"nm {n}:{m} {str(dt):14s} fwd  max err {err:.3e} (scale {scale:.1f}) {'ok' if ok else 'WRONG'}")
+        v64 = w.values.to(dt).double()
+        want = {"fwd": ref.nm_mm(x.double().cpu(), v64, w.col_idx, n, m, bias.double().cpu()),
+                "dx": ref.nm_mm_t(dy.double().cpu(), v64, w.col_idx, n, m)}
+        for k in got:
+            err = (got[k].double().cpu() - want[k]).abs().max().item()
+            scale = max(1.0, want[k].abs().max().item())
+            ok = err <= 2e-2 * scale
+            bad += not ok
+            print(f"nm {n}:{m} {str(dt):14s} {k:4s} max err {err:.3e} (scale {scale:.1f}) {'ok' if ok else 'WRONG'}")
     for C, R in ((768, 256), (256, 768)):  # a wide and a tall diagonal layer, permuted: forward and dx
         gen = torch.Generator().manual_seed(R)
         offsets = torch.randperm(max(R, C), generator=gen)[:24].sort().values

@@ -587,7 +587,27 @@ struct NmDev {
   at::Tensor ci;        // col_idx as int64 on the device
   at::Tensor ent, ptr;  // its stable transpose (dx only)
   at::Tensor it;        // the v2 row kernel's indices: col_idx transposed [K, R], uint16 bits in int16 storage
+  at::Tensor ell_row;   // dx in ELL form [D, C]: forward row of each entry (uint16 bits; 0xFFFF: none)
+  at::Tensor ell_v;     // [D * C]: the entry's index into values (0 where there is none)
 };
+
+// The transpose of an N:M pattern in ELL form (see EllEntries in kernels/rows_v2.h), built with torch ops on col_idx's
+// device once per metadata version; undefined tensors when the rows do not fit in uint16.
+inline std::pair<at::Tensor, at::Tensor> nm_ell(const at::Tensor& col_idx64, int64_t R, int64_t C, int64_t K) {
+  if (R >= 0xFFFF || col_idx64.numel() == 0) return {};
+  const at::Tensor ci = col_idx64.reshape({-1});
+  const at::Tensor order = std::get<1>(ci.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));  // by column
+  const at::Tensor counts = at::bincount(ci, {}, C);
+  const at::Tensor starts = counts.cumsum(0) - counts;
+  const at::Tensor cols = ci.index_select(0, order);
+  const at::Tensor rank = at::arange(ci.numel(), ci.options()) - starts.index_select(0, cols);
+  const int64_t D = counts.max().item<int64_t>();
+  at::Tensor row = at::full({D, C}, -1, ci.options().dtype(at::kInt));
+  at::Tensor v = at::zeros({D, C}, ci.options());
+  row.index_put_({rank, cols}, at::floor_divide(order, K).to(at::kInt));
+  v.index_put_({rank, cols}, order);
+  return {row.to(at::kShort), v.reshape({-1})};
+}
 
 // The v2 row kernel (kernels/rows_v2.h): the N:M forward, the diagonal forward and dx. PADST_ROWS_V2=1 / 0 turns it
 // on / off; unset, it serves in the host emulation and not yet on a GPU (it has not run on one, issue 17).
@@ -641,7 +661,9 @@ at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor
   key.sig(x).sig(values).sig(bias).meta(col_idx).val(n).val(m);
   const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
     check_nm_mm_args(x, values, col_idx, bias, n, m);
-    NmDev r{NmProblem{values.size(0), x.size(1), values.size(1)}, col_idx.to(at::kLong).contiguous(), {}, {}, {}};
+    NmDev r;
+    r.p = NmProblem{values.size(0), x.size(1), values.size(1)};
+    r.ci = col_idx.to(at::kLong).contiguous();
     if (x.size(1) <= 65536)  // uint16 indices (two's complement int16 storage keeps the 16 bits)
       r.it = col_idx.to(at::kLong).t().contiguous().to(at::kInt).to(at::kShort).to(x.device());
     return r;
@@ -669,12 +691,24 @@ at::Tensor nm_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Ten
   MetaKey key(op);
   key.sig(dy).sig(values).meta(col_idx).val(n).val(m);
   const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
-    NmDev r{validate_nm_mm_t(op, dy, values, col_idx, n, m), col_idx.to(at::kLong).contiguous(), {}, {}, {}};
+    NmDev r;
+    r.p = validate_nm_mm_t(op, dy, values, col_idx, n, m);
+    r.ci = col_idx.to(at::kLong).contiguous();
     std::tie(r.ent, r.ptr) = Backend<kHost>::nm_transpose(r.ci, r.p.C);
+    std::tie(r.ell_row, r.ell_v) = nm_ell(r.ci, r.p.R, r.p.C, r.p.K);
     return r;
   });
   auto dx = at::empty({dy.size(0), d->p.C}, dy.options());
   if (dx.numel() == 0) return dx;
+  if (d->ell_row.defined() && rows_v2_enabled(kHost)) {
+    const at::Tensor dyc = dy.contiguous();
+    // the values in the same [D, C] layout: one gather of D * C values, small next to the activations
+    const at::Tensor ve = values.reshape({-1}).index_select(0, d->ell_v);
+    if (try_rows_v2<kHost>(dyc, std::nullopt, ve, std::nullopt, std::nullopt, dx, d->ell_row.size(0),
+                           kern::EllEntries{reinterpret_cast<const uint16_t*>(d->ell_row.const_data_ptr()),
+                                            static_cast<int32_t>(d->p.C)}))
+      return dx;
+  }
   run_gather<kHost>(dy.contiguous(), std::nullopt, values.contiguous(), std::nullopt, std::nullopt, dx,
                     kern::CsrRows{idx_ptr(d->ptr), idx_ptr(d->ent), d->p.K});
   return dx;
@@ -688,7 +722,10 @@ at::Tensor nm_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   MetaKey key(op);
   key.sig(dy).sig(x).meta(col_idx).val(n).val(m);
   const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
-    return NmDev{validate_nm_sddmm(op, dy, x, col_idx, n, m), col_idx.to(at::kLong).contiguous(), {}, {}};
+    NmDev r;
+    r.p = validate_nm_sddmm(op, dy, x, col_idx, n, m);
+    r.ci = col_idx.to(at::kLong).contiguous();
+    return r;
   });
   auto dv = at::empty({d->p.R, d->p.K}, x.options());
   if (dv.numel() == 0) return dv;

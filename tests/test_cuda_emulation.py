@@ -401,6 +401,37 @@ def test_emulated_rows_v2_nm(C, R, nm, B, dtype):
     assert _rows_calls() - before == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("B", [1, 9, 40])
+@pytest.mark.parametrize("C,R,nm", [(64, 48, (1, 8)), (768, 40, (1, 12)), (96, 1040, (3, 8)), (1536, 24, (2, 24))])
+def test_emulated_rows_v2_nm_dx(C, R, nm, B, dtype):
+    """N:M dx through the ELL form of the transpose: columns of different degrees (padding skipped), the permutation
+    folded in, each batch-tile size of dy."""
+    case = make_case("nm", B, C, R, nm=nm, perm="in", dtype=dtype, seed=B + R)
+    gen = torch.Generator().manual_seed(6)
+    dy = torch.randn(B, R, generator=gen, dtype=torch.float64).to(dtype)
+    v = case.weight.values
+    before = _rows_calls()
+    assert_close_to_reference(dx(case, dy, v, emu), dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref), "dx")
+    assert _rows_calls() - before == 1
+
+
+def test_emulated_rows_v2_nm_dx_unused_columns():
+    """Columns that no row uses get zero; a column used by every row is the widest ELL row."""
+    col_idx = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 5]])  # columns 2, 4, 6, 7 unused; 3 in every row
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+    dy = torch.tensor([[1.0, 10.0, 100.0, 1000.0]])
+    before = _rows_calls()
+    got = emu.nm_mm_t(dy, values, col_idx, 2, 8)
+    expect = torch.zeros(1, 8)
+    expect[0, 3] = 1.0 + 30.0 + 600.0 + 7000.0
+    expect[0, 0] = 2.0 + 500.0
+    expect[0, 1] = 40.0
+    expect[0, 5] = 8000.0
+    torch.testing.assert_close(got, expect)
+    assert _rows_calls() - before == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("perm", ["none", "in", "out", "both"])
 @pytest.mark.parametrize("B", [1, 9, 40])

@@ -1,4 +1,4 @@
-"""The v2 row kernel (csrc/kernels/rows_v2.h: the N:M forward, the diagonal forward and dx) on a GPU, switched on with
+"""The v2 row kernel (csrc/kernels/rows_v2.h: the N:M forward and dx, the diagonal forward and dx) on a GPU, switched on with
 PADST_ROWS_V2=1 (its GPU default stays off until these pass on one): against the float64 reference and the gather
 kernel, over dtypes, batch sizes around the CTA's batch tile, the three tile sizes and the ViT-B shapes; autograd and
 opcheck. Skipped without a GPU; the same kernel runs on the host in test_cuda_emulation.py (test_emulated_rows_v2*)."""
@@ -32,6 +32,20 @@ def test_cuda_rows_v2_nm_matches_reference(C, R, nm, B, dtype, monkeypatch):
     monkeypatch.setenv("PADST_ROWS_V2", "0")
     assert_close_to_reference(fwd(case, x, v, b, torch.ops.padst), fwd(case, _f64(x), _f64(v), _f64(b), ref),
                               fwd(case, x, v, b, ref), "forward (gather)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B", [1, 33, 4096])
+@pytest.mark.parametrize("C,R,nm", [(3072, 768, (1, 12)), (768, 3072, (1, 24)), (96, 1040, (3, 8))])
+def test_cuda_rows_v2_nm_dx_matches_reference(C, R, nm, B, dtype, monkeypatch):
+    """N:M dx through the ELL form of the transpose, against the reference and the gather kernel."""
+    case = make_case("nm", B, C, R, nm=nm, perm="in", dtype=dtype, device="cuda", seed=B + R)
+    v = case.weight.values
+    dy = torch.randn(B, R, device="cuda", dtype=torch.float64).to(dtype)
+    want64, wantlow = dx(case, _f64(dy), _f64(v), ref), dx(case, dy, v, ref)
+    for switch in ("1", "0"):
+        monkeypatch.setenv("PADST_ROWS_V2", switch)
+        assert_close_to_reference(dx(case, dy, v, torch.ops.padst), want64, wantlow, f"dx (PADST_ROWS_V2={switch})")
 
 
 def test_cuda_rows_v2_nm_autograd_and_opcheck(monkeypatch):

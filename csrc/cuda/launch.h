@@ -56,6 +56,9 @@ cudaError_t rows_v2(kern::RowsV2Params<T, E> p, cudaStream_t stream);
   X(float, kern::NmEntries)            \
   X(__nv_bfloat16, kern::NmEntries)    \
   X(__half, kern::NmEntries)           \
+  X(float, kern::EllEntries)           \
+  X(__nv_bfloat16, kern::EllEntries)   \
+  X(__half, kern::EllEntries)          \
   X(float, kern::DiagEntries)          \
   X(__nv_bfloat16, kern::DiagEntries)  \
   X(__half, kern::DiagEntries)

@@ -1,5 +1,6 @@
 // The v2 row kernel on CUDA cores (issue 17) for the structures whose every output row holds K entries at computed or
-// stored columns: the N:M forward and the diagonal forward and dx,
+// stored columns: the N:M forward and dx (the latter through an ELL form of the transpose) and the diagonal forward and
+// dx,
 //   out[b, dst(r)] = bias[dst(r)] + sum_k values[v(k, r)] * x[b, src(col(k, r))]     (entries that exist)
 // with the entries given by E (NmEntries: col_idx transposed; DiagEntries: arithmetic on the offsets), src the input
 // permutation and dst the output permutation (diagonals; N:M folds its permutation into col_idx). These structures
@@ -27,6 +28,20 @@ struct NmEntries {
   PADST_HD bool at(int k, int r, int& col, int& v) const {
     v = k * R + r;
     col = it[v];
+    return true;
+  }
+};
+
+// N:M dx: the transpose in ELL form, [D][C] (D = the most entries of one input column): entry k of output column c is
+// forward row row[k * C + c] (uint16; 0xFFFF: no entry), value k * C + c of the values gathered into the same layout.
+struct EllEntries {
+  const uint16_t* row = nullptr;  // [D, C]
+  int32_t C = 0;
+  PADST_HD bool at(int k, int c, int& col, int& v) const {
+    v = k * C + c;
+    const uint16_t r = row[v];
+    if (r == 0xFFFFu) return false;
+    col = r;
     return true;
   }
 };
