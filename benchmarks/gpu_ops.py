@@ -28,8 +28,9 @@ Baselines, timed round-robin with the padst variants of the same case (so drift 
   torch 2:4  F.linear(x, to_sparse_semi_structured(W), b) (2:4 cases)
 N:M and diagonal cases likewise: the gather kernel (padst_*, PADST_ROWS_V2=0) and the v2 row kernel (padst_v2_*, "v2"
 rows, PADST_ROWS_V2=1: forward and dx; dW is the sampled kernel's). padst's
-cuSPARSELt rows come twice: "lt" (bias pre-filled, default algorithm) and "lt epi" (PADST_LT24_EPILOGUE=1:
-cuSPARSELt's bias epilogue with beta = 0 and the algorithm search on the first call).
+cuSPARSELt rows come twice: "lt" (bias pre-filled, default algorithm, index_select for the permutation) and "lt v2"
+(PADST_LT24_V2=1: cuSPARSELt's bias epilogue with beta = 0, the algorithm search on the first call, the row-permute
+kernel).
 The torch sparse baselines get x^T made contiguous outside the timed region and add no bias (both favour torch);
 they are timed forward only.
 
@@ -217,7 +218,7 @@ def structure_cost(case: Case, idx_nm: int = 4) -> dict[str, dict[str, float]]:
     if st == "2:4":  # cuSPARSELt: 2-bit indices per kept value; the permutation is a gather of x
         out["lt24_perm"] = cost_model(case, nnz, nnz // 4, nnz // 4, C)
         out["lt24_ident"] = cost_model(case, nnz, nnz // 4, nnz // 4, 0)
-        out["lt24e_perm"], out["lt24e_ident"] = out["lt24_perm"], out["lt24_ident"]
+        out["lt24v2_perm"], out["lt24v2_ident"] = out["lt24_perm"], out["lt24_ident"]
     return out
 
 
@@ -480,7 +481,7 @@ def _semi_structured_module():
 
 def _with_env(env: dict[str, str] | None, fn: Callable) -> Callable:
     """fn with the environment variables of `env` set during each call (None: fn itself). padst reads its kernel
-    switches (PADST_BLOCK_V2, PADST_LT24_EPILOGUE) at every call, so variants of one run can differ."""
+    switches (PADST_BLOCK_V2, PADST_LT24_V2) at every call, so variants of one run can differ."""
     if not env:
         return fn
 
@@ -624,16 +625,16 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
             if ss is None:
                 skipped["lt24"] = why
             else:
-                # lt24_*: bias pre-filled into y (beta = 1), cuSPARSELt's default algorithm; lt24e_*: the bias
-                # epilogue and the algorithm search (PADST_LT24_EPILOGUE=1)
+                # lt24_*: bias pre-filled into y (beta = 1), cuSPARSELt's default algorithm, index_select;
+                # lt24v2_*: the bias epilogue, the algorithm search and the row-permute kernel (PADST_LT24_V2=1)
                 for key, ip, epi in (("lt24_perm", in_perm, "0"), ("lt24_ident", None, "0"),
-                                     ("lt24e_perm", in_perm, "1"), ("lt24e_ident", None, "1")):
+                                     ("lt24v2_perm", in_perm, "1"), ("lt24v2_ident", None, "1")):
                     def lt_apply(xx, v, b, ip=ip):
                         return ss.lt24_linear(xx, v, w_i.col_idx, n, m, C, in_perm=ip, bias=b)
 
                     variants.append(padst_variant(key, lt_apply, w_i.values,
                                                   lambda v: F.nm_to_dense(v, w_i.col_idx, C), w_i.mask(), ip, None,
-                                                  env={"PADST_LT24_EPILOGUE": epi}))
+                                                  env={"PADST_LT24_V2": epi}))
             if not is_cuda:
                 skipped["torch_24"] = "needs CUDA"
             else:
@@ -807,8 +808,8 @@ def impl_rows(row) -> list[tuple]:
     if row["structure"] == "2:4":
         if "lt24_perm" in row["variants"]:
             out.append((" lt", "lt24_perm", "lt24_ident"))
-        if "lt24e_perm" in row["variants"]:
-            out.append((" lt epi", "lt24e_perm", "lt24e_ident"))
+        if "lt24v2_perm" in row["variants"]:
+            out.append((" lt v2", "lt24v2_perm", "lt24v2_ident"))
     return out
 
 
@@ -868,7 +869,7 @@ def _label(r) -> str:
 def detailed_table(rows: list[dict]) -> list[str]:
     """Every variant's median ms (errors as [n] with the messages listed below the table)."""
     cols = ["dense", "padst_perm", "padst_ident", "padst_v2_perm", "padst_v2_ident", "lt24_perm", "lt24_ident",
-            "lt24e_perm", "lt24e_ident", "torch_bsr", "triton_bsr", "torch_csr", "torch_24", "torch_24_cusparselt"]
+            "lt24v2_perm", "lt24v2_ident", "torch_bsr", "triton_bsr", "torch_csr", "torch_24", "torch_24_cusparselt"]
     notes: dict[str, int] = {}
 
     def note(msg: str) -> str:

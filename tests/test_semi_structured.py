@@ -511,10 +511,12 @@ def test_gpu_raw_ops_small_shapes(dtype, R, C, B):
 
 
 @needs_gpu
+@pytest.mark.parametrize("v2", ["0", "1"])  # index_select / the row-permute kernel
 @pytest.mark.parametrize("C", [64, 3072, 8192])  # 8192 x 2 bytes is past what the row-permute kernel stages
-def test_gpu_permuted_calls_do_not_synchronise(C):
+def test_gpu_permuted_calls_do_not_synchronise(C, v2, monkeypatch):
     """The permutation is validated once per tensor version (csrc/meta_cache.h): the second call with the same
     in_perm makes no host synchronisation (torch's sync debug mode raises on one), and is still right."""
+    monkeypatch.setenv("PADST_LT24_V2", v2)
     gen = torch.Generator().manual_seed(C)
     R, B = 64, 24
     W = (torch.randn(R, C, generator=gen) * _transposable(R, C, gen)).to("cuda", torch.bfloat16)
@@ -540,11 +542,12 @@ def test_gpu_permuted_calls_do_not_synchronise(C):
 @needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_gpu_bias_epilogue_and_search(dtype, monkeypatch):
-    """PADST_LT24_EPILOGUE=1: the bias through cuSPARSELt's epilogue (beta = 0) with the algorithm searched on the
+    """PADST_LT24_V2=1: the row-permute kernel, and the bias through cuSPARSELt's epilogue (beta = 0) with the
+    algorithm searched on the
     first call. Checked: right with and without a permutation; a second bias of the same shape gets its own plan (the
     pointer is in the key); a bias changed in place is seen; lt24_mm_t (no bias) is unaffected; repeated calls give
     the same result."""
-    monkeypatch.setenv("PADST_LT24_EPILOGUE", "1")
+    monkeypatch.setenv("PADST_LT24_V2", "1")
     gen = torch.Generator().manual_seed(21)
     R, C, B = 64, 128, 40
     W = (torch.randn(R, C, generator=gen) * _transposable(R, C, gen)).to("cuda", dtype)

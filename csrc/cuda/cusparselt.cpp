@@ -13,12 +13,14 @@
 // cannot be folded into the matmul. lt24_mm gathers it into the dense operand buffer right before the matmul (one
 // extra read + write of x; the buffer is the one that also absorbs the batch padding), and lt24_mm_t scatters dx
 // the same way (as the gather through the inverse permutation). This is the one place in padst where the
-// permutation costs a pass over the data; the pass is the row-permute kernel of csrc/kernels/permute_cols.h (16-byte
-// loads and stores, the gather in shared memory; index_select where it does not serve). The permutation is validated
-// once per tensor version and kept on the device with its inverse (csrc/meta_cache.h): no host sync per call.
+// permutation costs a pass over the data: index_select, or with PADST_LT24_V2=1 the row-permute kernel of
+// csrc/kernels/permute_cols.h (16-byte loads and stores, the gather in shared memory; index_select where it does not
+// serve). The permutation is validated once per tensor version and kept on the device with its inverse
+// (csrc/meta_cache.h): no host sync per call.
 //
 // Bias, two ways. Default: added as beta * C with C = D pre-filled with the broadcast bias (beta = 1). Cost: one
-// write of y before the matmul. With PADST_LT24_EPILOGUE=1: cuSPARSELt's bias epilogue with beta = 0, as torch's
+// write of y before the matmul. With PADST_LT24_V2=1 (which also switches on the row-permute kernel above):
+// cuSPARSELt's bias epilogue with beta = 0, as torch's
 // _cslt_sparse_mm does; the epilogue takes the bias *pointer* as a matmul-descriptor attribute set before the plan is
 // built, so the pointer is part of the plan key (a layer's bias keeps its storage across steps, so its plans are
 // reused); and on the first call of each problem cusparseLtMatmulSearch picks the algorithm (the winner's id is
@@ -127,9 +129,10 @@ struct DeviceState {
   int64_t hits = 0, misses = 0;
 };
 
-// PADST_LT24_EPILOGUE=1: the bias epilogue and the algorithm search (see the header comment). Read at every call.
-bool epilogue_enabled() {
-  const char* v = std::getenv("PADST_LT24_EPILOGUE");
+// PADST_LT24_V2=1: the bias epilogue, the algorithm search and the row-permute kernel (see the header comment). Read at
+// every call.
+bool lt24_v2_enabled() {
+  const char* v = std::getenv("PADST_LT24_V2");
   return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
@@ -279,7 +282,8 @@ struct LtPerm {
 void permute_columns_into(at::Tensor out, const at::Tensor& a, const at::Tensor& idx) {
   const int64_t rows = a.size(0), cols = a.size(1);
   const bool two = a.element_size() == 2;
-  const bool served = a.is_contiguous() && aligned(a) && aligned(out) && aligned(idx) && out.is_contiguous() &&
+  const bool served = lt24_v2_enabled() && a.is_contiguous() && aligned(a) && aligned(out) && aligned(idx) &&
+                      out.is_contiguous() &&
                       (two ? kern::PermuteCols<uint16_t>::serves(cols, cols, cols)
                            : kern::PermuteCols<uint32_t>::serves(cols, cols, cols));
   if (!served) {
@@ -327,7 +331,7 @@ at::Tensor run_matmul(const char* op, const at::Tensor& dense, const at::Tensor&
   const int64_t Bp = dense.size(0);
   const int64_t M = transposed ? in_features : out_features;
   at::Tensor out = at::empty({Bp, M}, dense.options());
-  const bool epilogue = epilogue_enabled();
+  const bool epilogue = lt24_v2_enabled();
   if (bias.has_value() && !epilogue) out.copy_(bias->unsqueeze(0).expand({Bp, M}));
   const float alpha = 1.0f, beta = bias.has_value() && !epilogue ? 1.0f : 0.0f;
 
