@@ -297,9 +297,9 @@ bool try_block_tc(const at::Tensor& in, const std::optional<at::Tensor>& in_gath
 
 // The v2 tensor-core block kernels: x-stationary (kernels/block_xs.h: the input side staged whole, so it must fit in
 // shared memory), row-complete (kernels/block_rc.h: whole output rows, at most 768 wide) and the weight gradient
-// (kernels/block_gw.h). PADST_BLOCK_V2=1 / 0 turns
-// them on / off; unset, they serve in the host emulation and not yet on a GPU: they have not run on one (issue 16), so
-// the device default stays the block_tc kernel until benchmarks/gpu_suite.sh has checked them there.
+// (kernels/block_gw.h). PADST_BLOCK_V2=1 / 0 turns them on / off; unset, they serve in the host emulation and not yet
+// on a GPU: they have not run on one (issue 16), so the device default stays the block_tc kernels until
+// benchmarks/gpu_suite.sh has checked them there.
 inline bool block_v2_enabled(bool host) {
   const char* v = std::getenv("PADST_BLOCK_V2");
   if (v == nullptr || *v == '\0') return host;
