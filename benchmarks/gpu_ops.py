@@ -27,7 +27,7 @@ Baselines, timed round-robin with the padst variants of the same case (so drift 
   torch CSR  W.to_sparse_csr() @ x^T (every case; cuSPARSE)
   torch 2:4  F.linear(x, to_sparse_semi_structured(W), b) (2:4 cases)
 N:M and diagonal cases likewise: the gather kernel (padst_*, PADST_ROWS_V2=0) and the v2 row kernel (padst_v2_*, "v2"
-rows, PADST_ROWS_V2=1: forward and dx; dW is the sampled kernel's). padst's
+rows, PADST_ROWS_V2=1: forward, dx and dW). padst's
 cuSPARSELt rows come twice: "lt" (bias pre-filled, default algorithm, index_select for the permutation) and "lt v2"
 (PADST_LT24_V2=1: cuSPARSELt's bias epilogue with beta = 0, the algorithm search on the first call, the row-permute
 kernel).

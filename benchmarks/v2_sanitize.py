@@ -1,6 +1,6 @@
 """Small calls of every v2 kernel (block: x-stationary, row-complete, grouped dW; the row kernel: N:M forward, diagonal
-forward and dx, N:M dx; the cuSPARSELt path's column permutation is covered by the CUDA tests), for compute-sanitizer
-on a GPU.
+forward, dx and dW, N:M dx and dW; the cuSPARSELt path's column permutation is covered by the CUDA tests), for
+compute-sanitizer on a GPU.
 
 The host emulation checks these kernels' indices, fragments and addresses, but not memory ordering: a missing
 cp.async wait or barrier, or a shared-memory race, only shows on a GPU, and often not as a wrong result. Run under
@@ -91,12 +91,14 @@ def main(argv=None) -> int:
         bias = torch.randn(R, generator=gen).to(device, dt)
         dy = torch.randn(B, R, generator=gen).to(device, dt)
         vd, cid = w.values.to(device, dt), w.col_idx.to(device)
-        got = {"fwd": ops.nm_mm(x, vd, cid, n, m, bias), "dx": ops.nm_mm_t(dy, vd, cid, n, m)}
+        got = {"fwd": ops.nm_mm(x, vd, cid, n, m, bias), "dx": ops.nm_mm_t(dy, vd, cid, n, m),
+               "dW": ops.nm_sddmm(dy, x, cid, n, m)}
         if device == "cuda":
             torch.cuda.synchronize()
         v64 = w.values.to(dt).double()
         want = {"fwd": ref.nm_mm(x.double().cpu(), v64, w.col_idx, n, m, bias.double().cpu()),
-                "dx": ref.nm_mm_t(dy.double().cpu(), v64, w.col_idx, n, m)}
+                "dx": ref.nm_mm_t(dy.double().cpu(), v64, w.col_idx, n, m),
+                "dW": ref.nm_sddmm(dy.double().cpu(), x.double().cpu(), w.col_idx, n, m)}
         for k in got:
             err = (got[k].double().cpu() - want[k]).abs().max().item()
             scale = max(1.0, want[k].abs().max().item())
@@ -113,12 +115,14 @@ def main(argv=None) -> int:
         v = w.values.to(device, torch.bfloat16)
         off = w.offsets.to(device)
         got = {"fwd": ops.diag_mm(x, v, off, R, None, ip.to(device), op.to(device)),
-               "dx": ops.diag_mm_t(dy, v, off, C, ip.to(device), op.to(device))}
+               "dx": ops.diag_mm_t(dy, v, off, C, ip.to(device), op.to(device)),
+               "dW": ops.diag_sddmm(dy, x, off, ip.to(device), op.to(device))}
         if device == "cuda":
             torch.cuda.synchronize()
         v64 = v.double().cpu()
         want = {"fwd": ref.diag_mm(x.double().cpu(), v64, w.offsets, R, None, ip, op),
-                "dx": ref.diag_mm_t(dy.double().cpu(), v64, w.offsets, C, ip, op)}
+                "dx": ref.diag_mm_t(dy.double().cpu(), v64, w.offsets, C, ip, op),
+                "dW": ref.diag_sddmm(dy.double().cpu(), x.double().cpu(), w.offsets, ip, op)}
         for k in got:
             err = (got[k].double().cpu() - want[k]).abs().max().item()
             scale = max(1.0, want[k].abs().max().item())

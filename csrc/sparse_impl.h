@@ -77,6 +77,10 @@ struct Backend<true> {
   static void rows_v2(const kern::RowsV2Params<T, E>& p) {
     emu::rows_v2<T, E>(p);
   }
+  template <typename T, typename E>
+  static void rows_gw(const kern::RowsGwParams<T, E>& p, const at::Tensor&) {
+    emu::rows_gw<T, E>(p);
+  }
   template <typename T>
   static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor&) {
     emu::block_sddmm_tc(p);
@@ -154,6 +158,17 @@ struct Backend<false> {
   template <typename T, typename E>
   static void rows_v2(const kern::RowsV2Params<T, E>& p) {
     C10_CUDA_CHECK((gpu::rows_v2<T, E>(p, at::cuda::getCurrentCUDAStream())));
+  }
+  template <typename T, typename E>
+  static void rows_gw(kern::RowsGwParams<T, E> p, const at::Tensor& ref) {
+    switch (kern::rows_v2_tile(p.C)) {  // the batch-tile size only matters for the split plan's minimum chunk
+      case 32: kern::RowsGw<T, E, 32>::plan(p); break;
+      case 16: kern::RowsGw<T, E, 16>::plan(p); break;
+      default: kern::RowsGw<T, E, 8>::plan(p); break;
+    }
+    at::Tensor partial = at::empty({static_cast<int64_t>(p.splits) * p.nnz}, ref.options().dtype(at::kFloat));
+    p.partial = partial.mutable_data_ptr<float>();
+    C10_CUDA_CHECK((gpu::rows_gw<T, E>(p, at::cuda::getCurrentCUDAStream())));
   }
   template <typename T>
   static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor& ref) {
@@ -652,6 +667,40 @@ bool try_rows_v2(const at::Tensor& in, const std::optional<at::Tensor>& in_scatt
   return true;
 }
 
+// The v2 row weight gradient (RowsGw in kernels/rows_v2.h) when it serves (as try_rows_v2, with C = x's width and R =
+// dy's); false when the sampled kernel must. dy_gather / in_scatter: int32 index maps or null.
+template <bool kHost, typename E>
+bool try_rows_gw(const at::Tensor& dy, const std::optional<at::Tensor>& dy_gather, const at::Tensor& x,
+                 const std::optional<at::Tensor>& in_scatter, at::Tensor& dv, int64_t K, const E& entries) {
+  if (!rows_v2_enabled(kHost)) return false;
+  const auto st = x.scalar_type();
+  if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) return false;
+  const int64_t C = x.size(1), R = dy.size(1), vec = 16 / x.element_size();
+  const int64_t i32 = std::numeric_limits<int32_t>::max();
+  if (kern::rows_v2_tile(C) == 0 || C % vec != 0 || R % 2 != 0 || !x.is_contiguous() || !dy.is_contiguous() ||
+      reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 != 0 || R > i32 || K > i32 || dv.numel() > i32)
+    return false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "padst rows_gw", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      using T = typename Backend<kHost>::template type<scalar_t>;
+      kern::RowsGwParams<T, E> p;
+      p.dy = cptr<T>(dy);
+      p.dy_gather = dy_gather ? dy_gather->template const_data_ptr<int32_t>() : nullptr;
+      p.x = cptr<T>(x);
+      p.in_scatter = in_scatter ? in_scatter->template const_data_ptr<int32_t>() : nullptr;
+      p.out = mptr<T>(dv);
+      p.B = x.size(0);
+      p.C = static_cast<int32_t>(C);
+      p.R = static_cast<int32_t>(R);
+      p.K = static_cast<int32_t>(K);
+      p.nnz = static_cast<int32_t>(dv.numel());
+      p.entries = entries;
+      Backend<kHost>::rows_gw(p, x);
+    }
+  });
+  return true;
+}
+
 template <bool kHost>
 at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m,
                  const std::optional<at::Tensor>& bias) {
@@ -725,10 +774,16 @@ at::Tensor nm_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
     NmDev r;
     r.p = validate_nm_sddmm(op, dy, x, col_idx, n, m);
     r.ci = col_idx.to(at::kLong).contiguous();
+    if (x.size(1) <= 65536) r.it = r.ci.t().contiguous().to(at::kInt).to(at::kShort);  // as in nm_mm
     return r;
   });
   auto dv = at::empty({d->p.R, d->p.K}, x.options());
   if (dv.numel() == 0) return dv;
+  if (d->it.defined() &&
+      try_rows_gw<kHost>(dy.contiguous(), std::nullopt, x.contiguous(), std::nullopt, dv, d->p.K,
+                         kern::NmGwEntries{reinterpret_cast<const uint16_t*>(d->it.const_data_ptr()),
+                                           static_cast<int32_t>(d->p.R), static_cast<int32_t>(d->p.K)}))
+    return dv;
   run_sddmm<kHost>(dy.contiguous(), std::nullopt, x.contiguous(), std::nullopt, dv,
                    kern::NmFlat<int64_t>{idx_ptr(d->ci), d->p.K});
   return dv;
@@ -826,6 +881,10 @@ at::Tensor diag_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
   const int64_t L = std::min(d->p.R, d->p.C);
   auto dv = at::empty({d->off.size(0), L}, x.options());
   if (dv.numel() == 0) return dv;
+  // v2: dy read through inv(out_perm), x staged through inv(in_perm); rows of the forward form
+  if (d->off32.defined() && try_rows_gw<kHost>(dy.contiguous(), d->out_inv32, x.contiguous(), d->in_inv32, dv,
+                                               d->off.size(0), diag_entries(*d, d->p.R >= d->p.C)))
+    return dv;
   run_sddmm<kHost>(dy.contiguous(), d->out_inv, x.contiguous(), d->in_fwd, dv,
                    kern::DiagFlat{idx_ptr(d->off), L, d->p.R, d->p.C});
   return dv;

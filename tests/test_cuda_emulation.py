@@ -471,3 +471,25 @@ def test_emulated_rows_v2_falls_back(what, monkeypatch):
     assert_close_to_reference(fwd(case, x, v, b, emu), fwd(case, _f64(x), _f64(v), _f64(b), ref),
                               fwd(case, x, v, b, ref), "forward")
     assert _rows_calls() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B", [1, 9, 70, 300])
+@pytest.mark.parametrize("shape", [("nm", 64, 48, dict(nm=(1, 8))), ("nm", 768, 40, dict(nm=(1, 12))),
+                                   ("nm", 96, 1040, dict(nm=(3, 8))), ("diag", 64, 48, dict(sparsity=0.75)),
+                                   ("diag", 48, 64, dict(sparsity=0.75)), ("diag", 1536, 96, dict(sparsity=0.9))],
+                         ids=lambda s: f"{s[0]}-C{s[1]}-R{s[2]}")
+def test_emulated_rows_v2_dw(shape, B, dtype):
+    """The v2 row weight gradient: N:M with K = 8, 64 and 36 entries per row (one, four and three groups of 16, the
+    last partial) and wide / tall diagonals with both permutations; batch 1, partial batch tiles, several splits (300
+    rows); every entry written (the emulated partials start as NaN); bit-identical reruns."""
+    structure, C, R, kw = shape
+    perm = "in" if structure == "nm" else "both"
+    case = make_case(structure, B, C, R, perm=perm, dtype=dtype, seed=B + C, **kw)
+    gen = torch.Generator().manual_seed(8)
+    dy = torch.randn(B, R, generator=gen, dtype=torch.float64).to(dtype)
+    x = case.x
+    before = _rows_calls()
+    assert_close_to_reference(dw(case, dy, x, emu), dw(case, _f64(dy), _f64(x), ref), dw(case, dy, x, ref), "dW")
+    assert _rows_calls() - before == 1
+    assert torch.equal(dw(case, dy, x, emu), dw(case, dy, x, emu))  # splits summed in a fixed order

@@ -1,4 +1,4 @@
-"""The v2 row kernel (csrc/kernels/rows_v2.h: the N:M forward and dx, the diagonal forward and dx) on a GPU, switched on with
+"""The v2 row kernels (csrc/kernels/rows_v2.h: the N:M and diagonal forward, dx and dW) on a GPU, switched on with
 PADST_ROWS_V2=1 (its GPU default stays off until these pass on one): against the float64 reference and the gather
 kernel, over dtypes, batch sizes around the CTA's batch tile, the three tile sizes and the ViT-B shapes; autograd and
 opcheck. Skipped without a GPU; the same kernel runs on the host in test_cuda_emulation.py (test_emulated_rows_v2*)."""
@@ -12,7 +12,7 @@ from padst_ext import ops
 from padst_ext import reference as ref
 
 from cases import assert_close_to_reference, has_cuda_kernel, make_case
-from test_ops import _f64, dx, fwd
+from test_ops import _f64, dw, dx, fwd
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernel("nm_mm")),
                                 reason="no CUDA device or no CUDA kernels in this build")
@@ -46,6 +46,26 @@ def test_cuda_rows_v2_nm_dx_matches_reference(C, R, nm, B, dtype, monkeypatch):
     for switch in ("1", "0"):
         monkeypatch.setenv("PADST_ROWS_V2", switch)
         assert_close_to_reference(dx(case, dy, v, torch.ops.padst), want64, wantlow, f"dx (PADST_ROWS_V2={switch})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B", [1, 70, 50176])
+@pytest.mark.parametrize("shape", [("nm", 768, 3072, dict(nm=(1, 12))), ("nm", 3072, 768, dict(nm=(1, 24))),
+                                   ("diag", 768, 3072, dict(sparsity=0.9)), ("diag", 3072, 768, dict(sparsity=0.95))],
+                         ids=lambda s: f"{s[0]}-C{s[1]}-R{s[2]}")
+def test_cuda_rows_v2_dw_matches_reference(shape, B, dtype, monkeypatch):
+    """The v2 row weight gradient against the reference and the sampled kernel; bit-identical reruns."""
+    structure, C, R, kw = shape
+    perm = "in" if structure == "nm" else "both"
+    case = make_case(structure, B, C, R, perm=perm, dtype=dtype, device="cuda", seed=B + C, **kw)
+    x = case.x
+    dy = torch.randn(B, R, device="cuda", dtype=torch.float64).to(dtype)
+    want64, wantlow = dw(case, _f64(dy), _f64(x), ref), dw(case, dy, x, ref)
+    for switch in ("1", "0"):
+        monkeypatch.setenv("PADST_ROWS_V2", switch)
+        got = dw(case, dy, x, torch.ops.padst)
+        assert_close_to_reference(got, want64, wantlow, f"dW (PADST_ROWS_V2={switch})")
+        assert torch.equal(dw(case, dy, x, torch.ops.padst), got)
 
 
 def test_cuda_rows_v2_nm_autograd_and_opcheck(monkeypatch):

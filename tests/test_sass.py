@@ -173,10 +173,11 @@ def test_permute_kernel_moves_16_bytes_without_division_or_spills():
 
 
 def test_rows_v2_reads_16_bytes_and_feeds_fmas_from_16_byte_shared_loads():
-    """The v2 row kernel (csrc/kernels/rows_v2.h: N:M, its dx, diagonals): 128-bit global loads when staging x,
-    128-bit shared loads feeding the FMAs, no division routine, no spills."""
-    kernels = _kernels(r"rows_v2_kernel")
-    assert len(kernels) >= 27, sorted(kernels)  # 3 dtypes x (N:M, N:M dx, diagonal) x 3 batch-tile sizes
+    """The v2 row kernels (csrc/kernels/rows_v2.h: N:M, its dx, diagonals, their dW): 128-bit global loads when
+    staging x, 128-bit shared loads feeding the FMAs, no division routine, no spills."""
+    kernels = _kernels(r"rows_(v2|gw)_kernel")
+    # 3 dtypes x 3 batch-tile sizes x (N:M, N:M dx, diagonal; dW: N:M, diagonal)
+    assert len(kernels) >= 45, sorted(kernels)
     usage = _res_usage()
     for k, v in kernels.items():
         ops = _opcodes(v)

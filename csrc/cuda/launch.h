@@ -65,6 +65,20 @@ cudaError_t rows_v2(kern::RowsV2Params<T, E> p, cudaStream_t stream);
 #define PADST_ROWS_V2_EXTERN(T, E) extern template cudaError_t rows_v2<T, E>(kern::RowsV2Params<T, E>, cudaStream_t);
 PADST_ROWS_V2_FOR_EACH(PADST_ROWS_V2_EXTERN)
 #undef PADST_ROWS_V2_EXTERN
+// Its weight gradient (RowsGw): p planned with RowsGw<T, E, rows_v2_tile(C)>::plan, p.partial holding splits * nnz
+// floats; the forward row kernel's conditions apply (to C = x's width and R = dy's).
+template <typename T, typename E>
+cudaError_t rows_gw(kern::RowsGwParams<T, E> p, cudaStream_t stream);
+#define PADST_ROWS_GW_FOR_EACH(X)       \
+  X(float, kern::NmGwEntries)           \
+  X(__nv_bfloat16, kern::NmGwEntries)   \
+  X(__half, kern::NmGwEntries)          \
+  X(float, kern::DiagEntries)           \
+  X(__nv_bfloat16, kern::DiagEntries)   \
+  X(__half, kern::DiagEntries)
+#define PADST_ROWS_GW_EXTERN(T, E) extern template cudaError_t rows_gw<T, E>(kern::RowsGwParams<T, E>, cudaStream_t);
+PADST_ROWS_GW_FOR_EACH(PADST_ROWS_GW_EXTERN)
+#undef PADST_ROWS_GW_EXTERN
 
 // p.splits / p.chunk planned with kern::Sddmm<T, F>::plan and p.partial holding splits * nnz accumulators.
 template <typename T, typename F>

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <limits>
@@ -209,6 +210,56 @@ void rows_v2(const kern::RowsV2Params<T, E>& p) {
     case 32: rows_v2_tb<T, E, 32>(p); break;
     case 16: rows_v2_tb<T, E, 16>(p); break;
     default: rows_v2_tb<T, E, 8>(p); break;
+  }
+}
+
+// The v2 row weight gradient: per CTA and entry group, "stage" and "accumulate" per thread over the split's batch rows,
+// then "store"; then the ordered reduction of the splits.
+template <typename T, typename E, int kTB>
+void rows_gw_tb(kern::RowsGwParams<T, E> p) {
+  using K = kern::RowsGw<T, E, kTB>;
+  K::plan(p);
+  std::vector<float> partial(static_cast<size_t>(p.splits) * p.nnz, std::numeric_limits<float>::quiet_NaN());
+  p.partial = partial.data();
+  std::vector<float> xs(static_cast<size_t>(K::smem_bytes(p.C) / 4), std::numeric_limits<float>::quiet_NaN());
+  std::vector<std::array<std::array<float, K::kKG>, K::kRPT>> acc(K::kThreads);
+  const int64_t tiles = K::row_tiles(p);
+  for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
+    const int64_t split = cta / tiles, tile = cta - split * tiles;
+    const int64_t b_begin = split * p.chunk, b_end = std::min(p.B, b_begin + p.chunk);
+    for (int k0 = 0; k0 < p.K; k0 += K::kKG) {
+      for (auto& a : acc)
+        for (auto& row : a) row.fill(0.0f);
+      for (int64_t b0 = b_begin; b0 < b_end; b0 += kTB) {
+        for (int tid = 0; tid < K::kThreads; ++tid) K::stage(p, b0, b_end, tid, xs.data());
+        for (int tid = 0; tid < K::kThreads; ++tid) {
+          float a[K::kRPT][K::kKG];
+          for (int j = 0; j < K::kRPT; ++j)
+            for (int kk = 0; kk < K::kKG; ++kk) a[j][kk] = acc[tid][j][kk];
+          K::accumulate(p, tile, k0, b0, b_end, tid, xs.data(), a);
+          for (int j = 0; j < K::kRPT; ++j)
+            for (int kk = 0; kk < K::kKG; ++kk) acc[tid][j][kk] = a[j][kk];
+        }
+      }
+      for (int tid = 0; tid < K::kThreads; ++tid) {
+        float a[K::kRPT][K::kKG];
+        for (int j = 0; j < K::kRPT; ++j)
+          for (int kk = 0; kk < K::kKG; ++kk) a[j][kk] = acc[tid][j][kk];
+        K::store(p, tile, static_cast<int>(split), k0, tid, a);
+      }
+    }
+  }
+  for (int64_t cta = 0; cta < K::reduce_ctas(p); ++cta)
+    for (int tid = 0; tid < K::kReduceThreads; ++tid) K::reduce(p, cta, tid);
+}
+
+template <typename T, typename E>
+void rows_gw(const kern::RowsGwParams<T, E>& p) {
+  rows_v2_calls().fetch_add(1);
+  switch (kern::rows_v2_tile(p.C)) {
+    case 32: rows_gw_tb<T, E, 32>(p); break;
+    case 16: rows_gw_tb<T, E, 16>(p); break;
+    default: rows_gw_tb<T, E, 8>(p); break;
   }
 }
 

@@ -17,6 +17,7 @@
 #pragma once
 
 #include "portable.h"
+#include "sddmm.h"
 #include "warp_sm80.h"
 
 namespace padst::kern {
@@ -169,6 +170,141 @@ struct RowsV2 {
         for (int j = 0; j < kRPT; ++j) o[dst[j]] = Num<T>::from_acc(acc[j][t] + bias[j]);
       }
     }
+  }
+};
+
+}  // namespace padst::kern
+
+namespace padst::kern {
+
+// N:M for the weight gradient: entry k of row r reads column it[k * R + r] and writes dV[r, k] (values' own layout).
+struct NmGwEntries {
+  const uint16_t* it = nullptr;  // [K, R]
+  int32_t R = 0, K = 0;
+  PADST_HD bool at(int k, int r, int& col, int& v) const {
+    col = it[k * R + r];
+    v = r * K + k;
+    return true;
+  }
+};
+
+// The v2 weight gradient of the same structures on CUDA cores:
+//   dV[v(k, r)] = sum_b dy[b, dst(r)] * x[b, src(col(k, r))]
+// CTA = (tile of kThreads x kRPT rows, batch split). Per group of kKG entries, the CTA walks its split kTB batch rows
+// at a time: x staged as in RowsV2 (floats, [C][kTB], the permutation on the shared-memory side), each thread's dy values
+// for its rows held in registers, and each entry's kTB products summed from 16-byte shared loads into a per-entry
+// register accumulator. The splits' float partials are summed in a fixed order afterwards (deterministic). Up to 162
+// registers with 32 batch rows (one CTA of 256 threads per SM; the kernel is launched with __launch_bounds__(256, 1),
+// under the default cap of 128 it spilled).
+template <typename T, typename E>
+struct RowsGwParams {
+  const T* dy = nullptr;                // [B, R]
+  const int32_t* dy_gather = nullptr;   // [R] or null: dz[., r] = dy[., dy_gather[r]]
+  const T* x = nullptr;                 // [B, C], 16-byte aligned, C % (16 / sizeof(T)) == 0
+  const int32_t* in_scatter = nullptr;  // [C] or null: staged place of x column c
+  float* partial = nullptr;             // [splits, nnz]
+  T* out = nullptr;                     // [nnz]
+  int64_t B = 0, chunk = 0;
+  int32_t C = 0, R = 0, K = 0, nnz = 0, splits = 1;
+  E entries;
+};
+
+template <typename T, typename E, int kTB>
+struct RowsGw {
+  static_assert(kTB == 8 || kTB == 16 || kTB == 32, "8, 16 or 32 batch rows");
+  using Params = RowsGwParams<T, E>;
+  using Stage = RowsV2<T, E, kTB>;  // the same x staging
+  static constexpr int kThreads = 256;
+  static constexpr int kRPT = 2;
+  static constexpr int kKG = 16;  // entries per group: kRPT x kKG float accumulators per thread
+  static constexpr int kTBRows = kTB;
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+  static bool serves(int64_t C, int64_t R) { return C % kVec == 0 && R % kRPT == 0 && rows_v2_tile(C) == kTB; }
+  static int64_t smem_bytes(int64_t C) { return C * kTB * 4; }
+  PADST_HD static int64_t row_tiles(const Params& p) { return ceil_div(p.R, kThreads * kRPT); }
+  PADST_HD static int64_t num_ctas(const Params& p) { return row_tiles(p) * p.splits; }
+  // About two waves of 132 SMs, splits of at least 4 batch tiles.
+  static void plan(Params& p) {
+    const int64_t tiles = row_tiles(p), want = ceil_div(264, tiles), most = p.B > 0 ? ceil_div(p.B, 4 * kTB) : 1;
+    int64_t s = want < most ? want : most;
+    if (s < 1) s = 1;
+    p.chunk = p.B > 0 ? ceil_div(p.B, s) : 0;
+    p.splits = static_cast<int32_t>(p.chunk > 0 ? ceil_div(p.B, p.chunk) : 1);
+  }
+
+  // Phase "stage": x rows [b0, b0 + kTB) of the split (zero past b1), as RowsV2 stages them.
+  PADST_WARP_HD static void stage(const Params& p, int64_t b0, int64_t b1, int tid, float* xs) {
+    const int nv = p.C / kVec;
+    for (int t = 0; t < kTB; ++t) {
+      const int64_t b = b0 + t;
+      for (int cv = tid; cv < nv; cv += kThreads) {
+        if (b < b1) {
+          const sm80::V16 v = sm80::load16(p.x + b * p.C + cv * kVec);
+          PADST_UNROLL
+          for (int j = 0; j < kVec; ++j) {
+            const int c = cv * kVec + j, pos = p.in_scatter ? p.in_scatter[c] : c;
+            xs[pos * kTB + t] = Num<T>::to_acc(sm80::elem<T>(v, j));
+          }
+        } else {
+          PADST_UNROLL
+          for (int j = 0; j < kVec; ++j) xs[(cv * kVec + j) * kTB + t] = 0.0f;
+        }
+      }
+    }
+  }
+
+  // Phase "accumulate" (thread tid): acc[j][kk] += sum_t dz[b0 + t, r0 + j] x_p[b0 + t, col(k0 + kk, r0 + j)].
+  PADST_WARP_HD static void accumulate(const Params& p, int64_t tile, int k0, int64_t b0, int64_t b1, int tid,
+                                       const float* xs, float (&acc)[kRPT][kKG]) {
+    const int r0 = static_cast<int>(tile) * kThreads * kRPT + tid * kRPT;
+    if (r0 >= p.R) return;
+    float dz[kRPT][kTB];
+    PADST_UNROLL
+    for (int j = 0; j < kRPT; ++j) {
+      const int src = p.dy_gather ? p.dy_gather[r0 + j] : r0 + j;
+      PADST_UNROLL
+      for (int t = 0; t < kTB; ++t) dz[j][t] = b0 + t < b1 ? Num<T>::to_acc(p.dy[(b0 + t) * p.R + src]) : 0.0f;
+    }
+    PADST_UNROLL
+    for (int kk = 0; kk < kKG; ++kk) {
+      PADST_UNROLL
+      for (int j = 0; j < kRPT; ++j) {
+        int col, v;
+        if (k0 + kk >= p.K || !p.entries.at(k0 + kk, r0 + j, col, v)) continue;  // (a guard, not a break: acc stays
+        const float* xr = xs + col * kTB;                                          // in registers)
+        float s = 0.0f;
+        PADST_UNROLL
+        for (int t = 0; t < kTB; t += 4) {
+          float q[4];
+          sm80::lds4(q, xr + t);
+          s += dz[j][t] * q[0] + dz[j][t + 1] * q[1] + dz[j][t + 2] * q[2] + dz[j][t + 3] * q[3];
+        }
+        acc[j][kk] += s;
+      }
+    }
+  }
+
+  // Phase "store" (thread tid): the group's accumulators to partial[split][v].
+  PADST_WARP_HD static void store(const Params& p, int64_t tile, int split, int k0, int tid,
+                                  const float (&acc)[kRPT][kKG]) {
+    const int r0 = static_cast<int>(tile) * kThreads * kRPT + tid * kRPT;
+    if (r0 >= p.R) return;
+    float* dst = p.partial + static_cast<int64_t>(split) * p.nnz;
+    PADST_UNROLL
+    for (int kk = 0; kk < kKG; ++kk) {
+      PADST_UNROLL
+      for (int j = 0; j < kRPT; ++j) {
+        int col, v;
+        if (k0 + kk < p.K && p.entries.at(k0 + kk, r0 + j, col, v)) dst[v] = acc[j][kk];
+      }
+    }
+  }
+
+  static constexpr int kReduceThreads = 256;
+  PADST_HD static int64_t reduce_ctas(const Params& p) { return ceil_div(p.nnz, kReduceThreads); }
+  PADST_HD static void reduce(const Params& p, int64_t cta, int tid) {
+    reduce_partials(p.partial, p.splits, p.nnz, p.out, cta * kReduceThreads + tid);
   }
 };
 
