@@ -283,3 +283,34 @@ def test_train_gpt2_small_vocab_keeps_endoftext_and_saves_its_table(tmp_path, mo
         R.build_gpt2(32, 1, 2, 16, vocab=64, eot_id=64)
     assert R.build_gpt2(32, 1, 2, 16, vocab=64).config.eos_token_id is None  # a shrunk vocabulary, table unknown
     assert R.build_gpt2(32, 1, 2, 16).config.eos_token_id == R.GPT2_EOT
+
+
+def test_resume_from_a_crafted_or_corrupt_checkpoint_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """padst-train --resume (issue 18): a malicious pickle in checkpoint.pt is refused without running, a corrupt one
+    is named, and the command-line entry point prints one line and exits 2 instead of a traceback."""
+    import os
+    import sys
+
+    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "fm"
+    d.mkdir()
+    fake_fashion(d)
+    out = tmp_path / "run"
+    R.main(_vit_argv(d, out, extra=["--no-speed"]))
+    marker = tmp_path / "pwned"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    ck["rows"] = RunsCode()
+    torch.save(ck, out / "checkpoint.pt")
+    with pytest.raises(D.CheckpointError, match="refused"):
+        R.main(_vit_argv(d, out, extra=["--no-speed", "--resume"]))
+    assert not marker.exists()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(sys, "argv", ["padst-train", *_vit_argv(d, out, extra=["--no-speed", "--resume"])])
+    assert R.cli() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.pt" in err[0] and "not a torch.save archive" in err[0]

@@ -12,13 +12,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import pickle
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -125,6 +127,46 @@ def save_atomic(obj, path: Path) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted or read: the message names the file and what is wrong with it."""
+
+
+def load_checkpoint(path: os.PathLike, required: Sequence[str] = ()) -> Dict:
+    """The dict saved by ``save_atomic`` at ``path``, loaded onto the CPU, or one ``CheckpointError`` naming the file.
+
+    Checkpoints are untrusted input (``padst-reproduce`` reads run folders copied from other machines): they load with
+    ``torch.load(weights_only=True)``, which refuses any pickled object that is not a tensor, a container or a plain
+    value (a crafted file cannot run code), after every member's CRC-32 is checked (``torch.load`` does not check them:
+    flipped bytes would load as wrong numbers). ``required``: keys the dict must have."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(f"checkpoint {path} is not a torch.save archive or is truncated ({e})") from None
+    except (OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: the CRC of its member {bad!r} does not match")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint {path} was refused: it holds something other than tensors, containers and "
+                              f"plain values, which could run code when loaded ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ck).__name__}, not a dict")
+    missing = [k for k in required if k not in ck]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(map(repr, missing))}")
+    return ck
 
 
 def fashion_mnist(data_dir: Optional[os.PathLike] = None, fetch: bool = True) -> Dict[str, Tensor]:

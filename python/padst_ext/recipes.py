@@ -156,7 +156,7 @@ class Run:
         if self.args.resume and self.path.is_file():
             # onto the CPU first: a checkpoint written on a GPU resumes on a CPU-only machine too; the model, the
             # optimizer and DST put every tensor on their own device as they load it
-            ck = torch.load(self.path, map_location="cpu", weights_only=False)
+            ck = D.load_checkpoint(self.path, required=("model", "optimizer", "scheduler", "dst", "done", "rows"))
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
             self.sched.load_state_dict(ck["scheduler"])
@@ -535,8 +535,12 @@ def main(argv=None) -> Dict:
 
 
 def cli() -> int:
-    """Console entry point (``padst-train``)."""
-    main()
+    """Console entry point (``padst-train``): a checkpoint that cannot be trusted or read is one line and exit 2."""
+    try:
+        main()
+    except D.CheckpointError as e:
+        print(f"padst-train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -490,10 +490,11 @@ def plot_metric(results: List[Dict], task: str, configs: List[Config], sparsitie
 
 
 def _load_run(run_dir: Path):
-    ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)  # the speed phase is on the CPU
+    from .data import load_checkpoint
     from .recipes import build_models
     from .recipes import parser as train_parser
 
+    ck = load_checkpoint(run_dir / "checkpoint.pt", required=("model", "args"))  # onto the CPU: the speed phase
     # padst-train's defaults under the run's own arguments: a run written before a flag existed has no value for it
     args = vars(train_parser().parse_args([ck["args"]["task"]]))
     args.update(ck["args"])
@@ -659,8 +660,14 @@ def main(argv=None) -> Dict:
 
 
 def cli() -> int:
-    """Console entry point (``padst-reproduce``)."""
-    main()
+    """Console entry point (``padst-reproduce``): a checkpoint that cannot be trusted or read is one line and exit 2."""
+    from .data import CheckpointError
+
+    try:
+        main()
+    except CheckpointError as e:
+        print(f"padst-reproduce: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
