@@ -325,3 +325,69 @@ def test_fuzz_diag_metadata(data):
              lambda: ref.diag_mm_t(dy, values, offsets, C, out_perm=out_perm), valid)
     _outcome(lambda: ops.diag_sddmm(dy, x, offsets, out_perm=out_perm),
              lambda: ref.diag_sddmm(dy, x, offsets, out_perm=out_perm), offsets_ok)
+
+
+# --- an operand on the meta device beside real data (issue 18, item 3) ---------------------------------------
+
+
+def _meta_calls():
+    """(op name, callable taking a function that maps each tensor operand, by name, to the tensor to pass)."""
+    gen = torch.Generator().manual_seed(0)
+    bw = F.block_from_dense(torch.randn(32, 32, generator=gen), torch.ones(2, 2, dtype=torch.bool), (16, 16))
+    nmask = torch.zeros(8, 4, 4, dtype=torch.bool)
+    nmask[..., 0] = True
+    nw = F.nm_from_dense(torch.randn(8, 16, generator=gen), nmask.reshape(8, 16), 1, 4)
+    dwt = F.diag_from_dense(torch.randn(8, 16, generator=gen), torch.tensor([0, 3]))
+    x16, x32, dy8, dy32 = torch.randn(3, 16), torch.randn(3, 32), torch.randn(3, 8), torch.randn(3, 32)
+    p16, p32, p8 = torch.randperm(16), torch.randperm(32), torch.randperm(8)
+    ops = torch.ops.padst
+    meta = list(bw.meta())
+    return [
+        ("block_mm", dict(x=x32, values=bw.values, row_ptr=meta[0], col_idx=meta[1], col_ptr=meta[2],
+                          row_idx_t=meta[3], blk_t=meta[4], bias=torch.randn(32), in_perm=p32, out_perm=p32)),
+        ("block_mm_t", dict(dy=dy32, values=bw.values, row_ptr=meta[0], col_idx=meta[1], col_ptr=meta[2],
+                            row_idx_t=meta[3], blk_t=meta[4], in_perm=p32, out_perm=p32)),
+        ("block_sddmm", dict(dy=dy32, x=x32, row_ptr=meta[0], col_idx=meta[1], block_rows=16, block_cols=16,
+                             in_perm=p32, out_perm=p32)),
+        ("block_transpose_meta", dict(row_ptr=meta[0], col_idx=meta[1], num_block_cols=2)),
+        ("nm_mm", dict(x=x16, values=nw.values, col_idx=nw.col_idx, n=1, m=4, bias=torch.randn(8))),
+        ("nm_mm_t", dict(dy=dy8, values=nw.values, col_idx=nw.col_idx, n=1, m=4)),
+        ("nm_sddmm", dict(dy=dy8, x=x16, col_idx=nw.col_idx, n=1, m=4)),
+        ("diag_mm", dict(x=x16, values=dwt.values, offsets=dwt.offsets, out_features=8, bias=torch.randn(8),
+                         in_perm=p16, out_perm=p8)),
+        ("diag_mm_t", dict(dy=dy8, values=dwt.values, offsets=dwt.offsets, in_features=16, in_perm=p16,
+                           out_perm=p8)),
+        ("diag_sddmm", dict(dy=dy8, x=x16, offsets=dwt.offsets, in_perm=p16, out_perm=p8)),
+        ("dense_grad", dict(dy=dy8, x=x16, in_perm=p16, out_perm=p8)),
+    ], ops
+
+
+@pytest.mark.parametrize("i", range(11), ids=lambda i: ["block_mm", "block_mm_t", "block_sddmm",
+                                                         "block_transpose_meta", "nm_mm", "nm_mm_t", "nm_sddmm",
+                                                         "diag_mm", "diag_mm_t", "diag_sddmm", "dense_grad"][i])
+def test_an_operand_on_meta_beside_real_data_is_refused(i):
+    """Each tensor operand in turn on the meta device while the others hold data: a ValueError naming it, never the
+    fake kernel's uninitialised output. All operands on meta is shape inference and still works."""
+    calls, ops = _meta_calls()
+    name, kw = calls[i]
+    op = getattr(ops, name)
+    tensor_args = [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
+    assert tensor_args
+    for k in tensor_args:
+        bad = dict(kw, **{k: kw[k].to("meta")})
+        with pytest.raises(ValueError, match=rf"padst::{name}: {k} is on the meta device but \w+ is on cpu"):
+            op(**bad)
+    all_meta = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    out = op(**all_meta)
+    outs = out if isinstance(out, tuple) else (out,)
+    assert all(o.device.type == "meta" for o in outs)
+
+
+def test_sparse_linear_with_a_buffer_on_meta_is_refused():
+    """A SparseLinear whose metadata buffer was left on meta (e.g. a partial load after meta-device init)."""
+    from padst_ext import SparseLinear
+
+    layer = SparseLinear(32, 32, structure="block", sparsity=0.5, block_size=16)
+    layer.col_idx = layer.col_idx.to("meta")
+    with pytest.raises(ValueError, match="is on the meta device but"):
+        layer(torch.randn(4, 32))

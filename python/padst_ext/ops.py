@@ -13,6 +13,8 @@ Schemas are declared once in ``csrc/ops.cpp``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -149,6 +151,30 @@ def diag_linear(x: Tensor, w, bias: Optional[Tensor] = None, in_perm: Optional[T
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _one_device(op: str, fn):
+    """fn, first checking that no operand is on the meta device while another holds data: the dispatcher would run the
+    fake kernel for such a call and return uninitialised memory (issue 18). All operands on meta (shape inference,
+    deferred initialisation) and fake tensors (torch.compile) pass."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        tensors = [(n, v) for n, v in sig.bind(*args, **kwargs).arguments.items() if isinstance(v, Tensor)]
+        meta = [n for n, v in tensors if v.device.type == "meta"]
+        if meta and len(meta) < len(tensors):
+            name, dev = next((n, v.device) for n, v in tensors if v.device.type != "meta")
+            raise ValueError(f"{op}: {meta[0]} is on the meta device but {name} is on {dev}: every operand must be on "
+                             f"one device (a meta tensor has no data to compute with)")
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+def _register_fake(op: str):
+    """torch.library.register_fake(op) for a fake kernel guarded by _one_device."""
+    return lambda fn: torch.library.register_fake(op)(_one_device(op, fn))
+
+
 def _fake_common(op: str, a: Tensor, *others: Optional[Tensor]) -> None:
     torch._check(a.dim() == 2, lambda: f"{op}: expected a 2-D input, got shape {tuple(a.shape)}")
     for t in others:
@@ -156,7 +182,7 @@ def _fake_common(op: str, a: Tensor, *others: Optional[Tensor]) -> None:
             torch._check(t.dtype == a.dtype, lambda: f"{op}: dtype mismatch {t.dtype} vs {a.dtype}")
 
 
-@torch.library.register_fake("padst::block_mm")
+@_register_fake("padst::block_mm")
 def _(x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias=None, in_perm=None, out_perm=None):
     _fake_common("padst::block_mm", x, values, bias)
     torch._check(values.dim() == 3, lambda: "padst::block_mm: values must be 3-D")
@@ -165,64 +191,64 @@ def _(x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias=None, in_perm
     return x.new_empty((x.shape[0], (row_ptr.shape[0] - 1) * values.shape[1]))
 
 
-@torch.library.register_fake("padst::block_mm_t")
+@_register_fake("padst::block_mm_t")
 def _(dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm=None, out_perm=None):
     _fake_common("padst::block_mm_t", dy, values)
     torch._check(values.dim() == 3, lambda: "padst::block_mm_t: values must be 3-D")
     return dy.new_empty((dy.shape[0], (col_ptr.shape[0] - 1) * values.shape[2]))
 
 
-@torch.library.register_fake("padst::block_sddmm")
+@_register_fake("padst::block_sddmm")
 def _(dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm=None, out_perm=None):
     _fake_common("padst::block_sddmm", dy, x)
     return x.new_empty((col_idx.shape[0], block_rows, block_cols))
 
 
-@torch.library.register_fake("padst::block_transpose_meta")
+@_register_fake("padst::block_transpose_meta")
 def _(row_ptr, col_idx, num_block_cols):
     nnzb = col_idx.shape[0]
     return (row_ptr.new_empty((num_block_cols + 1,), dtype=torch.long), row_ptr.new_empty((nnzb,), dtype=torch.long),
             row_ptr.new_empty((nnzb,), dtype=torch.long))
 
 
-@torch.library.register_fake("padst::nm_mm")
+@_register_fake("padst::nm_mm")
 def _(x, values, col_idx, n, m, bias=None):
     _fake_common("padst::nm_mm", x, values, bias)
     torch._check(values.shape[1] * m == x.shape[1] * n, lambda: "padst::nm_mm: values width must be C*n/m")
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
-@torch.library.register_fake("padst::nm_mm_t")
+@_register_fake("padst::nm_mm_t")
 def _(dy, values, col_idx, n, m):
     _fake_common("padst::nm_mm_t", dy, values)
     return dy.new_empty((dy.shape[0], values.shape[1] // n * m))
 
 
-@torch.library.register_fake("padst::nm_sddmm")
+@_register_fake("padst::nm_sddmm")
 def _(dy, x, col_idx, n, m):
     _fake_common("padst::nm_sddmm", dy, x)
     return x.new_empty(col_idx.shape)
 
 
-@torch.library.register_fake("padst::diag_mm")
+@_register_fake("padst::diag_mm")
 def _(x, values, offsets, out_features, bias=None, in_perm=None, out_perm=None):
     _fake_common("padst::diag_mm", x, values, bias)
     return x.new_empty((x.shape[0], out_features))
 
 
-@torch.library.register_fake("padst::diag_mm_t")
+@_register_fake("padst::diag_mm_t")
 def _(dy, values, offsets, in_features, in_perm=None, out_perm=None):
     _fake_common("padst::diag_mm_t", dy, values)
     return dy.new_empty((dy.shape[0], in_features))
 
 
-@torch.library.register_fake("padst::diag_sddmm")
+@_register_fake("padst::diag_sddmm")
 def _(dy, x, offsets, in_perm=None, out_perm=None):
     _fake_common("padst::diag_sddmm", dy, x)
     return x.new_empty((offsets.shape[0], min(dy.shape[1], x.shape[1])))
 
 
-@torch.library.register_fake("padst::dense_grad")
+@_register_fake("padst::dense_grad")
 def _(dy, x, in_perm=None, out_perm=None):
     _fake_common("padst::dense_grad", dy, x)
     return x.new_empty((dy.shape[1], x.shape[1]))

@@ -223,21 +223,21 @@ def lt24_linear(x: Tensor, values: Tensor, col_idx: Tensor, n: int, m: int, in_f
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.library.register_fake("padst::lt24_compress")
+@_padst_ops._register_fake("padst::lt24_compress")
 def _(weight):
     torch._check(weight.dim() == 2, lambda: "padst::lt24_compress: weight must be 2-D")
     size = torch.library.get_ctx().new_dynamic_size()
     return weight.new_empty((size,), dtype=torch.uint8)
 
 
-@torch.library.register_fake("padst::lt24_mm")
+@_padst_ops._register_fake("padst::lt24_mm")
 def _(x, compressed, out_features, in_features, bias=None, in_perm=None):
     torch._check(x.dim() == 2, lambda: "padst::lt24_mm: x must be 2-D")
     torch._check(x.shape[1] == in_features, lambda: "padst::lt24_mm: x width must be in_features")
     return x.new_empty((x.shape[0], out_features))
 
 
-@torch.library.register_fake("padst::lt24_mm_t")
+@_padst_ops._register_fake("padst::lt24_mm_t")
 def _(dy, compressed, out_features, in_features, in_perm=None):
     torch._check(dy.dim() == 2, lambda: "padst::lt24_mm_t: dy must be 2-D")
     torch._check(dy.shape[1] == out_features, lambda: "padst::lt24_mm_t: dy width must be out_features")
