@@ -391,3 +391,72 @@ def test_sparse_linear_with_a_buffer_on_meta_is_refused():
     layer.col_idx = layer.col_idx.to("meta")
     with pytest.raises(ValueError, match="is on the meta device but"):
         layer(torch.randn(4, 32))
+
+
+# --- misconfiguration is an error naming the argument (issue 18, item 10) -------------------------------------
+
+
+def _dst_model():
+    from padst_ext import SparseLinear
+
+    layer = SparseLinear(32, 32, structure="block", sparsity=0.5, block_size=16)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), layer, torch.nn.Linear(32, 8))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(total_steps=0), ValueError, "total_steps must be an integer >= 1, got 0"),
+    (dict(total_steps=-5), ValueError, "total_steps must be an integer >= 1, got -5"),
+    (dict(total_steps=10.5), TypeError, "total_steps must be an integer"),
+    (dict(total_steps=10, end=0), ValueError, "end must be"),
+    (dict(total_steps=10, end=-1), ValueError, "end must be"),
+    (dict(total_steps=10, end=0.01), ValueError, "stops the updates at step 0"),
+    (dict(total_steps=10, update_interval=2.5), TypeError, "update_interval must be an integer >= 1, got 2.5"),
+    (dict(total_steps=10, update_interval=0), ValueError, "update_interval must be an integer >= 1, got 0"),
+])
+def test_dst_misconfiguration_is_an_error(kw, err, match):
+    from padst_ext import DST
+
+    model, opt = _dst_model()
+    with pytest.raises(err, match=match):
+        DST(model, opt, **kw)
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(in_features=2.7), TypeError, "in_features must be an integer >= 1, got 2.7"),
+    (dict(out_features=0), ValueError, "out_features must be an integer >= 1, got 0"),
+    (dict(sparsity=None), ValueError, "sparsity must be a number in \\[0, 1\\) for structure='block'"),
+    (dict(sparsity="0.9"), TypeError, "sparsity must be a number"),
+    (dict(block_size=2.5), TypeError, "block_size must be an integer >= 1, got 2.5"),
+    (dict(block_size=(16, 16, 16)), TypeError, "block_size must be an integer or a pair"),
+])
+def test_sparse_linear_misconfiguration_is_an_error(kw, err, match):
+    from padst_ext import SparseLinear
+
+    args = dict(in_features=32, out_features=32, structure="block", sparsity=0.5, block_size=16)
+    args.update(kw)
+    with pytest.raises(err, match=match):
+        SparseLinear(args.pop("in_features"), args.pop("out_features"), **args)
+
+
+def test_nm_needs_no_sparsity_when_n_and_m_are_given():
+    from padst_ext import SparseLinear
+
+    assert SparseLinear(32, 32, structure="nm", sparsity=None, n=1, m=4).structure.config()["m"] == 4
+
+
+def test_a_zero_dim_input_is_an_error():
+    from padst_ext import SparseLinear
+
+    layer = SparseLinear(32, 32, structure="block", sparsity=0.5, block_size=16)
+    with pytest.raises(ValueError, match="expected input with last dimension 32, got shape \\(\\)"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        ops.block_linear(torch.tensor(1.0), F.block_from_dense(torch.randn(32, 32), torch.ones(2, 2, dtype=torch.bool),
+                                                                (16, 16)))
+
+
+def test_block_transpose_meta_bounds_num_block_cols():
+    w = F.block_from_dense(torch.randn(32, 32), torch.ones(2, 2, dtype=torch.bool), (16, 16))
+    with pytest.raises(ValueError, match=r"num_block_cols must be in \[0, 2\^31\).*4611686018427387904"):
+        torch.ops.padst.block_transpose_meta(w.row_ptr, w.col_idx, 2**62)

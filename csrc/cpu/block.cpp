@@ -273,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_transpose_meta_cpu(const at
   check_index_tensor(op, "row_ptr", row_ptr, 1);
   check_cpu(op, "row_ptr", row_ptr);
   TORCH_CHECK_VALUE(row_ptr.size(0) >= 1, op, ": row_ptr must have at least one entry");
-  TORCH_CHECK_VALUE(num_block_cols >= 0, op, ": num_block_cols must be non-negative, got ", num_block_cols);
+  TORCH_CHECK_VALUE(num_block_cols >= 0 && num_block_cols < (int64_t{1} << 31), op,
+                    ": num_block_cols must be in [0, 2^31) (the weight's block-columns), got ", num_block_cols);
   // 1x1 "blocks": validates row_ptr and col_idx (range, sorted) exactly as the matmul ops do.
   const BlockMeta m = check_block_csr(op, row_ptr, col_idx, 1, 1, row_ptr.size(0) - 1, num_block_cols, row_ptr);
   auto opts = m.row_ptr.options();

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import SparseLinear
+from .structures import check_int
 
 __all__ = ["DST", "erk_densities", "apply_erk"]
 
@@ -95,8 +96,11 @@ class DST:
             raise ValueError(f"drop_schedule must be one of {SCHEDULES}, got {drop_schedule!r}")
         if distribution not in ("uniform", "erk"):
             raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}")
-        if update_interval < 1:
-            raise ValueError(f"update_interval must be >= 1, got {update_interval}")
+        update_interval = check_int("update_interval", update_interval)
+        if total_steps is not None:
+            total_steps = check_int("total_steps", total_steps)
+        if isinstance(end, bool) or not isinstance(end, (int, float)) or not end > 0:
+            raise ValueError(f"end must be a fraction of total_steps in (0, 1) or an absolute step >= 1, got {end!r}")
         if not 0 <= drop_fraction < 1:
             raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
         if total_steps is None and end < 1:
@@ -110,6 +114,9 @@ class DST:
         self.drop_fraction, self.drop_schedule = float(drop_fraction), drop_schedule
         self.total_steps = total_steps
         self.end_step = int(end * total_steps) if end < 1 else int(end)
+        if self.end_step < 1:
+            raise ValueError(f"end={end!r} of total_steps={total_steps} stops the updates at step {self.end_step}: no "
+                             f"update would happen (the stop step must be >= 1)")
         self.distribution, self.dense_first_last = distribution, dense_first_last
         self.add_permutation_penalty, self.harden = add_permutation_penalty, harden
         self.process_group = process_group

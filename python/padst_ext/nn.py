@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import permutation as P
-from .structures import NMStructure, Structure, make_structure
+from .structures import NMStructure, Structure, check_int, make_structure
 
 __all__ = ["SparseLinear", "sparsify", "export", "permutation_penalty", "harden_all", "SparsifyReport",
            "permutation_parameters", "param_groups", "permutation_report"]
@@ -80,7 +80,8 @@ class SparseLinear(nn.Module):
                  harden_step: Optional[int] = None, harden_mode: str = "weights", sinkhorn_iters: int = 20,
                  mask: Optional[Tensor] = None, seed: Optional[int] = None, device=None, dtype=None):
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = check_int("in_features", in_features)
+        self.out_features = check_int("out_features", out_features)
         self.structure: Structure = make_structure(structure, out_features, in_features, sparsity, block_size, n, m)
         if perm_side not in PERM_SIDES:
             raise ValueError(f"perm_side must be one of {PERM_SIDES}, got {perm_side!r}")
@@ -437,7 +438,7 @@ class SparseLinear(nn.Module):
         return {n: getattr(self, n) for n in self.structure.buffer_names}
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)

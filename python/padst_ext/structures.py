@@ -24,6 +24,18 @@ __all__ = ["drop_grow", "row_counts", "Structure", "BlockStructure", "NMStructur
            "make_structure", "STRUCTURES"]
 
 
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """value as an int, or TypeError / ValueError naming ``name``: an integer (not a bool, not 2.5) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    v = int(value)
+    if v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return v
+
+
 def _check_density(density: float) -> float:
     if not (0.0 < density <= 1.0):
         raise ValueError(f"density must be in (0, 1] (sparsity in [0, 1)), got density {density}")
@@ -119,9 +131,11 @@ class BlockStructure(Structure):
 
     def __init__(self, out_features, in_features, density, block_size=(32, 32)):
         super().__init__(out_features, in_features, density)
-        if isinstance(block_size, int):
+        if isinstance(block_size, (int, float)) and not isinstance(block_size, bool):
             block_size = (block_size, block_size)
-        br, bc = (int(b) for b in block_size)
+        if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
+            raise TypeError(f"block_size must be an integer or a pair of integers, got {block_size!r}")
+        br, bc = (check_int("block_size", b) for b in block_size)
         if br < 1 or bc < 1 or self.R % br or self.C % bc:
             raise ValueError(f"block size {br}x{bc} must divide the weight shape {self.R}x{self.C} "
                              f"(out_features x in_features)")
@@ -352,6 +366,12 @@ def make_structure(structure: str, out_features: int, in_features: int, sparsity
                    block_size=(32, 32), n: Optional[int] = None, m: Optional[int] = None) -> Structure:
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {sorted(set(STRUCTURES))}, got {structure!r}")
+    out_features, in_features = check_int("out_features", out_features), check_int("in_features", in_features)
+    if sparsity is None and not (STRUCTURES[structure] is NMStructure and n is not None and m is not None):
+        raise ValueError(f"sparsity must be a number in [0, 1) for structure={structure!r} (None only for N:M with n "
+                         f"and m given), got None")
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))):
+        raise TypeError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     density = None if sparsity is None else 1.0 - float(sparsity)
     if sparsity is not None and not (0.0 <= float(sparsity) < 1.0):
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
