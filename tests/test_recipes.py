@@ -314,3 +314,43 @@ def test_resume_from_a_crafted_or_corrupt_checkpoint_is_one_clear_error(tmp_path
     assert R.cli() == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint.pt" in err[0] and "not a torch.save archive" in err[0]
+
+
+def test_resume_restores_outputs_cleans_orphans_and_refuses_other_arguments(tmp_path, monkeypatch):
+    """issue 18, items 6-8: a metrics.csv lost to a kill (0 bytes) is written again from the checkpoint on --resume;
+    the temporary files killed saves leave behind are deleted at start; a --resume with other training arguments is
+    refused, naming each difference (runtime options such as --threads may change)."""
+    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "fm"
+    d.mkdir()
+    fake_fashion(d)
+    out = tmp_path / "run"
+    R.main(_vit_argv(d, out, extra=["--no-speed"]))
+    metrics = (out / "metrics.csv").read_text()
+    assert metrics.count("\n") >= 2
+    (out / "metrics.csv").write_text("")  # what a SIGKILL in the middle of a non-atomic write left
+    orphans = [out / "checkpoint.pt.k1ll3d.tmp", out / "metrics.csv.x.tmp", out / "summary.json.y.tmp"]
+    for o in orphans:
+        o.write_bytes(b"half a file")
+    keep = out / "notes.tmp"
+    keep.write_text("not ours")
+    R.main(_vit_argv(d, out, extra=["--no-speed", "--resume", "--threads", "2"]))  # complete: evaluates only
+    assert (out / "metrics.csv").read_text() == metrics
+    assert not any(o.exists() for o in orphans) and keep.exists()
+    with pytest.raises(D.CheckpointError, match=r"other arguments: --sparsity 0\.75 \(now 0\.5\)"):
+        R.main([a if a != "0.75" else "0.5" for a in _vit_argv(d, out, extra=["--no-speed", "--resume"])])
+
+
+def test_outputs_are_written_atomically(tmp_path):
+    """write_text_atomic leaves the old file whole when the write fails half way."""
+    path = tmp_path / "metrics.csv"
+    D.write_text_atomic("old\n", path)
+
+    def failing(text, p):
+        p.write_text(text[:3])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        D.save_atomic("new contents\n", path, writer=failing)
+    assert path.read_text() == "old\n"
+    assert not list(tmp_path.glob("metrics.csv.*.tmp"))

@@ -115,18 +115,38 @@ def find_fashion_mnist(data_dir: Optional[os.PathLike] = None, fetch: bool = Tru
     return _unpack_deb(unpacked)
 
 
-def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a file of this process's own, then renamed: a reader never sees half a file, and runs that
-    fill the same cache at once (a sweep's parallel jobs) do not write into one temporary file."""
+def save_atomic(obj, path: Path, writer=None) -> None:
+    """``torch.save`` (or ``writer(obj, tmp_path)``) to a file of this process's own, then renamed: a reader never sees
+    half a file, a kill during the write leaves the previous file whole, and runs that fill the same cache at once (a
+    sweep's parallel jobs) do not write into one temporary file. A kill can leave the temporary file behind:
+    ``remove_orphans`` cleans them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:
-        torch.save(obj, tmp)
+        if writer is None:
+            torch.save(obj, tmp)
+        else:
+            writer(obj, tmp)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """``path.write_text(text)`` through ``save_atomic``."""
+    save_atomic(text, path, writer=lambda t, p: Path(p).write_text(t))
+
+
+def remove_orphans(path: Path) -> List[Path]:
+    """Deletes the temporary files ``save_atomic`` left beside ``path`` when a process was killed while writing it
+    (``<name>.<random>.tmp``); returns them. Only for a folder one process writes (a run's ``--out``)."""
+    gone = []
+    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        gone.append(tmp)
+    return gone
 
 
 class CheckpointError(ValueError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import statistics
@@ -124,6 +125,21 @@ def time_inference(model: nn.Module, x: torch.Tensor, reps: int, device) -> floa
     return _median_seconds(lambda: m(xb), reps, device)
 
 
+# padst-train arguments that do not change what is trained: a run may be resumed with other values of these
+_RESUME_FREE = frozenset({"resume", "out", "threads", "device", "no_progress", "no_speed", "speed_steps", "infer_batch",
+                          "data_dir"})
+
+
+def _check_same_training(path: Path, saved: Dict, now: Dict) -> None:
+    """Refuses (CheckpointError) a --resume whose training arguments differ from the checkpoint's, naming each
+    difference; arguments the checkpoint predates are not compared."""
+    diff = [f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in sorted(now)
+            if k not in _RESUME_FREE and k in saved and saved[k] != now[k]]
+    if diff:
+        raise D.CheckpointError(f"--resume: {path} was trained with other arguments: {'; '.join(diff)}. Resume with "
+                                f"the same ones, or train into a new --out.")
+
+
 class Run:
     """What both tasks share: the optimizer (AdamW, one-cycle schedule), DST over the sparse layers, and the
     output folder (``checkpoint.pt`` written atomically after every evaluation, ``metrics.csv``)."""
@@ -153,18 +169,30 @@ class Run:
         self.sched.step()
 
     def resume(self) -> int:
+        # a kill during a save leaves its temporary file behind (each as big as the checkpoint): clean them first
+        for name in ("checkpoint.pt", "metrics.csv", "summary.json"):
+            D.remove_orphans(self.out / name)
         if self.args.resume and self.path.is_file():
             # onto the CPU first: a checkpoint written on a GPU resumes on a CPU-only machine too; the model, the
             # optimizer and DST put every tensor on their own device as they load it
             ck = D.load_checkpoint(self.path, required=("model", "optimizer", "scheduler", "dst", "done", "rows"))
+            _check_same_training(self.path, ck.get("args", {}), vars(self.args))
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
             self.sched.load_state_dict(ck["scheduler"])
             if self.dst is not None:
                 self.dst.load_state_dict(ck["dst"])
             self.done, self.rows = ck["done"], ck["rows"]
+            self._write_metrics()  # the checkpoint's rows: a metrics.csv lost to a kill is written again
             print(f"[padst-train] resumed {self.path} at {self.done}")
         return self.done
+
+    def _write_metrics(self) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in self.rows for k in r)))
+        w.writeheader()
+        w.writerows(self.rows)
+        D.write_text_atomic(buf.getvalue(), self.out / "metrics.csv")
 
     def save(self, done: int, row: Dict) -> None:
         self.done = done
@@ -173,10 +201,7 @@ class Run:
                   dst=self.dst.state_dict() if self.dst is not None else None, done=done, rows=self.rows,
                   args=vars(self.args), **self.extra)
         D.save_atomic(ck, self.path)
-        with open(self.out / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in self.rows for k in r)))
-            w.writeheader()
-            w.writerows(self.rows)
+        self._write_metrics()
 
 
 def permutation_row(model: nn.Module) -> Dict:
@@ -205,7 +230,7 @@ def summarize(model: nn.Module, args, sparse_layers: List[str], out: Path, summa
         summary["permutation"] = permutation_report(model)
         summary["permutation"]["summary"].update(total_steps=getattr(args, "total_steps", None),
                                                  deadline_step=args.harden_step)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    D.write_text_atomic(json.dumps(summary, indent=1), out / "summary.json")
     metric = ", ".join(f"{k.replace('_', ' ')} {summary[k]:.4f}" for k in ("test_acc", "test_ppl") if k in summary)
     msg = f"[padst-train] {out.name}: {metric}"
     if permute:

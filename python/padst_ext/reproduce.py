@@ -43,6 +43,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .data import write_text_atomic
+
 # Per task: the padst-train arguments every run of the sweep shares, for the full sweep and for --quick.
 # Block size 4: a block b x b can only give every output a weight when the density is at least b / in_features.
 # The paper's ViT-B pairs 16 x 16 blocks with width 768 (2.1 %); at width 96 (64) the default 16 would leave most
@@ -163,7 +165,7 @@ def _run_one(task: str, cfg: Config, seed: int, common: List[str], threads: int,
     out.mkdir(parents=True, exist_ok=True)
     summary_path.unlink(missing_ok=True)
     (out / "checkpoint.pt").unlink(missing_ok=True)  # a changed command starts over
-    cmd_path.write_text(json.dumps(argv))
+    write_text_atomic(json.dumps(argv), cmd_path)
     t0 = time.perf_counter()
     if in_process:
         from .recipes import main as train_main
@@ -638,10 +640,10 @@ def main(argv=None) -> Dict:
             print(f"[padst-reproduce] timing {task} against dense ({cores} threads)")
             speeds += time_configs(task, configs, common[task], cores, args.speed_reps)
     settings["train_s"], settings["total_s"] = train_s, time.perf_counter() - t0
-    (root / "results.json").write_text(json.dumps(dict(settings=settings, command=command, runs=results,
-                                                       speed=speeds), indent=1, default=str))
+    write_text_atomic(json.dumps(dict(settings=settings, command=command, runs=results, speed=speeds), indent=1,
+                                 default=str), root / "results.json")
     md = table_md(results, speeds, args.tasks, configs, sparsities, seeds, command, settings)
-    (root / "table.md").write_text(md)
+    write_text_atomic(md, root / "table.md")
     if not args.no_plots:
         mid = sorted(sparsities)[len(sparsities) // 2]
         for task in args.tasks:
