@@ -460,3 +460,65 @@ def test_block_transpose_meta_bounds_num_block_cols():
     w = F.block_from_dense(torch.randn(32, 32), torch.ones(2, 2, dtype=torch.bool), (16, 16))
     with pytest.raises(ValueError, match=r"num_block_cols must be in \[0, 2\^31\).*4611686018427387904"):
         torch.ops.padst.block_transpose_meta(w.row_ptr, w.col_idx, 2**62)
+
+
+# --- a state dict is validated on load like a constructed layer (issue 18, item 4) --------------------------
+
+
+def _hard_layer(structure):
+    from padst_ext import SparseLinear
+
+    kw = dict(nm=dict(n=1, m=4, sparsity=None), block=dict(block_size=8, sparsity=0.5),
+              diagonal=dict(sparsity=0.5))[structure]
+    layer = SparseLinear(32, 32, structure=structure, seed=0, **kw)
+    layer.harden()
+    return layer, kw
+
+
+@pytest.mark.parametrize("structure", ["nm", "block", "diagonal"])
+def test_a_non_bijective_permutation_in_a_state_dict_is_refused(structure):
+    from padst_ext import SparseLinear
+
+    layer, kw = _hard_layer(structure)
+    sd = layer.state_dict()
+    other = SparseLinear(32, 32, structure=structure, seed=1, **kw)
+    other.load_state_dict(sd)  # a valid one loads
+    bad = dict(sd, perm=torch.zeros_like(sd["perm"]))
+    with pytest.raises(ValueError, match="perm is not a permutation of 0..31: value 0 appears 32 times"):
+        other.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("group", r"mask is not 1:4: row 0, group 0 .* holds 0 non-zeros"),
+    ("repeat", r"col_idx repeats a column in row 0"),
+    ("range", r"col_idx holds values in \[0, 32\], outside \[0, 32\)"),
+    ("width", r"col_idx has 7 entries per row; 1:4 of 32 inputs has 8"),
+])
+def test_a_broken_nm_pattern_in_a_state_dict_is_refused(damage, match):
+    layer, _ = _hard_layer("nm")
+    sd = layer.state_dict()
+    ci = sd["col_idx"].clone()
+    if damage == "group":
+        ci[0, 0] = 4 + (int(ci[0, 1]) - 4 + 1) % 4  # group 0 loses its entry, group 1 gets a second one
+    elif damage == "repeat":
+        ci[0, 0] = ci[0, 1]
+    elif damage == "range":
+        ci[0, -1] = 32
+    else:
+        ci = ci[:, :7].contiguous()
+    with pytest.raises(ValueError, match=match):
+        layer.load_state_dict(dict(sd, col_idx=ci), strict=True)
+
+
+def test_inconsistent_block_metadata_and_bad_offsets_in_a_state_dict_are_refused():
+    layer, _ = _hard_layer("block")
+    sd = layer.state_dict()
+    bad = dict(sd, blk_t=sd["blk_t"].flip(0))
+    with pytest.raises(ValueError, match="do not describe the pattern"):
+        layer.load_state_dict(bad)
+    dlayer, _ = _hard_layer("diagonal")
+    sd = dlayer.state_dict()
+    off = sd["offsets"].clone()
+    off[-1] = off[0]
+    with pytest.raises(ValueError, match="offsets must be distinct"):
+        dlayer.load_state_dict(dict(sd, offsets=off))

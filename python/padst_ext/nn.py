@@ -31,6 +31,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import formats as F
 from . import permutation as P
 from .structures import NMStructure, Structure, check_int, make_structure
 
@@ -582,8 +583,49 @@ class SparseLinear(nn.Module):
                         self.register_buffer(name, torch.empty_like(src, dtype=cur.dtype, device=cur.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._validate_loaded(prefix)
         self._match_structure_to_values()
         self._refresh_folded()
+
+    def _validate_loaded(self, prefix: str) -> None:
+        """A loaded pattern and permutation pass the checks a constructed layer's do (issue 18): a state dict is
+        input like any other, and the N:M path folds the permutation into its indices without an op checking them."""
+        where = prefix or "SparseLinear."
+        cfg = self.structure.config()
+        R, C = self.out_features, self.in_features
+        try:
+            if self.phase == "hard":
+                F.check_permutation(self.perm.cpu(), self.perm_dim, f"{where}perm")
+            if cfg["structure"] == "nm":
+                n, m, ci = cfg["n"], cfg["m"], self.col_idx.cpu()
+                if ci.dtype not in (torch.int32, torch.int64) or ci.dim() != 2 or ci.shape[0] != R:
+                    raise ValueError(f"{where}col_idx must be an int32/int64 [{R}, K] tensor, got {ci.dtype} "
+                                     f"{tuple(ci.shape)}")
+                if ci.numel() and (int(ci.min()) < 0 or int(ci.max()) >= C):
+                    raise ValueError(f"{where}col_idx holds values in [{int(ci.min())}, {int(ci.max())}], outside "
+                                     f"[0, {C})")
+                ones = torch.ones_like(ci, dtype=torch.int32)
+                mask = torch.zeros(R, C, dtype=torch.int32).scatter_add_(1, ci.long(), ones)
+                if ci.shape[1] != C // m * n:
+                    raise ValueError(f"{where}col_idx has {ci.shape[1]} entries per row; {n}:{m} of {C} inputs has "
+                                     f"{C // m * n}")
+                if mask.numel() and int(mask.max()) > 1:
+                    raise ValueError(f"{where}col_idx repeats a column in row {int(torch.nonzero(mask > 1)[0, 0])}")
+                F.check_nm_mask(mask.bool(), n, m)
+            elif cfg["structure"] == "block":
+                br, bc = cfg["block_size"]
+                cp, ri, bt = F.block_transpose_meta(self.row_ptr.cpu(), self.col_idx.cpu(), C // bc)
+                if not (torch.equal(cp, self.col_ptr.cpu().long()) and torch.equal(ri, self.row_idx_t.cpu().long())
+                        and torch.equal(bt, self.blk_t.cpu().long())):
+                    raise ValueError(f"{where}col_ptr / row_idx_t / blk_t do not describe the pattern of row_ptr and "
+                                     f"col_idx (rebuild them with padst_ext.formats.block_transpose_meta)")
+                if self.values.shape != (self.col_idx.numel(), br, bc):
+                    raise ValueError(f"{where}values has shape {tuple(self.values.shape)}, the pattern needs "
+                                     f"{(self.col_idx.numel(), br, bc)}")
+            elif cfg["structure"] == "diagonal":
+                F._check_offsets(self.offsets.cpu(), (R, C))
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"state dict for {where.rstrip('.')} does not hold a valid pattern: {e}") from None
 
     def _match_structure_to_values(self) -> None:
         """After loading a pattern of another density (e.g. ERK): the structure's counts follow the stored one."""
