@@ -9,8 +9,10 @@
 //     key tensor, so its address cannot be reused by another tensor while the entry lives;
 //   - the signature (sizes, dtype, device) of the data tensors whose shapes validation reads, and the int args.
 // Validation reads nothing else, so a hit returns exactly what validation would. The kernels only ever read the
-// cached, validated copies, never the caller's tensors. Not seen: writes that bypass the version counter
-// (through `.data`, numpy or DLPack aliases); inference-mode tensors have no version counter and are never cached.
+// cached, validated copies, never the caller's tensors (the copies are owned: checks.cpp's as_cpu_long always copies,
+// the N:M paths cache a copy; tests/test_out_of_band.py). Not seen: writes that bypass the version counter (through
+// `.data`, numpy or DLPack aliases): they leave the previous, valid pattern in use, never an unchecked index;
+// inference-mode tensors have no version counter and are never cached.
 // Bounded LRU (64 entries), thread-safe.
 #pragma once
 

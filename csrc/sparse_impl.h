@@ -709,12 +709,13 @@ at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor
   MetaKey key("padst::nm_mm");
   key.sig(x).sig(values).sig(bias).meta(col_idx).val(n).val(m);
   const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
-    check_nm_mm_args(x, values, col_idx, bias, n, m);
+    const at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
+    check_nm_mm_args(x, values, own, bias, n, m);
     NmDev r;
     r.p = NmProblem{values.size(0), x.size(1), values.size(1)};
-    r.ci = col_idx.to(at::kLong).contiguous();
+    r.ci = own.to(at::kLong).contiguous();
     if (x.size(1) <= 65536)  // uint16 indices (two's complement int16 storage keeps the 16 bits)
-      r.it = col_idx.to(at::kLong).t().contiguous().to(at::kInt).to(at::kShort).to(x.device());
+      r.it = r.ci.t().contiguous().to(at::kInt).to(at::kShort);
     return r;
   });
   auto y = at::empty({x.size(0), d->p.R}, x.options());
@@ -740,9 +741,10 @@ at::Tensor nm_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Ten
   MetaKey key(op);
   key.sig(dy).sig(values).meta(col_idx).val(n).val(m);
   const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
+    const at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
     NmDev r;
-    r.p = validate_nm_mm_t(op, dy, values, col_idx, n, m);
-    r.ci = col_idx.to(at::kLong).contiguous();
+    r.p = validate_nm_mm_t(op, dy, values, own, n, m);
+    r.ci = own.to(at::kLong).contiguous();
     std::tie(r.ent, r.ptr) = Backend<kHost>::nm_transpose(r.ci, r.p.C);
     std::tie(r.ell_row, r.ell_v) = nm_ell(r.ci, r.p.R, r.p.C, r.p.K);
     return r;
@@ -771,9 +773,10 @@ at::Tensor nm_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   MetaKey key(op);
   key.sig(dy).sig(x).meta(col_idx).val(n).val(m);
   const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
+    const at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
     NmDev r;
-    r.p = validate_nm_sddmm(op, dy, x, col_idx, n, m);
-    r.ci = col_idx.to(at::kLong).contiguous();
+    r.p = validate_nm_sddmm(op, dy, x, own, n, m);
+    r.ci = own.to(at::kLong).contiguous();
     if (x.size(1) <= 65536) r.it = r.ci.t().contiguous().to(at::kInt).to(at::kShort);  // as in nm_mm
     return r;
   });

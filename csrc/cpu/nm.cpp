@@ -171,15 +171,16 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
                      const std::optional<at::Tensor>& bias) {
   impl::MetaKey key("padst::nm_mm");
   key.sig(x).sig(values).sig(bias).meta(col_idx).val(n).val(m);
-  cached<bool>(std::move(key), [&] {
-    check_nm_mm_args(x, values, col_idx, bias, n, m);
-    return true;
+  // the validated pattern as a copy of its own: the kernels never read the caller's col_idx (see as_cpu_long)
+  const at::Tensor ic = *cached<at::Tensor>(std::move(key), [&] {
+    at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
+    check_nm_mm_args(x, values, own, bias, n, m);
+    return own;
   });
   check_cpu("padst::nm_mm", "x", x);
   const int64_t R = values.size(0), K = values.size(1), B = x.size(0), C = x.size(1);
   auto xc = x.contiguous();
   auto vc = values.contiguous();
-  auto ic = col_idx.contiguous();
   std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   auto y = at::empty({B, R}, x.options());
   if (y.numel() == 0) return y;  // also keeps the tiling arithmetic below free of divisions by zero
@@ -235,6 +236,7 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
 struct NmTransposed {
   NmProblem p;
   std::vector<int64_t> ptr, src, val;
+  at::Tensor ci;  // the validated col_idx, a copy of its own
 };
 
 NmTransposed transpose_pattern(const NmProblem& p, const at::Tensor& col_idx) {
@@ -261,14 +263,17 @@ at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at:
   key.sig(dy).sig(values).meta(col_idx).val(n).val(m);
   // Validation and the pattern's transpose are cached together: both depend on col_idx only.
   const auto t = cached<NmTransposed>(std::move(key), [&] {
-    const NmProblem q = validate_nm_mm_t(op, dy, values, col_idx, n, m);
-    return transpose_pattern(q, col_idx);
+    at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
+    const NmProblem q = validate_nm_mm_t(op, dy, values, own, n, m);
+    NmTransposed r = transpose_pattern(q, own);
+    r.ci = own;
+    return r;
   });
   const NmProblem& p = t->p;
   const int64_t R = p.R, K = p.K, B = dy.size(0), C = p.C;
   auto dyc = dy.contiguous();
   auto vc = values.contiguous();
-  auto ic = col_idx.contiguous();
+  const at::Tensor& ic = t->ci;
   auto dx = at::empty({B, C}, dy.options());
   if (B == 0) return dx;
   if (R == 0) return dx.zero_();
@@ -298,11 +303,16 @@ at::Tensor nm_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   check_cpu(op, "x", x);
   impl::MetaKey key(op);
   key.sig(dy).sig(x).meta(col_idx).val(n).val(m);
-  const NmProblem p = *cached<NmProblem>(std::move(key), [&] { return validate_nm_sddmm(op, dy, x, col_idx, n, m); });
+  const auto v = cached<std::pair<NmProblem, at::Tensor>>(std::move(key), [&] {
+    at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
+    const NmProblem q = validate_nm_sddmm(op, dy, x, own, n, m);
+    return std::make_pair(q, own);
+  });
+  const NmProblem& p = v->first;
+  const at::Tensor& ic = v->second;
   const int64_t R = p.R, K = p.K, B = x.size(0), C = p.C;
   auto dyc = dy.contiguous();
   auto xc = x.contiguous();
-  auto ic = col_idx.contiguous();
   auto dv = at::empty({R, K}, x.options());
   if (dv.numel() == 0) return dv;
   if (B == 0) return dv.zero_();
