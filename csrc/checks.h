@@ -30,7 +30,9 @@ struct Perm {
   std::vector<int64_t> fwd;
   std::vector<int64_t> inv;
   bool identity = true;
+  size_t bytes() const { return (fwd.size() + inv.size()) * sizeof(int64_t); }
 };
+inline size_t nbytes(const at::Tensor& t) { return t.defined() ? t.nbytes() : 0; }
 Perm check_perm(const char* op, const char* what, const std::optional<at::Tensor>& perm, int64_t n,
                 const at::Tensor& ref);
 
@@ -42,6 +44,9 @@ struct BlockMeta {
   int64_t R = 0, C = 0, br = 0, bc = 0, nbr = 0, nbc = 0, nnzb = 0;
   at::Tensor row_ptr, col_idx, col_ptr, row_idx_t, blk_t;  // int64, contiguous, CPU
   at::Tensor blk_row;  // [nnzb] block-row of each block (derived)
+  size_t bytes() const {
+    return nbytes(row_ptr) + nbytes(col_idx) + nbytes(col_ptr) + nbytes(row_idx_t) + nbytes(blk_t) + nbytes(blk_row);
+  }
 };
 // Validates the CSR part; C is the number of input features.
 BlockMeta check_block_csr(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t br,
@@ -78,6 +83,7 @@ void check_grad_pair(const char* op, const at::Tensor& dy, const at::Tensor& x);
 struct BlockProblem {
   BlockMeta m;
   Perm pin, pout;
+  size_t bytes() const { return m.bytes() + pin.bytes() + pout.bytes(); }
 };
 BlockProblem validate_block_mm(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                                const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
@@ -103,6 +109,7 @@ struct DiagProblem {
   at::Tensor off;  // int64 CPU
   Perm pin, pout;
   int64_t R = 0, C = 0;
+  size_t bytes() const { return nbytes(off) + pin.bytes() + pout.bytes(); }
 };
 DiagProblem validate_diag_mm(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets,
                              int64_t out_features, const std::optional<at::Tensor>& bias,

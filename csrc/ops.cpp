@@ -43,6 +43,8 @@ TORCH_LIBRARY(padst, m) {
     return std::vector<int64_t>{s.hits, s.misses, s.size};
   });
   m.def("_metadata_cache_clear() -> ()", [] { padst::impl::MetaCache::instance().clear(); });
+  // The bytes the cache's entries hold (bounded by MetaCache::max_bytes(): 256 MB, or PADST_META_CACHE_MB).
+  m.def("_metadata_cache_bytes() -> int", [] { return padst::impl::MetaCache::instance().stats().bytes; });
 
   // cuSPARSELt 2:4 path (CUDA builds with cuSPARSELt; csrc/cuda/cusparselt.cpp, python/padst_ext/semi_structured.py).
   // weight [R, C]: 2:4 along C (float16/bfloat16) or 1:2 (float32, TF32 math); `compressed` is opaque (uint8).

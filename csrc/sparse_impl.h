@@ -330,6 +330,10 @@ struct BlockV2Meta {
   at::Tensor ptr, idx;
   std::optional<at::Tensor> blk, in_scatter, in_gather, out_scatter;
   int64_t max_line = 0;
+  int64_t bytes() const {
+    return tensor_bytes(ptr) + tensor_bytes(idx) + tensor_bytes(blk) + tensor_bytes(in_scatter) +
+           tensor_bytes(in_gather) + tensor_bytes(out_scatter);
+  }
 };
 
 // Runs a v2 kernel when one serves the problem (the x-stationary one first); false when block_tc / gather must.
@@ -449,6 +453,11 @@ struct BlockDev {
   at::Tensor rp, ci, cp, ri, bt, brow;              // on the device of the data
   std::optional<at::Tensor> in_fwd, out_inv;        // in_perm and inv(out_perm), absent for the identity
   BlockV2Meta v2;                                   // int32 forms for the v2 kernels (forward or dx)
+  int64_t bytes() const {  // the device copies and the validated host metadata (for the cache's byte bound)
+    return static_cast<int64_t>(p.bytes()) + tensor_bytes(rp) + tensor_bytes(ci) + tensor_bytes(cp) +
+           tensor_bytes(ri) + tensor_bytes(bt) + tensor_bytes(brow) + tensor_bytes(in_fwd) + tensor_bytes(out_inv) +
+           v2.bytes();
+  }
 };
 inline at::Tensor int32_on_device(const at::Tensor& cpu_long, const at::Tensor& ref) {
   return cpu_long.to(at::kInt).to(ref.device()).contiguous();
@@ -604,6 +613,10 @@ struct NmDev {
   at::Tensor it;        // the v2 row kernel's indices: col_idx transposed [K, R], uint16 bits in int16 storage
   at::Tensor ell_row;   // dx in ELL form [D, C]: forward row of each entry (uint16 bits; 0xFFFF: none)
   at::Tensor ell_v;     // [D * C]: the entry's index into values (0 where there is none)
+  int64_t bytes() const {
+    return tensor_bytes(ci) + tensor_bytes(ent) + tensor_bytes(ptr) + tensor_bytes(it) + tensor_bytes(ell_row) +
+           tensor_bytes(ell_v);
+  }
 };
 
 // The transpose of an N:M pattern in ELL form (see EllEntries in kernels/rows_v2.h), built with torch ops on col_idx's
@@ -801,6 +814,11 @@ struct DiagDev {
   std::optional<at::Tensor> in_fwd, out_inv;
   at::Tensor off32;                            // the v2 row kernel's: offsets and the four index maps, int32
   std::optional<at::Tensor> in_fwd32, in_inv32, out_fwd32, out_inv32;
+  int64_t bytes() const {
+    return static_cast<int64_t>(p.bytes()) + tensor_bytes(off) + tensor_bytes(in_fwd) + tensor_bytes(out_inv) +
+           tensor_bytes(off32) + tensor_bytes(in_fwd32) + tensor_bytes(in_inv32) + tensor_bytes(out_fwd32) +
+           tensor_bytes(out_inv32);
+  }
 };
 inline DiagDev upload(DiagProblem p, const at::Tensor& ref) {
   DiagDev d;

@@ -493,3 +493,48 @@ def test_emulated_rows_v2_dw(shape, B, dtype):
     assert_close_to_reference(dw(case, dy, x, emu), dw(case, _f64(dy), _f64(x), ref), dw(case, dy, x, ref), "dW")
     assert _rows_calls() - before == 1
     assert torch.equal(dw(case, dy, x, emu), dw(case, dy, x, emu))  # splits summed in a fixed order
+
+
+def test_metadata_cache_drops_entries_of_older_versions():
+    """issue 18, item 5: DST changes a pattern in place at every update; the entries of the old versions are never hit
+    again and are dropped when the new version's entry is made, instead of filling the cache (64 entries of copies)."""
+    torch.ops.padst._metadata_cache_clear()
+    case = make_case("nm", 8, 64, 32, nm=(1, 4), perm="in")
+    w = case.weight
+    col_idx = w.col_idx.clone()
+    groups = col_idx // 4
+    for step in range(100):
+        col_idx.copy_(groups * 4 + (col_idx + 1) % 4)  # still 1:4, a new version each time
+        torch.ops.padst.nm_mm(case.x, w.values, col_idx, 1, 4)  # CPU kernels: validation + owned copies cached
+        emu.nm_mm(case.x, w.values, col_idx, 1, 4)  # the CUDA path's cache (the emulation)
+    hits, misses, size = torch.ops.padst._metadata_cache_info()
+    assert misses >= 200 and size <= 4, (hits, misses, size)  # one entry per (op, kind), not one per version
+    assert 0 < torch.ops.padst._metadata_cache_bytes() < 64 * 1024
+    torch.ops.padst._metadata_cache_clear()
+    assert torch.ops.padst._metadata_cache_bytes() == 0
+
+
+def test_metadata_cache_is_bounded_by_bytes(tmp_path):
+    """With PADST_META_CACHE_MB=1, a run over 12 distinct patterns of ~700 KB of cached copies each keeps the cache
+    under 1 MB, dropping the least recently used (a subprocess: the bound is read once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "bytes.py"
+    script.write_text(
+        "import torch, padst_ext\n"
+        "from padst_ext import formats as F\n"
+        "sizes = []\n"
+        "for i in range(12):\n"
+        "    w = F.block_from_dense(torch.randn(2048, 2048), torch.rand(128, 128) < 0.9, (16, 16))\n"
+        "    torch.ops.padst.block_mm(torch.randn(2, 2048), w.values, *w.meta())\n"
+        "    sizes.append(torch.ops.padst._metadata_cache_bytes())\n"
+        "info = torch.ops.padst._metadata_cache_info()\n"
+        "assert max(sizes) <= 1 << 20, sizes\n"
+        "assert info[2] < 12, info\n"
+        "print('bounded', max(sizes), info)\n")
+    env = dict(os.environ, PADST_META_CACHE_MB="1")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
+                         check=False)
+    assert res.returncode == 0 and "bounded" in res.stdout, res.stdout + res.stderr

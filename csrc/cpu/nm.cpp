@@ -237,6 +237,7 @@ struct NmTransposed {
   NmProblem p;
   std::vector<int64_t> ptr, src, val;
   at::Tensor ci;  // the validated col_idx, a copy of its own
+  size_t bytes() const { return (ptr.size() + src.size() + val.size()) * sizeof(int64_t) + nbytes(ci); }
 };
 
 NmTransposed transpose_pattern(const NmProblem& p, const at::Tensor& col_idx) {

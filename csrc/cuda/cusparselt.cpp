@@ -275,6 +275,7 @@ void check_compressed(const char* op, const at::Tensor& compressed, const at::Te
 struct LtPerm {
   bool identity = true;
   at::Tensor fwd, inv;
+  int64_t bytes() const { return impl::tensor_bytes(fwd) + impl::tensor_bytes(inv); }
 };
 
 // out[:, c] = a[:, idx[c]] for the first a.size(0) rows of out (contiguous, aligned): the row-permute kernel where it
