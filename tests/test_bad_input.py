@@ -522,3 +522,13 @@ def test_inconsistent_block_metadata_and_bad_offsets_in_a_state_dict_are_refused
     off[-1] = off[0]
     with pytest.raises(ValueError, match="offsets must be distinct"):
         dlayer.load_state_dict(dict(sd, offsets=off))
+
+
+def test_numpy_and_integral_float_arguments_are_accepted():
+    """The argument checks take any real number that is an integer (numpy scalars, 16.0), not only Python ints."""
+    import numpy as np
+
+    from padst_ext import SparseLinear
+
+    layer = SparseLinear(np.int64(32), 32.0, structure="block", sparsity=np.float32(0.5), block_size=np.int64(16))
+    assert layer.in_features == 32 and layer.out_features == 32 and layer.structure.config()["block_size"] == (16, 16)

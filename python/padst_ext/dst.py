@@ -13,6 +13,7 @@ loss) and harden on their own schedule in the post-hook.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -99,7 +100,7 @@ class DST:
         update_interval = check_int("update_interval", update_interval)
         if total_steps is not None:
             total_steps = check_int("total_steps", total_steps)
-        if isinstance(end, bool) or not isinstance(end, (int, float)) or not end > 0:
+        if isinstance(end, bool) or not isinstance(end, numbers.Real) or not end > 0:
             raise ValueError(f"end must be a fraction of total_steps in (0, 1) or an absolute step >= 1, got {end!r}")
         if not 0 <= drop_fraction < 1:
             raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")

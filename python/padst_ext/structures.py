@@ -12,6 +12,7 @@ the layer computes ``y = (x[:, in_perm] @ S.T)[:, out_perm] + bias``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -26,9 +27,9 @@ __all__ = ["drop_grow", "row_counts", "Structure", "BlockStructure", "NMStructur
 
 def check_int(name: str, value, minimum: int = 1) -> int:
     """value as an int, or TypeError / ValueError naming ``name``: an integer (not a bool, not 2.5) >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) and not hasattr(value, "__index__"):
         raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if isinstance(value, float) and not value.is_integer():
+    if not hasattr(value, "__index__") and not float(value).is_integer():
         raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
     v = int(value)
     if v < minimum:
@@ -131,7 +132,7 @@ class BlockStructure(Structure):
 
     def __init__(self, out_features, in_features, density, block_size=(32, 32)):
         super().__init__(out_features, in_features, density)
-        if isinstance(block_size, (int, float)) and not isinstance(block_size, bool):
+        if isinstance(block_size, numbers.Real) and not isinstance(block_size, bool):
             block_size = (block_size, block_size)
         if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
             raise TypeError(f"block_size must be an integer or a pair of integers, got {block_size!r}")
@@ -370,7 +371,7 @@ def make_structure(structure: str, out_features: int, in_features: int, sparsity
     if sparsity is None and not (STRUCTURES[structure] is NMStructure and n is not None and m is not None):
         raise ValueError(f"sparsity must be a number in [0, 1) for structure={structure!r} (None only for N:M with n "
                          f"and m given), got None")
-    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))):
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real)):
         raise TypeError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     density = None if sparsity is None else 1.0 - float(sparsity)
     if sparsity is not None and not (0.0 <= float(sparsity) < 1.0):
