@@ -211,6 +211,10 @@ inline const int64_t* idx_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<int64_t>() : nullptr;
 }
 inline const int64_t* idx_ptr(const at::Tensor& t) { return t.const_data_ptr<int64_t>(); }
+// The same for the int32 index maps of the v2 kernels.
+inline const int32_t* idx32_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<int32_t>() : nullptr;
+}
 template <typename T>
 const T* cptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.const_data_ptr());
@@ -347,9 +351,6 @@ bool try_block_v2(const at::Tensor& in, const at::Tensor& values, const std::opt
   if (in_cols % 8 != 0 || in_cols > i32 || out_cols > i32 || m.nnzb > i32) return false;
   for (const void* ptr : {in.const_data_ptr(), values.const_data_ptr(), static_cast<const void*>(out.const_data_ptr())})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  auto i32p = [](const std::optional<at::Tensor>& t) -> const int32_t* {
-    return t ? t->template const_data_ptr<int32_t>() : nullptr;
-  };
   const int64_t max_smem = Backend<kHost>::block_v2_max_smem();
   bool served = false;
   AT_DISPATCH_REDUCED_FLOATING_TYPES(in.scalar_type(), "padst block_v2", [&] {
@@ -358,11 +359,11 @@ bool try_block_v2(const at::Tensor& in, const at::Tensor& values, const std::opt
       p.in = cptr<T>(in);
       p.values = cptr<T>(values);
       p.bias = cptr<T>(bias);
-      p.out_scatter = i32p(vm.out_scatter);
+      p.out_scatter = idx32_ptr(vm.out_scatter);
       p.out = mptr<T>(out);
       p.ptr = vm.ptr.template const_data_ptr<int32_t>();
       p.idx = vm.idx.template const_data_ptr<int32_t>();
-      p.blk = i32p(vm.blk);
+      p.blk = idx32_ptr(vm.blk);
       p.B = in.size(0);
       p.in_cols = static_cast<int32_t>(in_cols);
       p.out_cols = static_cast<int32_t>(out_cols);
@@ -373,7 +374,7 @@ bool try_block_v2(const at::Tensor& in, const at::Tensor& values, const std::opt
       if (kern::BlockXs<T, kDx, kB>::smem_bytes(in_cols) <= max_smem) {
         kern::BlockXsParams<T> p;
         fill(p);
-        p.in_scatter = i32p(vm.in_scatter);
+        p.in_scatter = idx32_ptr(vm.in_scatter);
         Backend<kHost>::template block_xs<T, kDx, kB>(p);
         served = true;
         return;
@@ -383,7 +384,7 @@ bool try_block_v2(const at::Tensor& in, const at::Tensor& values, const std::opt
         if (K::serves(out_cols) && K::smem_bytes(out_cols) <= max_smem) {
           kern::BlockRcParams<T> p;
           fill(p);
-          p.in_gather = i32p(vm.in_gather);
+          p.in_gather = idx32_ptr(vm.in_gather);
           Backend<kHost>::template block_rc<T, kDx, kB>(p);
           served = true;
         }
@@ -411,17 +412,14 @@ bool try_block_gw(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dv, con
   if (R % 8 != 0 || C % 8 != 0 || R > i32 || C > i32 || m.nnzb > i32) return false;
   for (const void* ptr : {dy.const_data_ptr(), x.const_data_ptr()})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  auto i32p = [](const std::optional<at::Tensor>& t) -> const int32_t* {
-    return t ? t->template const_data_ptr<int32_t>() : nullptr;
-  };
   bool served = false;
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "padst block_gw", [&] {
     using T = typename Backend<kHost>::template type<scalar_t>;
     kern::BlockGwParams<T> p;
     p.dy = cptr<T>(dy);
     p.x = cptr<T>(x);
-    p.dy_gather = i32p(vm.out_scatter);
-    p.x_gather = i32p(vm.in_gather);
+    p.dy_gather = idx32_ptr(vm.out_scatter);
+    p.x_gather = idx32_ptr(vm.in_gather);
     p.row_ptr = vm.ptr.template const_data_ptr<int32_t>();
     p.col_idx = vm.idx.template const_data_ptr<int32_t>();
     p.out = mptr<T>(dv);
@@ -645,29 +643,35 @@ inline bool rows_v2_enabled(bool host) {
   return !(v[0] == '0' && v[1] == '\0');
 }
 
-// Runs it when it serves (fp32/bf16/fp16, an even number of output rows, an input of at most 3,072 columns); false
-// when the gather kernel must. in_scatter / out_scatter: int32 index maps (see RowsV2Params) or null.
+// Whether the row kernels serve a problem: switched on, fp32/bf16/fp16, the staged operand (the input; x for dW)
+// contiguous, 16-byte aligned and at most 3,072 columns of whole 16-byte vectors, an even number of rows R, and
+// 32-bit counts (R, K entries per row, nnz stored values).
+inline bool rows_v2_serves(bool host, const at::Tensor& staged, int64_t R, int64_t K, int64_t nnz) {
+  if (!rows_v2_enabled(host)) return false;
+  const auto st = staged.scalar_type();
+  if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) return false;
+  const int64_t C = staged.size(1), vec = 16 / staged.element_size(), i32 = std::numeric_limits<int32_t>::max();
+  return kern::rows_v2_tile(C) != 0 && C % vec == 0 && R % 2 == 0 && staged.is_contiguous() &&
+         reinterpret_cast<uintptr_t>(staged.const_data_ptr()) % 16 == 0 && R <= i32 && K <= i32 && nnz <= i32;
+}
+
+// Runs it when it serves (rows_v2_serves); false when the gather kernel must. in_scatter / out_scatter: int32 index
+// maps (see RowsV2Params) or null.
 template <bool kHost, typename E>
 bool try_rows_v2(const at::Tensor& in, const std::optional<at::Tensor>& in_scatter, const at::Tensor& values,
                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scatter, at::Tensor& out,
                  int64_t K, const E& entries) {
-  if (!rows_v2_enabled(kHost)) return false;
-  const auto st = in.scalar_type();
-  if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) return false;
-  const int64_t C = in.size(1), R = out.size(1), vec = 16 / in.element_size();
-  const int64_t i32 = std::numeric_limits<int32_t>::max();
-  if (kern::rows_v2_tile(C) == 0 || C % vec != 0 || R % 2 != 0 || !in.is_contiguous() ||
-      reinterpret_cast<uintptr_t>(in.const_data_ptr()) % 16 != 0 || R > i32 || K > i32 || values.numel() > i32)
-    return false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "padst rows_v2", [&] {
+  if (!rows_v2_serves(kHost, in, out.size(1), K, values.numel())) return false;
+  const int64_t C = in.size(1), R = out.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "padst rows_v2", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       using T = typename Backend<kHost>::template type<scalar_t>;
       kern::RowsV2Params<T, E> p;
       p.x = cptr<T>(in);
-      p.in_scatter = in_scatter ? in_scatter->template const_data_ptr<int32_t>() : nullptr;
+      p.in_scatter = idx32_ptr(in_scatter);
       p.values = cptr<T>(values);
       p.bias = cptr<T>(bias);
-      p.out_scatter = out_scatter ? out_scatter->template const_data_ptr<int32_t>() : nullptr;
+      p.out_scatter = idx32_ptr(out_scatter);
       p.out = mptr<T>(out);
       p.B = in.size(0);
       p.C = static_cast<int32_t>(C);
@@ -685,22 +689,16 @@ bool try_rows_v2(const at::Tensor& in, const std::optional<at::Tensor>& in_scatt
 template <bool kHost, typename E>
 bool try_rows_gw(const at::Tensor& dy, const std::optional<at::Tensor>& dy_gather, const at::Tensor& x,
                  const std::optional<at::Tensor>& in_scatter, at::Tensor& dv, int64_t K, const E& entries) {
-  if (!rows_v2_enabled(kHost)) return false;
-  const auto st = x.scalar_type();
-  if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) return false;
-  const int64_t C = x.size(1), R = dy.size(1), vec = 16 / x.element_size();
-  const int64_t i32 = std::numeric_limits<int32_t>::max();
-  if (kern::rows_v2_tile(C) == 0 || C % vec != 0 || R % 2 != 0 || !x.is_contiguous() || !dy.is_contiguous() ||
-      reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 != 0 || R > i32 || K > i32 || dv.numel() > i32)
-    return false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "padst rows_gw", [&] {
+  if (!dy.is_contiguous() || !rows_v2_serves(kHost, x, dy.size(1), K, dv.numel())) return false;
+  const int64_t C = x.size(1), R = dy.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "padst rows_gw", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       using T = typename Backend<kHost>::template type<scalar_t>;
       kern::RowsGwParams<T, E> p;
       p.dy = cptr<T>(dy);
-      p.dy_gather = dy_gather ? dy_gather->template const_data_ptr<int32_t>() : nullptr;
+      p.dy_gather = idx32_ptr(dy_gather);
       p.x = cptr<T>(x);
-      p.in_scatter = in_scatter ? in_scatter->template const_data_ptr<int32_t>() : nullptr;
+      p.in_scatter = idx32_ptr(in_scatter);
       p.out = mptr<T>(dv);
       p.B = x.size(0);
       p.C = static_cast<int32_t>(C);

@@ -27,6 +27,14 @@
 
 namespace padst::emu {
 
+// A CTA's dynamic shared memory for the emulation: 16-byte aligned, every byte 0xff (NaN in every float type), so a
+// read of a place no phase wrote shows in the output.
+inline std::vector<kern::sm80::V16> poisoned_smem(int64_t bytes) {
+  std::vector<kern::sm80::V16> smem(static_cast<size_t>((bytes + 15) / 16));
+  std::memset(smem.data(), 0xff, smem.size() * sizeof(kern::sm80::V16));
+  return smem;
+}
+
 template <typename T, typename E>
 void gather_mm(kern::GatherMmParams<T, E> p) {
   using K = kern::GatherMm<T, E>;
@@ -88,8 +96,7 @@ void block_xs(const kern::BlockXsParams<T>& p) {
   block_xs_calls().fetch_add(1);
   using K = kern::BlockXs<T, kDx, kB>;
   using V16 = typename K::V16;
-  std::vector<V16> smem(static_cast<size_t>((K::smem_bytes(p.in_cols) + 15) / 16));
-  std::memset(smem.data(), 0xff, smem.size() * sizeof(V16));
+  std::vector<V16> smem = poisoned_smem(K::smem_bytes(p.in_cols));
   T* xs = reinterpret_cast<T*>(smem.data());
   for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
     for (int tid = 0; tid < K::kThreads; ++tid) K::stage(p, cta, tid, xs);
@@ -109,8 +116,7 @@ template <typename T, bool kDx, int kB>
 void block_rc(const kern::BlockRcParams<T>& p) {
   block_rc_calls().fetch_add(1);
   using K = kern::BlockRc<T, kDx, kB>;
-  std::vector<kern::sm80::V16> smem(static_cast<size_t>((K::smem_bytes(p.out_cols) + 15) / 16));
-  std::memset(smem.data(), 0xff, smem.size() * sizeof(kern::sm80::V16));
+  std::vector<kern::sm80::V16> smem = poisoned_smem(K::smem_bytes(p.out_cols));
   T* base = reinterpret_cast<T*>(smem.data());
   for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
     for (int w = 0; w < K::kWarps; ++w)
@@ -133,8 +139,7 @@ void block_gw(kern::BlockGwParams<T> p, int64_t max_row_blocks) {
   K::plan(p, max_row_blocks);
   std::vector<float> partial(static_cast<size_t>(p.splits) * p.nnzb * kB * kB);
   p.partial = partial.data();
-  std::vector<kern::sm80::V16> smem(static_cast<size_t>((K::smem_bytes() + 15) / 16));
-  std::memset(smem.data(), 0xff, smem.size() * sizeof(kern::sm80::V16));
+  std::vector<kern::sm80::V16> smem = poisoned_smem(K::smem_bytes());
   T* base = reinterpret_cast<T*>(smem.data());
   std::vector<kern::sm80::WAcc<K::kAcc>> acc(K::kWarps);
   for (int64_t cta = 0; cta < K::num_ctas(p); ++cta) {
@@ -267,8 +272,7 @@ void rows_gw(const kern::RowsGwParams<T, E>& p) {
 template <typename T>
 void permute_cols(const kern::PermuteColsParams<T>& p) {
   using K = kern::PermuteCols<T>;
-  std::vector<kern::sm80::V16> smem(static_cast<size_t>((K::smem_bytes(p.cols) + 15) / 16));
-  std::memset(smem.data(), 0xff, smem.size() * sizeof(kern::sm80::V16));
+  std::vector<kern::sm80::V16> smem = poisoned_smem(K::smem_bytes(p.cols));
   T* base = reinterpret_cast<T*>(smem.data());
   for (int64_t cta = 0; cta < K::num_ctas(p); ++cta)
     for (int w = 0; w < K::kWarps; ++w)

@@ -72,6 +72,31 @@ struct DiagEntries {
   }
 };
 
+// Both row kernels' staging (thread tid of kThreads): xs[pos(c)][t] = x[b0 + t, c] as float for t < kTB, pos the
+// input permutation's place of column c (in_scatter, null: c), rows at or past b1 zero. 16-byte global loads.
+template <typename T, int kTB, int kThreads>
+PADST_WARP_HD void stage_rows(const T* x, int32_t C, const int32_t* in_scatter, int64_t b0, int64_t b1, int tid,
+                              float* xs) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const int nv = C / kVec;
+  for (int t = 0; t < kTB; ++t) {
+    const int64_t b = b0 + t;
+    for (int cv = tid; cv < nv; cv += kThreads) {
+      if (b < b1) {
+        const sm80::V16 v = sm80::load16(x + b * C + cv * kVec);
+        PADST_UNROLL
+        for (int j = 0; j < kVec; ++j) {
+          const int c = cv * kVec + j, pos = in_scatter ? in_scatter[c] : c;
+          xs[pos * kTB + t] = Num<T>::to_acc(sm80::elem<T>(v, j));
+        }
+      } else {
+        PADST_UNROLL
+        for (int j = 0; j < kVec; ++j) xs[(cv * kVec + j) * kTB + t] = 0.0f;
+      }
+    }
+  }
+}
+
 template <typename T, typename E>
 struct RowsV2Params {
   const T* x = nullptr;                  // [B, C], 16-byte aligned, C % (16 / sizeof(T)) == 0
@@ -108,24 +133,7 @@ struct RowsV2 {
 
   // Phase "stage" (thread tid): xs[pos(c)][t] = x[b0 + t, c] as float.
   PADST_WARP_HD static void stage(const Params& p, int64_t cta, int tid, float* xs) {
-    const int nv = p.C / kVec;
-    const int64_t b0 = cta * kTB;
-    for (int t = 0; t < kTB; ++t) {
-      const int64_t b = b0 + t;
-      for (int cv = tid; cv < nv; cv += kThreads) {
-        if (b < p.B) {
-          const sm80::V16 v = sm80::load16(p.x + b * p.C + cv * kVec);
-          PADST_UNROLL
-          for (int j = 0; j < kVec; ++j) {
-            const int c = cv * kVec + j, pos = p.in_scatter ? p.in_scatter[c] : c;
-            xs[pos * kTB + t] = Num<T>::to_acc(sm80::elem<T>(v, j));
-          }
-        } else {
-          PADST_UNROLL
-          for (int j = 0; j < kVec; ++j) xs[(cv * kVec + j) * kTB + t] = 0.0f;
-        }
-      }
-    }
+    stage_rows<T, kTB, kThreads>(p.x, p.C, p.in_scatter, cta * kTB, p.B, tid, xs);
   }
 
   // Phase "rows" (thread tid): rows r0, r0 + 1 for r0 = 2 tid, 2 tid + 2 kThreads, ...
@@ -213,7 +221,6 @@ template <typename T, typename E, int kTB>
 struct RowsGw {
   static_assert(kTB == 8 || kTB == 16 || kTB == 32, "8, 16 or 32 batch rows");
   using Params = RowsGwParams<T, E>;
-  using Stage = RowsV2<T, E, kTB>;  // the same x staging
   static constexpr int kThreads = 256;
   static constexpr int kRPT = 2;
   static constexpr int kKG = 16;  // entries per group: kRPT x kKG float accumulators per thread
@@ -235,23 +242,7 @@ struct RowsGw {
 
   // Phase "stage": x rows [b0, b0 + kTB) of the split (zero past b1), as RowsV2 stages them.
   PADST_WARP_HD static void stage(const Params& p, int64_t b0, int64_t b1, int tid, float* xs) {
-    const int nv = p.C / kVec;
-    for (int t = 0; t < kTB; ++t) {
-      const int64_t b = b0 + t;
-      for (int cv = tid; cv < nv; cv += kThreads) {
-        if (b < b1) {
-          const sm80::V16 v = sm80::load16(p.x + b * p.C + cv * kVec);
-          PADST_UNROLL
-          for (int j = 0; j < kVec; ++j) {
-            const int c = cv * kVec + j, pos = p.in_scatter ? p.in_scatter[c] : c;
-            xs[pos * kTB + t] = Num<T>::to_acc(sm80::elem<T>(v, j));
-          }
-        } else {
-          PADST_UNROLL
-          for (int j = 0; j < kVec; ++j) xs[(cv * kVec + j) * kTB + t] = 0.0f;
-        }
-      }
-    }
+    stage_rows<T, kTB, kThreads>(p.x, p.C, p.in_scatter, b0, b1, tid, xs);
   }
 
   // Phase "accumulate" (thread tid): acc[j][kk] += sum_t dz[b0 + t, r0 + j] x_p[b0 + t, col(k0 + kk, r0 + j)].
