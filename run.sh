@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine:
-#   ./run.sh demo [args]    set up, then train a permuted sparse MLP on bundled data (python -m padst_ext.demo)
+#   ./run.sh demo [args]    set up, then train a permuted sparse MLP on bundled data (python -m padst_ext.experiments.demo)
 #   ./run.sh train [args]   set up, then padst-train (e.g. ./run.sh train vit --quick: a sparse ViT on Fashion-MNIST)
 #   ./run.sh test [args]    set up, then run the test suite (python -m pytest -q tests)
 #   ./run.sh bench [args]   set up, then python benchmarks/cpu_ops.py
@@ -37,8 +37,8 @@ cmd=${1:-}
 [[ $# -gt 0 ]] && shift
 case "${cmd}" in
   setup) setup ;;
-  demo) setup; exec "${PY}" -m padst_ext.demo "$@" ;;
-  train) setup; exec "${PY}" -m padst_ext.recipes "$@" ;;
+  demo) setup; exec "${PY}" -m padst_ext.experiments.demo "$@" ;;
+  train) setup; exec "${PY}" -m padst_ext.experiments.recipes "$@" ;;
   test) setup; exec "${PY}" -m pytest -q tests "$@" ;;
   bench) setup; exec "${PY}" benchmarks/cpu_ops.py "$@" ;;
   *) echo "usage: ./run.sh demo|train|test|bench|setup [args]" >&2; exit 2 ;;

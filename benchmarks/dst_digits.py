@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from padst_ext import DST, param_groups, sparsify
-from padst_ext.demo import load_digits
+from padst_ext.experiments.demo import load_digits
 
 HERE = Path(__file__).resolve().parent
 

@@ -11,8 +11,8 @@ import struct
 import pytest
 import torch
 
-from padst_ext import data as D
-from padst_ext import recipes as R
+from padst_ext.experiments import data as D
+from padst_ext.experiments import recipes as R
 
 
 def write_idx(path, t: torch.Tensor, code: int = 0x08, compress: bool = True) -> None:
@@ -263,7 +263,7 @@ def test_train_on_cuda_and_resume(tmp_path, monkeypatch, task, structure):
 def test_train_gpt2_small_vocab_keeps_endoftext_and_saves_its_table(tmp_path, monkeypatch):
     """--vocab K renumbers the ids: <|endoftext|> keeps its role (bos/eos of the model's config, no warning about an
     id outside the vocabulary) and the checkpoint holds the table that maps GPT-2 ids to the model's."""
-    from padst_ext.reproduce import _load_run
+    from padst_ext.experiments.reproduce import _load_run
 
     monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(D, "gpt2_encoding", lambda: _ByteEncoding())

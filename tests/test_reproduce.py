@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from padst_ext import SparseLinear
-from padst_ext import data as D
-from padst_ext import recipes as R
-from padst_ext import reproduce as P
+from padst_ext.experiments import data as D
+from padst_ext.experiments import recipes as R
+from padst_ext.experiments import reproduce as P
 
 from test_recipes import _ByteEncoding, _text_file, fake_fashion
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("structure", ["block", "nm", "diag"])
 def test_demo_learns(structure):
     pytest.importorskip("sklearn")
-    from padst_ext import demo
+    from padst_ext.experiments import demo
 
     acc_sparse, acc_dense = demo.main(["--structure", structure, "--epochs", "3", "--hidden", "128"])
     assert acc_sparse > 0.8 and acc_dense > 0.8  # 10 classes: chance is 0.1

@@ -174,7 +174,7 @@ def _run_one(task: str, cfg: Config, seed: int, common: List[str], threads: int,
         return dict(json.loads(summary_path.read_text()), wall_s=time.perf_counter() - t0)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     with open(out / "run.log", "w") as log:
-        rc = subprocess.run([sys.executable, "-m", "padst_ext.recipes", *argv], stdout=log, stderr=subprocess.STDOUT,
+        rc = subprocess.run([sys.executable, "-m", "padst_ext.experiments.recipes", *argv], stdout=log, stderr=subprocess.STDOUT,
                             env=env).returncode
     if rc != 0 or not summary_path.is_file():
         tail = (out / "run.log").read_text().splitlines()[-15:]
@@ -240,7 +240,7 @@ def time_configs(task: str, configs: List[Config], common: List[str], threads: i
     against its dense twin, in this process, one after another."""
     import torch.nn.functional as F
 
-    from .nn import harden_all
+    from ..nn import harden_all
     from .recipes import GPT2_VOCAB, build_models, lm_loss, speed
 
     torch.set_num_threads(threads)
@@ -506,7 +506,7 @@ def _load_run(run_dir: Path):
 
 
 def _first_sparse(model):
-    from .nn import SparseLinear
+    from ..nn import SparseLinear
 
     return next((n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear))
 

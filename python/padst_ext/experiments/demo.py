@@ -1,7 +1,7 @@
 """Smallest end-to-end use of the ops: train a permuted structured-sparse MLP on scikit-learn's bundled
 digits (8x8 images, 1797 samples) and print test accuracy next to the dense model's.
 
-    python -m padst_ext.demo [--structure block|nm|diag] [--epochs 60] [--threads 2]
+    python -m padst_ext.experiments.demo [--structure block|nm|diag] [--epochs 60] [--threads 2]
 
 The hidden layer is ``y = S P x`` through ``padst_ext.ops`` (permutation fused into the kernel) with a fixed
 random input permutation; learned permutations, the layer API and DST come with later releases.
@@ -16,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as Fn
 
-from . import formats as F
-from . import ops
+from .. import formats as F
+from .. import ops
 
 
 def load_digits(seed: int = 0):

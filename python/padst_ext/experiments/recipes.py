@@ -1,4 +1,4 @@
-"""Training recipes: ``padst-train vit|gpt2 ...`` (also ``python -m padst_ext.recipes vit|gpt2 ...``).
+"""Training recipes: ``padst-train vit|gpt2 ...`` (also ``python -m padst_ext.experiments.recipes vit|gpt2 ...``).
 
 - ``vit``: a small ViT (timm ``VisionTransformer`` for 28x28 inputs, patch 4) trained from scratch on Fashion-MNIST.
 - ``gpt2``: a small GPT-2 (Hugging Face ``GPT2LMHeadModel``) trained from scratch on English Wikipedia articles
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
-from .dst import DST
-from .nn import SparseLinear, export, param_groups, permutation_report, sparsify
-from .permutation import HARDEN_MODES, INITS
+from ..dst import DST
+from ..nn import SparseLinear, export, param_groups, permutation_report, sparsify
+from ..permutation import HARDEN_MODES, INITS
 
 STRUCTURES = ("dense", "unstructured", "block", "nm", "diagonal")
 GPT2_VOCAB = 50257  # GPT-2's BPE vocabulary
