@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as Fn
 
 from padst_ext import formats as F
-from padst_ext import ops
+from padst_ext import ops, reference
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,40 +58,44 @@ def bench_group(fns: dict, reps: int, warmup: int = 2) -> dict:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def make_weight(structure, R, C, sparsity, gen, perm):
+def _block_weight(structure, dense, sparsity, gen):
+    R, C = dense.shape
+    bs = int(structure[5:])
+    nbr, nbc = R // bs, C // bs
+    k = max(1, round((1 - sparsity) * nbc))
+    idx = torch.rand(nbr, nbc, generator=gen).topk(k, dim=1).indices
+    mask = torch.zeros(nbr, nbc, dtype=torch.bool).scatter_(1, idx, True)
+    return F.block_from_dense(dense, mask, (bs, bs))
+
+
+def _nm_weight(structure, dense, sparsity, gen):
+    R, C = dense.shape
+    # N:M with M dividing both 768 and 3072: 6:32 (81.3%), 3:32 (90.6%) and 3:64 (95.3%)
+    n, m = (6, 32) if sparsity < 0.85 else (3, 32) if sparsity < 0.93 else (3, 64)
+    idx = torch.rand(R, C // m, m, generator=gen).topk(n, dim=-1).indices
+    mask = torch.zeros(R, C // m, m, dtype=torch.bool).scatter_(-1, idx, True).reshape(R, C)
+    return F.nm_from_dense(dense, mask, n, m)
+
+
+def _diag_weight(structure, dense, sparsity, gen):
+    R, C = dense.shape
+    K = math.ceil((1 - sparsity) * R * C / min(R, C))
+    offsets = torch.randperm(max(R, C), generator=gen)[:K].sort().values
+    return F.diag_from_dense(dense, offsets)
+
+
+WEIGHTS = {"block": _block_weight, "nm": _nm_weight, "diag": _diag_weight}
+
+
+def make_weight(structure, R, C, sparsity, gen):
+    """The unpermuted (logical) weight object of a case."""
     dense = torch.randn(R, C, generator=gen) / math.sqrt(C)
-    if structure.startswith("block"):
-        bs = int(structure[5:])
-        nbr, nbc = R // bs, C // bs
-        k = max(1, round((1 - sparsity) * nbc))
-        idx = torch.rand(nbr, nbc, generator=gen).topk(k, dim=1).indices
-        mask = torch.zeros(nbr, nbc, dtype=torch.bool).scatter_(1, idx, True)
-        return F.block_from_dense(dense, mask, (bs, bs)), mask
-    if structure == "nm":
-        # N:M with M dividing both 768 and 3072: 6:32 (81.3%), 3:32 (90.6%) and 3:64 (95.3%)
-        n, m = (6, 32) if sparsity < 0.85 else (3, 32) if sparsity < 0.93 else (3, 64)
-        idx = torch.rand(R, C // m, m, generator=gen).topk(n, dim=-1).indices
-        mask = torch.zeros(R, C // m, m, dtype=torch.bool).scatter_(-1, idx, True).reshape(R, C)
-        return F.nm_from_dense(dense, mask, n, m, perm=perm), mask
-    if structure == "diag":
-        L = min(R, C)
-        K = math.ceil((1 - sparsity) * R * C / L)
-        offsets = torch.randperm(max(R, C), generator=gen)[:K].sort().values
-        return F.diag_from_dense(dense, offsets), None
-    raise ValueError(structure)
+    return WEIGHTS[structure.rstrip("0123456789")](structure, dense, sparsity, gen)
 
 
-def default_side(structure, C, R):
-    """SparseLinear's perm_side="auto": the smaller side; N:M always the input."""
-    return "input" if structure == "nm" or C <= R else "output"
-
-
-def call(structure, w, x, in_perm, out_perm):
-    if structure.startswith("block"):
-        return ops.block_mm(x, w.values, *w.meta(), None, in_perm, out_perm)
-    if structure == "nm":
-        return ops.nm_mm(x, w.values, w.col_idx, w.n, w.m)
-    return ops.diag_mm(x, w.values, w.offsets, w.shape[0], None, in_perm, out_perm)
+def default_side(w, C, R):
+    """SparseLinear's perm_side="auto": the smaller side; N:M (no output permutation) always the input."""
+    return "input" if not w.supports_output_perm or C <= R else "output"
 
 
 def measure_bandwidth(reps: int = 5) -> float:
@@ -109,7 +113,7 @@ def floor_ms(row, bw_gbs):
     B, C, R, nnz = row["B"], row["C"], row["R"], row["nnz"]
     flops = 2 * B * nnz
     dense_rate = 2 * B * C * R / row["dense_fwd_ms"]  # FLOPs per ms
-    nbytes = 4 * (B * C + B * R + nnz) + (2 * nnz if row["structure"] == "nm" else 0)
+    nbytes = 4 * (B * C + B * R + nnz) + row["index_bytes"]
     return max(flops / dense_rate, nbytes / (bw_gbs * 1e6)), flops, nbytes
 
 
@@ -119,34 +123,32 @@ def run_case(structure, B, C, R, sparsity, reps):
     Wd = torch.randn(R, C, generator=gen)
     in_perm = torch.randperm(C, generator=gen)
     out_perm = torch.randperm(R, generator=gen)
-    ident = None
-    w_perm, mask = make_weight(structure, R, C, sparsity, gen, in_perm)
-    # N:M folds the permutation into its indices: the identity layer is a separate (unpermuted) index set.
-    w_id = F.nm_from_dense(w_perm.to_dense()[:, in_perm], mask, w_perm.n, w_perm.m) if structure == "nm" else w_perm
-    density = w_perm.values.numel() / (R * C)
-    side = default_side(structure, C, R)
+    w_id = make_weight(structure, R, C, sparsity, gen)
+    density = w_id.values.numel() / (R * C)
+    side = default_side(w_id, C, R)
     # (in_perm, out_perm) of the default side and of the other one (N:M has no other side)
     perms = {"input": (in_perm, None), "output": (None, out_perm)}
-    pin, pout = perms[side]
+    w_perm = w_id.with_perm(*perms[side])  # N:M folds the permutation into its indices
     row = dict(structure=structure, B=B, C=C, R=R, sparsity=sparsity, density=round(density, 4), perm_side=side,
-               nnz=w_perm.values.numel())
+               nnz=w_perm.values.numel(),
+               # the compressed weight's index bytes the kernel reads: 16-bit N:M columns, block/diagonal metadata
+               index_bytes=2 * w_perm.values.numel() if isinstance(w_perm, F.NMSparse) else 0)
 
     W = w_perm.to_dense()
     csr = W.to_sparse_csr()
     fwd = {"dense_fwd_ms": lambda: Fn.linear(x, Wd),
-           "padst_fwd_perm_ms": lambda: call(structure, w_perm, x, pin, pout),
-           "padst_fwd_ident_ms": lambda: call(structure, w_id, x, ident, None),
+           "padst_fwd_perm_ms": lambda: w_perm.mm(x),
+           "padst_fwd_ident_ms": lambda: w_id.mm(x),
            "torch_csr_fwd_ms": lambda: (csr @ x.T).T}
-    if structure != "nm":
-        oin, oout = perms["output" if side == "input" else "input"]
-        fwd["padst_fwd_perm_other_side_ms"] = lambda: call(structure, w_perm, x, oin, oout)
+    if w_id.supports_output_perm:
+        w_other = w_id.with_perm(*perms["output" if side == "input" else "input"])
+        fwd["padst_fwd_perm_other_side_ms"] = lambda: w_other.mm(x)
         if side == "input":
-            fwd["padst_fwd_gather_then_ident_ms"] = lambda: call(structure, w_id, x[:, in_perm], ident, None)
+            fwd["padst_fwd_gather_then_ident_ms"] = lambda: w_id.mm(x[:, in_perm])
         else:
-            fwd["padst_fwd_gather_then_ident_ms"] = lambda: call(structure, w_id, x, ident, None)[:, out_perm]
-    if structure.startswith("block"):
-        bs = int(structure[5:])
-        bsr = W.to_sparse_bsr((bs, bs))
+            fwd["padst_fwd_gather_then_ident_ms"] = lambda: w_id.mm(x)[:, out_perm]
+    if isinstance(w_id, F.BlockSparse):
+        bsr = W.to_sparse_bsr(w_id.block_size)
         fwd["torch_bsr_fwd_ms"] = lambda: (bsr @ x.T).T
     row.update(bench_group(fwd, reps))
 
@@ -154,21 +156,13 @@ def run_case(structure, B, C, R, sparsity, reps):
     vr = w_perm.values.clone().requires_grad_()
     Wr = Wd.clone().requires_grad_()
     dy = torch.randn(B, R, generator=gen)
-    wv = w_perm._replace(values=vr)
     row.update(bench_group({
         "dense_fwdbwd_ms": lambda: torch.autograd.grad(Fn.linear(xr, Wr), (xr, Wr), dy),
-        "padst_fwdbwd_perm_ms": lambda: torch.autograd.grad(call(structure, wv, xr, pin, pout), (xr, vr), dy),
+        "padst_fwdbwd_perm_ms": lambda: torch.autograd.grad(w_perm.mm(xr, values=vr), (xr, vr), dy),
     }, max(3, reps // 2)))
 
-    # correctness guard for the figures: the timed kernel computes the right thing
-    if structure == "nm":
-        ref = x @ W.T
-    else:
-        xp = x[:, pin] if pin is not None else x
-        ref = xp @ W.T
-        ref = ref[:, pout] if pout is not None else ref
-    got = call(structure, w_perm, x, pin, pout)
-    row["max_abs_err"] = float((got - ref).abs().max())
+    # correctness guard for the figures: the timed kernel computes the right thing (against the plain reference)
+    row["max_abs_err"] = float((w_perm.mm(x) - w_perm.mm(x, impl=reference)).abs().max())
     return row
 
 

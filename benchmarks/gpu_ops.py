@@ -418,10 +418,30 @@ def _nm_mask(R, C, n, m, gen):
     return torch.zeros(R, C // m, m, dtype=torch.bool).scatter_(-1, idx, True).reshape(R, C)
 
 
+def _block_weight(st, dense, case, gen, index_dtype):
+    R, C = dense.shape
+    bs = int(st[5:])
+    return F.block_from_dense(dense, _balanced_block_mask(R // bs, C // bs, 1 - case.sparsity, gen), (bs, bs))
+
+
+def _diag_weight(st, dense, case, gen, index_dtype):
+    R, C = dense.shape
+    K = math.ceil((1 - case.sparsity) * R * C / min(R, C))
+    return F.diag_from_dense(dense, torch.randperm(max(R, C), generator=gen)[:K].sort().values)
+
+
+def _nm_weight(st, dense, case, gen, index_dtype):
+    R, C = dense.shape
+    return F.nm_from_dense(dense, _nm_mask(R, C, case.n, case.m, gen), case.n, case.m, index_dtype=index_dtype)
+
+
+# the case's logical weight object per structure (2:4 is N:M here; its cuSPARSELt variants wrap the same weight)
+WEIGHTS = {"block": _block_weight, "diag": _diag_weight, "nm": _nm_weight, "2:4": _nm_weight}
+
+
 def _to(obj, device, dtype):
-    """A formats NamedTuple with its float tensors in dtype and all tensors on device."""
-    return type(obj)(*(f.to(device=device, dtype=dtype if f.is_floating_point() else f.dtype)
-                       if isinstance(f, torch.Tensor) else f for f in obj))
+    """A weight object with its float tensors in dtype and all tensors on device."""
+    return obj.to(device=device, dtype=dtype)
 
 
 def _close(out: torch.Tensor, ref64: torch.Tensor, lowp: torch.Tensor, dtype: torch.dtype) -> dict:
@@ -511,8 +531,7 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
     is_cuda = device.type == "cuda"
     costs = structure_cost(case, 4 if index_dtype == torch.int32 else 8)
     dense = torch.randn(R, C, generator=gen) / math.sqrt(max(1.0, (1 - case.sparsity) * C))
-    in_perm_cpu = torch.randperm(C, generator=gen)
-    in_perm, out_perm = in_perm_cpu.to(device), torch.randperm(R, generator=gen).to(device)
+    in_perm, out_perm = torch.randperm(C, generator=gen).to(device), torch.randperm(R, generator=gen).to(device)
     bias = (0.1 * torch.randn(R, generator=gen)).to(device=device, dtype=dtype)
     dgen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(T, C, generator=dgen, device=device, dtype=dtype)
@@ -543,120 +562,80 @@ def build_case(case: Case, device: torch.device, T: int, scale_div: int, index_d
                 return _check_plain(out_of, x, S, ip, op, bias if with_bias else None, dtype)
         return Variant(key, fwd=fwd, check=chk)
 
-    if st.startswith("block") or st == "diag":
-        if st == "diag":
-            K = math.ceil((1 - case.sparsity) * R * C / min(R, C))
-            offsets = torch.randperm(max(R, C), generator=gen)[:K].sort().values
-            w = _to(F.diag_from_dense(dense, offsets), device, dtype)
-            linear, needs = ops.diag_linear, ("diag_mm", "diag_mm_t", "diag_sddmm")
+    # the case's logical (unpermuted) weight object; the permuted layer is the same object with the permutations
+    # (N:M folds its input permutation into col_idx, block and diagonal carry both)
+    w = _to(WEIGHTS["block" if st.startswith("block") else st](st, dense, case, gen, index_dtype), device, dtype)
+    w_perm = w.with_perm(in_perm, out_perm if w.supports_output_perm else None)
+    density = w.density
+    # block: padst_* is the block_tc kernel, padst_v2_* the v2 kernels where they serve (the x-stationary one for
+    # fc1's forward and fc2's dx, the row-complete one for fc2's forward and fc1's dx), block_tc elsewhere; N:M and
+    # diagonal: padst_* the gather kernel, padst_v2_* the v2 row kernel (rows_v2.h) where it serves
+    switch = "PADST_BLOCK_V2" if isinstance(w, F.BlockSparse) else "PADST_ROWS_V2"
+    for key, wv, env in (("padst_perm", w_perm, "0"), ("padst_ident", w, "0"), ("padst_v2_perm", w_perm, "1"),
+                         ("padst_v2_ident", w, "1")):
+        def apply(xx, v, b, wv=wv):
+            return wv.mm(xx, b, values=v)
 
-            def S_of(v, w=w):
-                return F.diag_to_dense(v, w.offsets, w.shape)
-        else:
-            bs = int(st[5:])
-            bmask = _balanced_block_mask(R // bs, C // bs, 1 - case.sparsity, gen)
-            w = _to(F.block_from_dense(dense, bmask, (bs, bs)), device, dtype)
-            linear, needs = ops.block_linear, ("block_mm", "block_mm_t", "block_sddmm")
-
-            def S_of(v, w=w):
-                return F.block_to_dense(v, w.row_ptr, w.col_idx, w.shape)
-        density = w.density
-        mask = w.mask()
-
-        def apply_perm(xx, v, b, w=w, linear=linear):
-            return linear(xx, w._replace(values=v), b, in_perm, out_perm)
-
-        def apply_id(xx, v, b, w=w, linear=linear):
-            return linear(xx, w._replace(values=v), b)
-
-        # block: padst_* is the block_tc kernel, padst_v2_* the v2 kernels where they serve (the x-stationary one for
-        # fc1's forward and fc2's dx, the row-complete one for fc2's forward and fc1's dx), block_tc elsewhere;
-        # diagonal: padst_* the gather kernel, padst_v2_* the v2 row kernel where it serves
-        switch = "PADST_BLOCK_V2" if st.startswith("block") else "PADST_ROWS_V2"
-        tc = {switch: "0"}
-        variants.append(padst_variant("padst_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm, needs, tc))
-        variants.append(padst_variant("padst_ident", apply_id, w.values, S_of, mask, None, None, needs, tc))
-        v2 = {switch: "1"}  # block: the v2 tensor-core kernels; diagonal: the v2 row kernel (forward and dx)
-        variants.append(padst_variant("padst_v2_perm", apply_perm, w.values, S_of, mask, in_perm, out_perm, needs, v2))
-        variants.append(padst_variant("padst_v2_ident", apply_id, w.values, S_of, mask, None, None, needs, v2))
-        S_id = S_of(w.values)
-        S_ref, ip_ref, op_ref = S_id, in_perm, out_perm
-        # the layer's effective dense weight: x @ W.T == (x[:, in_perm] @ S.T)[:, out_perm] (exact: a permutation)
-        dense_eff = reference.linear(torch.eye(C, device=device, dtype=dtype), S_id, None, in_perm, out_perm).T
-        if st.startswith("block"):
+        variants.append(padst_variant(key, apply, wv.values, wv.to_dense, wv.mask(), getattr(wv, "in_perm", None),
+                                      getattr(wv, "out_perm", None), wv.op_names, {switch: env}))
+    S_id = w.to_dense()  # logical frame: the permuted layer computes (x[:, in_perm] @ S_id.T)[:, out_perm]
+    S_ref, ip_ref, op_ref = S_id, in_perm, (out_perm if w.supports_output_perm else None)
+    # the layer's effective dense weight: x @ W.T == (x[:, in_perm] @ S.T)[:, out_perm] (exact: a permutation)
+    dense_eff = reference.linear(torch.eye(C, device=device, dtype=dtype), S_id, None, in_perm, op_ref).T
+    if isinstance(w, F.BlockSparse):
+        try:
+            bsr = S_id.to_sparse_bsr(w.block_size)
+            variants.append(plain_variant("torch_bsr", lambda: bsr @ xT, lambda: (bsr @ xT).T, S_id))
+        except Exception as ex:  # noqa: BLE001 - a conversion torch lacks: the baseline is skipped
+            skipped["torch_bsr"] = short_error(ex)
+        if not is_cuda:
+            skipped["triton_bsr"] = "needs CUDA"
+        elif dtype == torch.float32:
+            # each (dtype, block, shape) is a Triton compile of seconds; fp32 has cuSPARSE's BSR (torch_bsr)
+            skipped["triton_bsr"] = "bf16 only (fp32: cuSPARSE BSR)"
+        elif "torch_bsr" not in skipped:
             try:
-                bsr = S_id.to_sparse_bsr((bs, bs))
-                variants.append(plain_variant("torch_bsr", lambda: bsr @ xT, lambda: (bsr @ xT).T, S_id))
-            except Exception as ex:  # noqa: BLE001 - a conversion torch lacks: the baseline is skipped
-                skipped["torch_bsr"] = short_error(ex)
-            if not is_cuda:
-                skipped["triton_bsr"] = "needs CUDA"
-            elif dtype == torch.float32:
-                # each (dtype, block, shape) is a Triton compile of seconds; fp32 has cuSPARSE's BSR (torch_bsr)
-                skipped["triton_bsr"] = "bf16 only (fp32: cuSPARSE BSR)"
-            elif "torch_bsr" not in skipped:
-                try:
-                    from torch.sparse._triton_ops import bsr_dense_mm
+                from torch.sparse._triton_ops import bsr_dense_mm
 
-                    variants.append(plain_variant("triton_bsr", lambda: bsr_dense_mm(bsr, xT),
-                                                  lambda: bsr_dense_mm(bsr, xT).T, S_id))
-                except Exception as ex:  # noqa: BLE001 - triton missing or the private API moved
-                    skipped["triton_bsr"] = short_error(ex)
-    elif st in ("nm", "2:4"):
-        n, m = case.n, case.m
-        nmask = _nm_mask(R, C, n, m, gen)
-        w_p = _to(F.nm_from_dense(dense, nmask, n, m, perm=in_perm_cpu, index_dtype=index_dtype), device, dtype)
-        w_i = _to(F.nm_from_dense(dense, nmask, n, m, index_dtype=index_dtype), device, dtype)
-        density = w_p.density
-        needs = ("nm_mm", "nm_mm_t", "nm_sddmm")
-        # padst_*: the gather kernel (PADST_ROWS_V2=0); padst_v2_*: the v2 row kernel (rows_v2.h) where it serves
-        for key, w, env in (("padst_perm", w_p, "0"), ("padst_ident", w_i, "0"), ("padst_v2_perm", w_p, "1"),
-                            ("padst_v2_ident", w_i, "1")):
-            def apply(xx, v, b, w=w):
-                return ops.nm_linear(xx, w._replace(values=v), b)
+                variants.append(plain_variant("triton_bsr", lambda: bsr_dense_mm(bsr, xT),
+                                              lambda: bsr_dense_mm(bsr, xT).T, S_id))
+            except Exception as ex:  # noqa: BLE001 - triton missing or the private API moved
+                skipped["triton_bsr"] = short_error(ex)
+    if st == "2:4":
+        ss, why = _semi_structured_module()
+        if ss is None:
+            skipped["lt24"] = why
+        else:
+            # lt24_*: bias pre-filled into y (beta = 1), cuSPARSELt's default algorithm, index_select;
+            # lt24v2_*: the bias epilogue, the algorithm search and the row-permute kernel (PADST_LT24_V2=1)
+            w24 = F.Semi24Sparse(w.values, w.col_idx, w.n, w.m, w.shape)
+            for key, ip, epi in (("lt24_perm", in_perm, "0"), ("lt24_ident", None, "0"),
+                                 ("lt24v2_perm", in_perm, "1"), ("lt24v2_ident", None, "1")):
+                def lt_apply(xx, v, b, wv=w24.with_perm(ip)):
+                    return wv.mm(xx, b, values=v)
 
-            variants.append(padst_variant(key, apply, w.values, lambda v, w=w: F.nm_to_dense(v, w.col_idx, C),
-                                          w.mask(), None, None, needs, env={"PADST_ROWS_V2": env}))
-        S_id = w_i.to_dense()  # logical frame: the permuted layer computes x[:, in_perm] @ S_id.T
-        S_ref, ip_ref, op_ref = S_id, in_perm, None
-        dense_eff = w_p.to_dense()
-        if st == "2:4":
-            ss, why = _semi_structured_module()
-            if ss is None:
-                skipped["lt24"] = why
-            else:
-                # lt24_*: bias pre-filled into y (beta = 1), cuSPARSELt's default algorithm, index_select;
-                # lt24v2_*: the bias epilogue, the algorithm search and the row-permute kernel (PADST_LT24_V2=1)
-                for key, ip, epi in (("lt24_perm", in_perm, "0"), ("lt24_ident", None, "0"),
-                                     ("lt24v2_perm", in_perm, "1"), ("lt24v2_ident", None, "1")):
-                    def lt_apply(xx, v, b, ip=ip):
-                        return ss.lt24_linear(xx, v, w_i.col_idx, n, m, C, in_perm=ip, bias=b)
+                variants.append(padst_variant(key, lt_apply, w24.values, w24.to_dense, w24.mask(), ip, None,
+                                              env={"PADST_LT24_V2": epi}))
+        if not is_cuda:
+            skipped["torch_24"] = "needs CUDA"
+        else:
+            try:
+                from torch.sparse import to_sparse_semi_structured
 
-                    variants.append(padst_variant(key, lt_apply, w_i.values,
-                                                  lambda v: F.nm_to_dense(v, w_i.col_idx, C), w_i.mask(), ip, None,
-                                                  env={"PADST_LT24_V2": epi}))
-            if not is_cuda:
-                skipped["torch_24"] = "needs CUDA"
-            else:
-                try:
-                    from torch.sparse import to_sparse_semi_structured
+                W24 = to_sparse_semi_structured(S_id)
+                variants.append(plain_variant("torch_24", lambda: Fn.linear(x, W24, bias),
+                                              lambda: Fn.linear(x, W24, bias), S_id, with_bias=True))
+                skipped["torch_24_backend"] = type(W24).__name__  # informational
+            except Exception as ex:  # noqa: BLE001 - a backend torch lacks: the baseline is skipped
+                skipped["torch_24"] = short_error(ex)
+            try:
+                from torch.sparse import SparseSemiStructuredTensorCUSPARSELT
 
-                    W24 = to_sparse_semi_structured(S_id)
-                    variants.append(plain_variant("torch_24", lambda: Fn.linear(x, W24, bias),
-                                                  lambda: Fn.linear(x, W24, bias), S_id, with_bias=True))
-                    skipped["torch_24_backend"] = type(W24).__name__  # informational
-                except Exception as ex:  # noqa: BLE001 - a backend torch lacks: the baseline is skipped
-                    skipped["torch_24"] = short_error(ex)
-                try:
-                    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT
-
-                    W24lt = SparseSemiStructuredTensorCUSPARSELT.from_dense(S_id)
-                    variants.append(plain_variant("torch_24_cusparselt", lambda: Fn.linear(x, W24lt, bias),
-                                                  lambda: Fn.linear(x, W24lt, bias), S_id, with_bias=True))
-                except Exception as ex:  # noqa: BLE001 - a backend torch lacks: the baseline is skipped
-                    skipped["torch_24_cusparselt"] = short_error(ex)
-    else:
-        raise ValueError(st)
+                W24lt = SparseSemiStructuredTensorCUSPARSELT.from_dense(S_id)
+                variants.append(plain_variant("torch_24_cusparselt", lambda: Fn.linear(x, W24lt, bias),
+                                              lambda: Fn.linear(x, W24lt, bias), S_id, with_bias=True))
+            except Exception as ex:  # noqa: BLE001 - a backend torch lacks: the baseline is skipped
+                skipped["torch_24_cusparselt"] = short_error(ex)
 
     # cuSPARSE CSR for every structure (the only torch sparse baseline for N:M and diagonal)
     try:

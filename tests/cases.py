@@ -84,9 +84,29 @@ class Case:
     in_perm: Optional[torch.Tensor]
     out_perm: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
-    weight: object  # BlockSparse / NMSparse / DiagSparse
+    weight: F.SparseWeight  # BlockSparse / NMSparse / DiagSparse, with the case's permutations
     x: torch.Tensor
     extra: Dict = field(default_factory=dict)
+
+
+def _block(dense, gen, *, sparsity, block, extra, **_):
+    R, C = dense.shape
+    br, bc = block
+    return F.block_from_dense(dense, balanced_block_mask(R // br, C // bc, 1 - sparsity, gen), block)
+
+
+def _nm(dense, gen, *, nm, extra, **_):
+    n, m = nm
+    mask = random_nm_mask(*dense.shape, n, m, gen)
+    extra["logical_mask"] = mask
+    return F.nm_from_dense(dense, mask, n, m)
+
+
+def _diag(dense, gen, *, sparsity, **_):
+    return F.diag_from_dense(dense, random_offsets(*dense.shape, sparsity, gen))
+
+
+BUILDERS = {"block": _block, "nm": _nm, "diag": _diag}
 
 
 def make_case(structure: str, B: int, C: int, R: int, *, sparsity: float = 0.9, block=(16, 16), nm=(1, 10),
@@ -98,24 +118,13 @@ def make_case(structure: str, B: int, C: int, R: int, *, sparsity: float = 0.9, 
     out_perm = random_perm(R, gen) if perm in ("out", "both") and structure != "nm" else None
     b = torch.randn(R, generator=gen, dtype=torch.float64) if bias else None
     extra = {}
-    if structure == "block":
-        br, bc = block
-        mask = balanced_block_mask(R // br, C // bc, 1 - sparsity, gen)
-        w = F.block_from_dense(dense, mask, block)
-    elif structure == "nm":
-        n, m = nm
-        mask = random_nm_mask(R, C, n, m, gen)
-        w = F.nm_from_dense(dense, mask, n, m, perm=in_perm)
-        extra["logical_mask"] = mask
-    elif structure == "diag":
-        w = F.diag_from_dense(dense, random_offsets(R, C, sparsity, gen))
-    else:
-        raise ValueError(structure)
+    w = BUILDERS[structure](dense, gen, sparsity=sparsity, block=block, nm=nm, extra=extra)
+    # the case's weight object applies the case's permutations (N:M folds its input permutation into col_idx)
+    w = w.with_perm(in_perm, out_perm).to(device=device, dtype=dtype)
 
     def conv(t):
         if t is None:
             return None
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
-    w = type(w)(*(conv(f) if isinstance(f, torch.Tensor) else f for f in w))
     return Case(structure, B, C, R, dtype, device, conv(in_perm), conv(out_perm), conv(b), w, conv(x), extra)

@@ -32,13 +32,12 @@ def _case(B, C, R, kb, density, perm, dtype, seed=0):
     w = F.block_from_dense(torch.randn(R, C, generator=gen, dtype=torch.float64), mask, (kb, kb))
     case = make_case("block", B, C, R, block=(kb, kb), sparsity=0.5, perm=perm, dtype=dtype, device="cuda",
                      seed=seed)
-    return dataclasses.replace(case, weight=_on(w, "cuda", dtype))
+    return dataclasses.replace(case, weight=_on(w, "cuda", dtype).with_perm(case.in_perm, case.out_perm))
 
 
 def _on(w, device, dtype):
-    """A formats NamedTuple with its values in dtype and every tensor on device."""
-    return type(w)(*(f.to(device=device, dtype=dtype if f.is_floating_point() else f.dtype)
-                     if isinstance(f, torch.Tensor) else f for f in w))
+    """A weight object with its values in dtype and every tensor on device."""
+    return w.to(device=device, dtype=dtype)
 
 
 def _both_kernels(monkeypatch, fn):
@@ -109,11 +108,11 @@ def test_cuda_block_v2_autograd_and_opcheck(monkeypatch):
     x = case.x.clone().requires_grad_()
     v = w.values.clone().requires_grad_()
     bias = case.bias.clone().requires_grad_()
-    y = ops.block_linear(x, w._replace(values=v), bias, case.in_perm, case.out_perm)
+    y = ops.block_linear(x, w.replace(values=v), bias, case.in_perm, case.out_perm)
     dy = torch.randn_like(y)
     gx, gv, gb = torch.autograd.grad(y, (x, v, bias), dy)
     x64, v64, b64 = (t.detach().double().cpu().requires_grad_() for t in (case.x, w.values, case.bias))
-    y64 = ops.block_linear(x64, _on(w, "cpu", torch.float64)._replace(values=v64), b64, case.in_perm.cpu(),
+    y64 = ops.block_linear(x64, _on(w, "cpu", torch.float64).replace(values=v64), b64, case.in_perm.cpu(),
                            case.out_perm.cpu())
     g64 = torch.autograd.grad(y64, (x64, v64, b64), dy.double().cpu())
     for got, want, name in zip((gx, gv, gb), g64, ("dx", "dvalues", "dbias")):

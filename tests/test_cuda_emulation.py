@@ -178,7 +178,7 @@ def _block_case(B, C, R, kb, mask, perm, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     w = F.block_from_dense(torch.randn(R, C, generator=gen, dtype=torch.float64), mask, (kb, kb))
     case = make_case("block", B, C, R, block=(kb, kb), sparsity=0.5, perm=perm, dtype=dtype, seed=seed)
-    return dataclasses.replace(case, weight=w._replace(values=w.values.to(dtype)))
+    return dataclasses.replace(case, weight=w.replace(values=w.values.to(dtype)))
 
 
 def _mask(R, C, kb, density, seed, empty=True):

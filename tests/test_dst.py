@@ -116,17 +116,21 @@ def test_update_rule_drops_smallest_grows_largest(structure, kw):
 
 @pytest.mark.parametrize("structure,kw", STRUCTS, ids=[s for s, _ in STRUCTS])
 def test_transport_moves_state_with_units(structure, kw):
+    """remap + move: a tensor laid out like the values (an optimizer moment) follows its units to the new pattern."""
     layer = SparseLinear(64, 32, structure=structure, sparsity=0.75, permute=False, seed=0, **kw)
     state = torch.randn_like(layer.values)
-    old_bufs = {k: v.clone() for k, v in layer._buffers_dict().items()}
-    dense_state = layer.structure.unpack(state, old_bufs)
+    w = layer.sparse
+    dense_state = w.to_dense(state)
     old = layer.pattern_mask()
-    new = layer.structure.update_mask(old, torch.rand(32, 64) * old, torch.rand(32, 64), 0.5)
-    moved = layer.transport(state, old_bufs, new)
-    layer.set_mask(new)
-    dense_moved = layer.structure.unpack(moved, layer._buffers_dict())
+    new_w, slot = w.remap(layer.structure.update(w, torch.rand(32, 64), 0.5))
+    moved = w.move(state, slot)
+    layer.set_sparse(new_w)
+    new = layer.pattern_mask()
+    dense_moved = layer.sparse.to_dense(moved)
     assert torch.equal(dense_moved[old & new], dense_state[old & new])  # kept units carry their state
     assert (dense_moved[new & ~old] == 0).all() and (dense_moved[~new] == 0).all()
+    assert (new & ~old).any()
+    assert new_w.nnz - int((slot >= 0).sum()) * new_w.unit_numel == int((new & ~old).sum())
 
 
 def test_grown_weights_zero_and_optimizer_state_moved():
@@ -143,7 +147,7 @@ def test_grown_weights_zero_and_optimizer_state_moved():
     assert grown.any()
     S = layer.sparse_weight().detach()
     assert (S[grown] == 0).all()  # grown weights start at zero
-    avg = layer.structure.unpack(opt.state[layer.values]["exp_avg"], layer._buffers_dict())
+    avg = layer.sparse.to_dense(opt.state[layer.values]["exp_avg"])
     assert (avg[grown] == 0).all() and (avg[~mask1] == 0).all()
     assert (avg[kept] != 0).any()  # kept units keep their moments (moved with them: test_transport_...)
     assert len(dst.history) == 1
@@ -158,10 +162,10 @@ def test_dense_gradient_only_on_update_steps(monkeypatch):
     monkeypatch.setattr(ops, "dense_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
     DST(model, opt, algorithm="rigl", update_interval=4, total_steps=100)
     _train(model, opt, 3)
-    assert calls == [] and all(m._dst_capture is not None for m in _layers(model))  # armed for step 4
+    assert calls == [] and all(len(m._product_hooks) == 1 for m in _layers(model))  # armed for step 4
     _train(model, opt, 1, start=3)
     assert len(calls) == len(_layers(model))
-    assert all(m._dst_capture is None for m in _layers(model))
+    assert all(len(m._product_hooks) == 0 for m in _layers(model))
 
 
 def test_skipped_step_with_inf_gradients_does_not_poison_rigl():

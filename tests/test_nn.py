@@ -65,7 +65,7 @@ def test_layer_gradients_match_dense_reference(structure, side, device):
     gx, gv, gb = torch.autograd.grad(y, (x, layer.values, layer.bias), dy)
     # the same layer as a dense masked product, gradients by autograd through the reference
     v = layer.values.detach().clone().requires_grad_()
-    S = layer.structure.unpack(v, layer._buffers_dict())
+    S = layer.sparse.to_dense(v)
     x2 = x.detach().clone().requires_grad_()
     perms = (layer.perm, None) if side == "input" else (None, layer.perm)
     y2 = ref.linear(x2, S, layer.bias, *perms)

@@ -56,31 +56,15 @@ def _cases(structures=("block", "nm", "diag")):
 
 
 def fwd(case, x, values, bias, impl):
-    w = case.weight
-    if case.structure == "block":
-        return impl.block_mm(x, values, *w.meta(), bias, case.in_perm, case.out_perm)
-    if case.structure == "nm":
-        return impl.nm_mm(x, values, w.col_idx, w.n, w.m, bias)
-    return impl.diag_mm(x, values, w.offsets, case.R, bias, case.in_perm, case.out_perm)
+    return case.weight.mm(x, bias, values=values, impl=impl)
 
 
 def dx(case, dy, values, impl):
-    w = case.weight
-    if case.structure == "block":
-        return impl.block_mm_t(dy, values, *w.meta(), case.in_perm, case.out_perm)
-    if case.structure == "nm":
-        return impl.nm_mm_t(dy, values, w.col_idx, w.n, w.m)
-    return impl.diag_mm_t(dy, values, w.offsets, case.C, case.in_perm, case.out_perm)
+    return case.weight.mm_t(dy, values=values, impl=impl)
 
 
 def dw(case, dy, x, impl):
-    w = case.weight
-    if case.structure == "block":
-        br, bc = w.block_size
-        return impl.block_sddmm(dy, x, w.row_ptr, w.col_idx, br, bc, case.in_perm, case.out_perm)
-    if case.structure == "nm":
-        return impl.nm_sddmm(dy, x, w.col_idx, w.n, w.m)
-    return impl.diag_sddmm(dy, x, w.offsets, case.in_perm, case.out_perm)
+    return case.weight.sddmm(dy, x, impl=impl)
 
 
 def _make(s, perm, dtype, device, bias=True, seed=0):
@@ -161,12 +145,7 @@ def test_autograd_without_optional_args(structure):
     w = case.weight
     x = case.x.clone().requires_grad_()
     v = w.values.clone().requires_grad_()
-    if structure == "block":
-        y = ops.block_mm(x, v, *w.meta())
-    elif structure == "nm":
-        y = ops.nm_mm(x, v, w.col_idx, w.n, w.m)
-    else:
-        y = ops.diag_mm(x, v, w.offsets, case.R)
+    y = w.mm(x, values=v)  # the weight object calls the op with its trailing arguments left out
     gx, gv = torch.autograd.grad(y.square().sum(), (x, v))
     x2 = case.x.clone().requires_grad_()
     v2 = w.values.clone().requires_grad_()
@@ -330,7 +309,7 @@ def test_non_contiguous_inputs_and_int32_indices(structure, device):
     c32.in_perm = None if case.in_perm is None else case.in_perm.int()
     c32.out_perm = None if case.out_perm is None else case.out_perm.int()
     w = case.weight
-    c32.weight = type(w)(*(f.int() if isinstance(f, torch.Tensor) and not f.is_floating_point() else f for f in w))
+    c32.weight = w.map_index(torch.Tensor.int)
     torch.testing.assert_close(fwd(c32, xt, w.values, case.bias, ops), fwd(case, case.x, w.values, case.bias, ref))
     dy = torch.randn(48, 7, dtype=torch.float64, device=device).T
     torch.testing.assert_close(dx(c32, dy, w.values, ops), dx(case, dy, w.values, ref))

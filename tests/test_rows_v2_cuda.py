@@ -75,11 +75,11 @@ def test_cuda_rows_v2_nm_autograd_and_opcheck(monkeypatch):
     x = case.x.clone().requires_grad_()
     v = w.values.clone().requires_grad_()
     b = case.bias.clone().requires_grad_()
-    y = ops.nm_linear(x, w._replace(values=v), b)
+    y = ops.nm_linear(x, w.replace(values=v), b)
     dy = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, v, b), dy)
     x64, v64, b64 = (t.detach().double().requires_grad_() for t in (case.x, w.values, case.bias))
-    want = torch.autograd.grad(ops.nm_linear(x64, w._replace(values=v64), b64), (x64, v64, b64), dy.double())
+    want = torch.autograd.grad(ops.nm_linear(x64, w.replace(values=v64), b64), (x64, v64, b64), dy.double())
     for g, e in zip(got, want):
         torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4)
     torch.library.opcheck(torch.ops.padst.nm_mm.default, (x, v, w.col_idx, w.n, w.m, b))

@@ -138,6 +138,8 @@ class DST:
         self.step = 0  # optimizer steps completed
         self.history: List[Dict] = []
         self._grow_scores: Optional[List[Tensor]] = None  # set in the pre-hook of an update step
+        self._captures: Optional[List[List[dict]]] = None  # per layer, the product records of an update step
+        self._capture_handles: List = []
         if distribution == "erk":
             self._apply_erk()
         # The penalty's gradient is added by each soft layer's backward (no second Sinkhorn pass per step).
@@ -169,9 +171,45 @@ class DST:
 
     # -- hooks ------------------------------------------------------------------------------------------------
     def _arm(self, step: int) -> None:
-        rigl = self.algorithm == "rigl" and self.is_update_step(step)
-        for _, layer in self.layers:
-            layer._dst_capture = [] if rigl else None
+        """On a RigL update step, record every forward's sparse product (its input, and its output's gradient in
+        the backward pass) through the layers' product hooks; on other steps record nothing."""
+        self._disarm()
+        if not (self.algorithm == "rigl" and self.is_update_step(step)):
+            return
+        self._captures = [[] for _ in self.layers]
+        for (_, layer), records in zip(self.layers, self._captures):
+            self._capture_handles.append(layer.register_product_hook(self._recorder(records)))
+
+    def _disarm(self) -> None:
+        for h in self._capture_handles:
+            h.remove()
+        self._capture_handles, self._captures = [], None
+
+    @staticmethod
+    def _recorder(records: List[dict]):
+        def record(layer, x_in, z, in_perm, out_perm):
+            if not torch.is_grad_enabled():
+                return
+            rec = {"x": x_in.detach(), "in_perm": in_perm, "out_perm": out_perm}
+            records.append(rec)
+            if z.requires_grad:
+                z.register_hook(lambda g: rec.__setitem__("dz", g.detach()))
+        return record
+
+    @staticmethod
+    def _dense_grad(records: List[dict]) -> Optional[Tensor]:
+        """Sum over the recorded forwards of ``dz.T @ x_in`` in the logical frame, ``[out, in]`` float32."""
+        from . import ops
+
+        total = None
+        for rec in records:
+            # a forward without backward, or the inf/NaN gradients of a step that GradScaler skipped (the
+            # optimizer step hooks never ran, so its records are still here): not a grow signal
+            if "dz" not in rec or not bool(torch.isfinite(rec["dz"]).all()):
+                continue
+            g = ops.dense_grad(rec["dz"].to(rec["x"].dtype), rec["x"], rec["in_perm"], rec["out_perm"])
+            total = g.float() if total is None else total.add_(g)
+        return total
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if self.is_update_step(self.step):
@@ -194,17 +232,16 @@ class DST:
 
     def _compute_grow_scores(self) -> List[Tensor]:
         scores = []
-        for name, layer in self.layers:
+        for i, (name, layer) in enumerate(self.layers):
             shape = (layer.out_features, layer.in_features)
             if self.algorithm == "rigl":
-                g = layer.dense_grad_from_capture()
+                g = self._dense_grad(self._captures[i]) if self._captures is not None else None
                 if g is None:
                     raise RuntimeError(f"DST: no gradient was recorded for layer {name!r} on update step "
                                        f"{self.step}; call loss.backward() before optimizer.step()")
-                g = g.float()
                 if self._distributed():  # the global gradient first, then its magnitude
                     torch.distributed.all_reduce(g, group=self.process_group)
-                g = g.abs()
+                g = g.abs_()
             else:  # SET: the same seeded draw on every rank
                 g = torch.rand(shape, generator=self.generator).to(layer.values.device)
             scores.append(g)
@@ -212,24 +249,28 @@ class DST:
 
     @torch.no_grad()
     def _update(self, step: int, grow_scores: List[Tensor]) -> None:
+        """Per layer: the new pattern at the structure's unit, then the weight on it and every optimizer moment moved
+        by one gather through the slot map (grown units zero); the grow score is the only dense ``R x C`` tensor."""
         frac = self.fraction(step)
         record = {"step": step + 1, "fraction": frac, "layers": {}}
-        for (name, layer), g in zip(self.layers, grow_scores):
-            old_mask = layer.pattern_mask()
-            w_abs = layer.sparse_weight().abs().float()
-            new_mask = layer.structure.update_mask(old_mask, w_abs, g.to(w_abs.device), frac)
-            old_buffers = {k: v.clone() for k, v in layer._buffers_dict().items()}
+        for i, (name, layer) in enumerate(self.layers):
+            w = layer.sparse
+            g, grow_scores[i] = grow_scores[i].to(w.values.device), None  # dropped once used
+            new_w, slot = w.remap(layer.structure.update(w, g, frac))
+            del g
             state = self.optimizer.state.get(layer.values, {})
-            moved = {k: layer.transport(v, old_buffers, new_mask) for k, v in state.items()
-                     if isinstance(v, Tensor) and v.shape == layer.values.shape}
-            layer.set_mask(new_mask)
-            for k, v in moved.items():
-                state[k].copy_(v)
-            changed = int((new_mask & ~old_mask).sum())
-            record["layers"][name] = {"grown": changed, "density": layer.density}
+            for k, v in state.items():
+                if isinstance(v, Tensor) and v.shape == layer.values.shape:
+                    moved = w.move(v, slot)
+                    if moved.shape == v.shape:
+                        v.copy_(moved)
+                    else:
+                        state[k] = moved
+            layer.set_sparse(new_w)
+            grown = new_w.nnz - int((slot >= 0).sum()) * new_w.unit_numel
+            record["layers"][name] = {"grown": grown, "density": layer.density}
         self.history.append(record)
-        for _, layer in self.layers:
-            layer._dst_capture = None
+        self._disarm()
 
     def _apply_erk(self) -> None:
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
@@ -271,6 +312,6 @@ class DST:
         """Detach from the optimizer."""
         for h in self._hooks:
             h.remove()
+        self._disarm()
         for _, layer in self.layers:
-            layer._dst_capture = None
             layer.penalty_in_backward = False

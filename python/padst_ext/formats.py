@@ -1,12 +1,15 @@
-"""Storage formats of the three structures and conversions dense+mask <-> storage.
+"""The sparse-weight objects (one per structure, one interface: :class:`SparseWeight`), their storage formats and
+the conversions dense+mask <-> storage.
 
-The formats are the kernels' contract (see docs/design.md in the project notes):
+The formats are the kernels' contract:
 
 * :class:`BlockSparse` -- BSR-like: ``values [nnzb, br, bc]``, ``row_ptr [R/br + 1]``, ``col_idx [nnzb]``
   (strictly increasing within a block-row) plus the CSC transpose ``col_ptr [C/bc + 1]``,
   ``row_idx_t [nnzb]``, ``blk_t [nnzb]`` used by the dx kernel, rebuilt only when the pattern changes.
 * :class:`NMSparse` -- N:M along the input dimension, condensed: ``values [R, K]``, ``col_idx [R, K]`` with
   ``K = C * n / m``. An input permutation is folded into ``col_idx`` (``col_idx = perm[logical index]``).
+* :class:`Semi24Sparse` -- 2:4 (1:2 for float32) on cuSPARSELt: the N:M storage, input permutation carried.
+* :class:`MaskedDense` -- the unstructured baseline: ``values [R, C]`` under a boolean ``mask``.
 * :class:`DiagSparse` -- wrap-around diagonals: ``values [K, min(R, C)]``, ``offsets [K]`` in
   ``[0, max(R, C))``; entry ``t`` of diagonal ``k`` sits at ``((t + o_k) % R, t)`` if ``R >= C`` else
   ``(t, (t + o_k) % C)``.
@@ -16,13 +19,18 @@ All conversions are plain PyTorch (they run once per pattern change, not per ste
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import dataclasses
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "SparseWeight",
     "BlockSparse",
+    "Semi24Sparse",
+    "MaskedDense",
+    "block_from_units",
     "NMSparse",
     "DiagSparse",
     "block_transpose_meta",
@@ -67,11 +75,116 @@ def check_permutation(perm: Tensor, n: int, name: str = "perm") -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Block
+# The sparse-weight objects: one per structure, one interface
 # ----------------------------------------------------------------------------------------------------------
 
 
-class BlockSparse(NamedTuple):
+class SparseWeight:
+    """A structured sparse weight ``S [R, C]``: stored values, the index tensors of its pattern and the permutations
+    it is applied with, held together; every structure answers the same calls.
+
+    Products (``impl``: the op namespace, :mod:`padst_ext.ops` by default or :mod:`padst_ext.reference`;
+    ``values``: another tensor laid out like :attr:`values`, e.g. a fresh leaf or an optimizer moment):
+
+    * :meth:`mm` -- ``y = (x[:, in_perm] @ S.T)[:, out_perm] + bias``, differentiable in ``x``, values and bias;
+    * :meth:`mm_t` -- ``dx`` of that product for ``dy``; :meth:`sddmm` -- ``dvalues`` for ``dy`` and ``x``.
+
+    Pattern: :meth:`to_dense` and :meth:`mask` (the matrix and pattern as the kernels read it), :meth:`with_perm`
+    (the same weight applied with permutations: N:M folds an input permutation into its column indices, the others
+    carry it), and for dynamic sparse training :meth:`units` (the pattern at the structure's unit: block grid,
+    logical N:M columns, diagonal offsets, element mask), :meth:`remap` (the weight on a new pattern of units and
+    the slot map from its stored positions to the old ones, -1 for grown units) and :meth:`move` (one gather through
+    that map, zero where grown) -- no dense ``R x C`` matrix is formed.
+
+    Instances are immutable values: :meth:`replace` and :meth:`to` return new ones.
+    """
+
+    index_names: Tuple[str, ...] = ()  # the index tensors, in the order the ops take them
+    op_names: Tuple[str, ...] = ()  # the padst ops of mm, mm_t and sddmm (none: plain PyTorch)
+    supports_output_perm = True
+
+    # -- housekeeping ---------------------------------------------------------------------------------------
+    def replace(self, **changes) -> "SparseWeight":
+        return dataclasses.replace(self, **changes)
+
+    def index(self) -> Dict[str, Tensor]:
+        """The pattern's index tensors by name (the buffers a layer registers)."""
+        return {n: getattr(self, n) for n in self.index_names}
+
+    def to(self, device=None, dtype=None) -> "SparseWeight":
+        """Moved to ``device``; floating tensors (values) cast to ``dtype``, index tensors keep theirs."""
+        def conv(t):
+            if not isinstance(t, Tensor):
+                return t
+            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
+
+        return dataclasses.replace(self, **{f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def map_index(self, fn) -> "SparseWeight":
+        """``fn`` applied to every index tensor (e.g. ``Tensor.int``)."""
+        return dataclasses.replace(self, **{n: fn(t) for n, t in self.index().items()})
+
+    @property
+    def nnz(self) -> int:
+        """Stored (structurally non-zero) entries."""
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        R, C = self.shape
+        return self.nnz / max(R * C, 1)
+
+    @property
+    def unit_numel(self) -> int:
+        """Entries per unit of the pattern (a block, a diagonal, one element)."""
+        return 1
+
+    def _v(self, values: Optional[Tensor]) -> Tensor:
+        return self.values if values is None else values
+
+    # -- interface ----------------------------------------------------------------------------------------
+    def mm(self, x: Tensor, bias: Optional[Tensor] = None, *, values: Optional[Tensor] = None, impl=None) -> Tensor:
+        raise NotImplementedError
+
+    def mm_t(self, dy: Tensor, *, values: Optional[Tensor] = None, impl=None) -> Tensor:
+        raise NotImplementedError
+
+    def sddmm(self, dy: Tensor, x: Tensor, *, impl=None) -> Tensor:
+        raise NotImplementedError
+
+    def to_dense(self, values: Optional[Tensor] = None) -> Tensor:
+        raise NotImplementedError
+
+    def mask(self) -> Tensor:
+        """Boolean ``[R, C]`` pattern of :meth:`to_dense`."""
+        return self.to_dense(torch.ones_like(self.values, dtype=torch.float32)) != 0
+
+    def with_perm(self, in_perm: Optional[Tensor] = None, out_perm: Optional[Tensor] = None) -> "SparseWeight":
+        if out_perm is not None and not self.supports_output_perm:
+            raise ValueError(f"{type(self).__name__} takes no output permutation")
+        return dataclasses.replace(self, in_perm=in_perm, out_perm=out_perm)
+
+    def units(self) -> Tensor:
+        raise NotImplementedError
+
+    def remap(self, units: Tensor) -> Tuple["SparseWeight", Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def move(t: Tensor, slot: Tensor) -> Tensor:
+        """``t`` (laid out like the old values) laid out on the new pattern: ``out[i] = t[slot[i]]`` along the stored
+        units, 0 where ``slot[i] < 0``; data only (no autograd history)."""
+        out = t.detach().index_select(0, slot.clamp(min=0))
+        return out.masked_fill_((slot < 0).reshape(slot.shape + (1,) * (t.dim() - 1)), 0)
+
+    def validate(self, where: str = "") -> None:
+        """ValueError unless the index tensors describe a valid pattern of this structure and shape."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockSparse(SparseWeight):
+    """BSR blocks with the CSC transpose metadata the ``dx`` kernel walks. Units: blocks (``[R/br, C/bc]`` grid)."""
+
     values: Tensor  # [nnzb, br, bc]
     row_ptr: Tensor  # [R/br + 1] int64
     col_idx: Tensor  # [nnzb] int64
@@ -79,27 +192,380 @@ class BlockSparse(NamedTuple):
     row_idx_t: Tensor  # [nnzb] int64, block-row of each block in CSC order
     blk_t: Tensor  # [nnzb] int64, index into values of each block in CSC order
     shape: Tuple[int, int]  # (R, C)
+    in_perm: Optional[Tensor] = None
+    out_perm: Optional[Tensor] = None
+
+    index_names = ("row_ptr", "col_idx", "col_ptr", "row_idx_t", "blk_t")
+    op_names = ("block_mm", "block_mm_t", "block_sddmm")
 
     @property
     def block_size(self) -> Tuple[int, int]:
         return int(self.values.shape[1]), int(self.values.shape[2])
 
     @property
-    def density(self) -> float:
-        R, C = self.shape
-        return self.values.numel() / max(R * C, 1)
+    def unit_numel(self) -> int:
+        br, bc = self.block_size
+        return br * bc
 
     def meta(self) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(row_ptr, col_idx, col_ptr, row_idx_t, blk_t), in the order the ops take them."""
         return self.row_ptr, self.col_idx, self.col_ptr, self.row_idx_t, self.blk_t
 
-    def to_dense(self) -> Tensor:
-        return block_to_dense(self.values, self.row_ptr, self.col_idx, self.shape)
+    def mm(self, x, bias=None, *, values=None, impl=None):
+        return (impl or _ops()).block_mm(x, self._v(values), *self.meta(), bias, self.in_perm, self.out_perm)
 
-    def mask(self) -> Tensor:
-        """Boolean ``[R, C]`` mask of the active blocks."""
-        ones = torch.ones_like(self.values, dtype=torch.float32)
-        return block_to_dense(ones, self.row_ptr, self.col_idx, self.shape) != 0
+    def mm_t(self, dy, *, values=None, impl=None):
+        return (impl or _ops()).block_mm_t(dy, self._v(values), *self.meta(), self.in_perm, self.out_perm)
+
+    def sddmm(self, dy, x, *, impl=None):
+        br, bc = self.block_size
+        return (impl or _ops()).block_sddmm(dy, x, self.row_ptr, self.col_idx, br, bc, self.in_perm, self.out_perm)
+
+    def to_dense(self, values=None):
+        return block_to_dense(self._v(values), self.row_ptr, self.col_idx, self.shape)
+
+    def units(self) -> Tensor:
+        """Boolean ``[R/br, C/bc]`` grid of the stored blocks."""
+        br, bc = self.block_size
+        R, C = self.shape
+        grid = torch.zeros(R // br, C // bc, dtype=torch.bool, device=self.values.device)
+        grid[self._block_rows(), self.col_idx.long()] = True
+        return grid
+
+    def unit_scores(self, t: Tensor) -> Tensor:
+        """Per block of the grid, the sum of ``t`` (laid out like values) over the block (0 for absent blocks)."""
+        br, bc = self.block_size
+        R, C = self.shape
+        grid = torch.zeros(R // br, C // bc, dtype=torch.float32, device=t.device)
+        grid[self._block_rows(), self.col_idx.long()] = t.float().sum((1, 2))
+        return grid
+
+    def _block_rows(self) -> Tensor:
+        nbr = self.row_ptr.numel() - 1
+        return torch.repeat_interleave(torch.arange(nbr, device=self.row_ptr.device), self.row_ptr.long().diff())
+
+    def remap(self, units):
+        br, bc = self.block_size
+        R, C = self.shape
+        old_slot = torch.full((R // br, C // bc), -1, dtype=torch.long, device=self.values.device)
+        old_slot[self._block_rows(), self.col_idx.long()] = torch.arange(self.col_idx.numel(),
+                                                                         device=self.values.device)
+        new = block_from_units(units.to(self.values.device), (br, bc), self.values.dtype, (R, C))
+        rows, cols = torch.nonzero(units.to(self.values.device), as_tuple=True)
+        slot = old_slot[rows, cols]
+        return new.replace(values=self.move(self.values, slot), in_perm=self.in_perm, out_perm=self.out_perm), slot
+
+    def validate(self, where=""):
+        R, C = self.shape
+        br, bc = self.block_size
+        cp, ri, bt = block_transpose_meta(self.row_ptr.cpu(), self.col_idx.cpu(), C // bc)
+        if not (torch.equal(cp, self.col_ptr.cpu().long()) and torch.equal(ri, self.row_idx_t.cpu().long())
+                and torch.equal(bt, self.blk_t.cpu().long())):
+            raise ValueError(f"{where}col_ptr / row_idx_t / blk_t do not describe the pattern of row_ptr and "
+                             f"col_idx (rebuild them with padst_ext.formats.block_transpose_meta)")
+        if self.values.shape != (self.col_idx.numel(), br, bc):
+            raise ValueError(f"{where}values has shape {tuple(self.values.shape)}, the pattern needs "
+                             f"{(self.col_idx.numel(), br, bc)}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NMSparse(SparseWeight):
+    """N:M along the input, condensed; an input permutation is folded into ``col_idx`` (``perm[logical index]``).
+    Units: elements, each row's ``K`` logical columns in increasing order."""
+
+    values: Tensor  # [R, K]
+    col_idx: Tensor  # [R, K], permutation folded in
+    n: int
+    m: int
+    shape: Tuple[int, int]  # (R, C)
+
+    index_names = ("col_idx",)
+    op_names = ("nm_mm", "nm_mm_t", "nm_sddmm")
+    supports_output_perm = False
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    def mm(self, x, bias=None, *, values=None, impl=None):
+        return (impl or _ops()).nm_mm(x, self._v(values), self.col_idx, self.n, self.m, bias)
+
+    def mm_t(self, dy, *, values=None, impl=None):
+        return (impl or _ops()).nm_mm_t(dy, self._v(values), self.col_idx, self.n, self.m)
+
+    def sddmm(self, dy, x, *, impl=None):
+        return (impl or _ops()).nm_sddmm(dy, x, self.col_idx, self.n, self.m)
+
+    def to_dense(self, values=None):
+        """The effective dense weight ``S @ P`` (so that ``x @ W.T == x[:, perm] @ S.T``)."""
+        return nm_to_dense(self._v(values), self.col_idx, self.shape[1])
+
+    def with_perm(self, in_perm=None, out_perm=None):
+        if out_perm is not None:
+            raise ValueError("N:M takes no output permutation (a row permutation of an N:M matrix is still N:M)")
+        if in_perm is None:
+            return self
+        return dataclasses.replace(self, col_idx=in_perm.to(self.col_idx.device)[self.col_idx.long()].to(
+            self.col_idx.dtype))
+
+    def units(self) -> Tensor:
+        """The ``[R, K]`` columns (logical frame, increasing along each row)."""
+        return self.col_idx
+
+    def row_chunks(self, parts: int = 16):
+        """About ``parts`` row ranges: DST's per-row work on ``[rows, C]`` tensors runs a range at a time, so those
+        stay a fraction of one dense ``R x C``."""
+        R = self.shape[0]
+        step = max(1, -(-R // parts))
+        return [(r, min(R, r + step)) for r in range(0, R, step)]
+
+    def remap(self, units):
+        R, C = self.shape
+        new_col = units.to(device=self.col_idx.device, dtype=self.col_idx.dtype)
+        K = self.col_idx.shape[1]
+        slot = torch.empty(new_col.shape, dtype=torch.long, device=new_col.device)
+        ar = torch.arange(K, device=new_col.device)
+        for r0, r1 in self.row_chunks():  # where each old column sat in its row, [rows, C]
+            pos = torch.full((r1 - r0, C), -1, dtype=torch.long, device=new_col.device)
+            pos.scatter_(1, self.col_idx[r0:r1].long(), ar.expand(r1 - r0, K))
+            slot[r0:r1] = pos.gather(1, new_col[r0:r1].long())
+        return dataclasses.replace(self, values=self.move(self.values, slot), col_idx=new_col.contiguous()), slot
+
+    @staticmethod
+    def move(t, slot):
+        t = t.detach()
+        out = torch.empty(slot.shape, dtype=t.dtype, device=t.device)
+        R = slot.shape[0]
+        step = max(1, -(-R // 16))  # row chunks: the clamped index is a small temporary
+        for r0 in range(0, R, step):
+            s = slot[r0:r0 + step]
+            torch.gather(t[r0:r0 + step], 1, s.clamp(min=0), out=out[r0:r0 + step])
+            out[r0:r0 + step].masked_fill_(s < 0, 0)
+        return out
+
+    def validate(self, where=""):
+        R, C = self.shape
+        n, m, ci = self.n, self.m, self.col_idx.cpu()
+        if ci.dtype not in (torch.int32, torch.int64) or ci.dim() != 2 or ci.shape[0] != R:
+            raise ValueError(f"{where}col_idx must be an int32/int64 [{R}, K] tensor, got {ci.dtype} "
+                             f"{tuple(ci.shape)}")
+        if ci.numel() and (int(ci.min()) < 0 or int(ci.max()) >= C):
+            raise ValueError(f"{where}col_idx holds values in [{int(ci.min())}, {int(ci.max())}], outside "
+                             f"[0, {C})")
+        ones = torch.ones_like(ci, dtype=torch.int32)
+        mask = torch.zeros(R, C, dtype=torch.int32).scatter_add_(1, ci.long(), ones)
+        if ci.shape[1] != C // m * n:
+            raise ValueError(f"{where}col_idx has {ci.shape[1]} entries per row; {n}:{m} of {C} inputs has "
+                             f"{C // m * n}")
+        if mask.numel() and int(mask.max()) > 1:
+            raise ValueError(f"{where}col_idx repeats a column in row {int(torch.nonzero(mask > 1)[0, 0])}")
+        check_nm_mask(mask.bool(), n, m)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Semi24Sparse(NMSparse):
+    """2:4 (1:2 for float32) through cuSPARSELt (:func:`padst_ext.semi_structured.lt24_linear`), which reads the
+    input permutation as a gather, so it is carried rather than folded; the N:M kernels where cuSPARSELt cannot
+    serve. ``dx`` and ``dW`` run the N:M kernels with the permutation folded."""
+
+    in_perm: Optional[Tensor] = None
+
+    def mm(self, x, bias=None, *, values=None, impl=None):
+        if impl is not None:
+            return self._folded().mm(x, bias, values=values, impl=impl)
+        from .semi_structured import lt24_linear
+
+        return lt24_linear(x, self._v(values), self.col_idx, self.n, self.m, self.shape[1], self.in_perm, bias)
+
+    def mm_t(self, dy, *, values=None, impl=None):
+        return self._folded().mm_t(dy, values=values, impl=impl)
+
+    def sddmm(self, dy, x, *, impl=None):
+        return self._folded().sddmm(dy, x, impl=impl)
+
+    def to_dense(self, values=None):
+        """The logical ``S`` (the permutation is carried, not folded)."""
+        return nm_to_dense(self._v(values), self.col_idx, self.shape[1])
+
+    def _folded(self) -> NMSparse:
+        return NMSparse(self.values, self.col_idx, self.n, self.m, self.shape).with_perm(self.in_perm)
+
+    def with_perm(self, in_perm=None, out_perm=None):
+        if out_perm is not None:
+            raise ValueError("N:M takes no output permutation (a row permutation of an N:M matrix is still N:M)")
+        return dataclasses.replace(self, in_perm=in_perm)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DiagSparse(SparseWeight):
+    """Wrap-around diagonals. Units: the ``max(R, C)`` diagonals (offsets)."""
+
+    values: Tensor  # [K, min(R, C)]
+    offsets: Tensor  # [K] int64
+    shape: Tuple[int, int]  # (R, C)
+    in_perm: Optional[Tensor] = None
+    out_perm: Optional[Tensor] = None
+
+    index_names = ("offsets",)
+    op_names = ("diag_mm", "diag_mm_t", "diag_sddmm")
+    OFFSET_PARTS = 16  # dense_unit_scores reads the diagonals in about this many chunks
+
+    @property
+    def unit_numel(self) -> int:
+        return min(self.shape)
+
+    def mm(self, x, bias=None, *, values=None, impl=None):
+        return (impl or _ops()).diag_mm(x, self._v(values), self.offsets, self.shape[0], bias, self.in_perm,
+                                        self.out_perm)
+
+    def mm_t(self, dy, *, values=None, impl=None):
+        return (impl or _ops()).diag_mm_t(dy, self._v(values), self.offsets, self.shape[1], self.in_perm,
+                                          self.out_perm)
+
+    def sddmm(self, dy, x, *, impl=None):
+        return (impl or _ops()).diag_sddmm(dy, x, self.offsets, self.in_perm, self.out_perm)
+
+    def to_dense(self, values=None):
+        return diag_to_dense(self._v(values), self.offsets, self.shape)
+
+    def mask(self):
+        return diag_mask(self.offsets, self.shape)
+
+    def units(self) -> Tensor:
+        """Boolean ``[max(R, C)]``: which diagonals are stored."""
+        on = torch.zeros(max(self.shape), dtype=torch.bool, device=self.offsets.device)
+        on[self.offsets.long()] = True
+        return on
+
+    def unit_scores(self, t: Tensor) -> Tensor:
+        """Per diagonal, the sum of ``t`` (laid out like values) along it (0 for absent diagonals)."""
+        out = torch.zeros(max(self.shape), dtype=torch.float32, device=t.device)
+        out[self.offsets.long()] = t.float().sum(1)
+        return out
+
+    @classmethod
+    def dense_unit_scores(cls, dense: Tensor) -> Tensor:
+        """Per diagonal of all ``max(R, C)``, the sum of ``dense [R, C]`` along it, a chunk of diagonals at a time (so
+        the gathered entries and their coordinates stay a fraction of one dense ``R x C``)."""
+        U = max(dense.shape)
+        out = torch.empty(U, dtype=torch.float32, device=dense.device)
+        step = max(1, -(-U // cls.OFFSET_PARTS))
+        for u0 in range(0, U, step):
+            offs = torch.arange(u0, min(U, u0 + step), device=dense.device)
+            rows, cols = diag_coords(offs, tuple(dense.shape))
+            out[u0:u0 + offs.numel()] = dense[rows, cols].float().sum(1)
+        return out
+
+    def remap(self, units):
+        U = max(self.shape)
+        old_slot = torch.full((U,), -1, dtype=torch.long, device=self.offsets.device)
+        old_slot[self.offsets.long()] = torch.arange(self.offsets.numel(), device=self.offsets.device)
+        offsets = torch.nonzero(units.to(self.offsets.device)).reshape(-1)
+        slot = old_slot[offsets]
+        return dataclasses.replace(self, values=self.move(self.values, slot),
+                                   offsets=offsets.to(self.offsets.dtype).contiguous()), slot
+
+    def validate(self, where=""):
+        try:
+            _check_offsets(self.offsets.cpu(), self.shape)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskedDense(SparseWeight):
+    """A dense weight under an element mask: the unstructured RigL/SET baseline (dense products, no sparse kernel).
+    Units: elements (the ``[R, C]`` mask)."""
+
+    values: Tensor  # [R, C]; zero off the mask
+    mask_: Tensor  # [R, C] bool
+    shape: Tuple[int, int]
+    in_perm: Optional[Tensor] = None
+    out_perm: Optional[Tensor] = None
+
+    index_names = ("mask",)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.mask_.sum())
+
+    def index(self):
+        return {"mask": self.mask_}
+
+    def map_index(self, fn):
+        return dataclasses.replace(self, mask_=fn(self.mask_))
+
+    def _w(self, values):
+        return self._v(values) * self.mask_
+
+    def mm(self, x, bias=None, *, values=None, impl=None):
+        xp = x if self.in_perm is None else x[:, self.in_perm]
+        y = xp @ self._w(values).T
+        if self.out_perm is not None:
+            y = y[:, self.out_perm]
+        return y if bias is None else y + bias
+
+    def mm_t(self, dy, *, values=None, impl=None):
+        dz = dy if self.out_perm is None else dy[:, torch.argsort(self.out_perm)]
+        dxp = dz @ self._w(values)
+        return dxp if self.in_perm is None else dxp[:, torch.argsort(self.in_perm)]
+
+    def sddmm(self, dy, x, *, impl=None):
+        from . import reference
+
+        return reference.dense_grad(dy, x, self.in_perm, self.out_perm) * self.mask_
+
+    def to_dense(self, values=None):
+        return self._w(values)
+
+    def mask(self):
+        return self.mask_.clone()  # a copy, like every structure's: the layer updates its buffer in place
+
+    def units(self):
+        return self.mask_
+
+    def remap(self, units):
+        new = units.to(device=self.mask_.device, dtype=torch.bool)
+        keep = new & self.mask_
+        slot = torch.where(keep, torch.arange(keep.numel(), device=keep.device).reshape(keep.shape), -1)
+        return dataclasses.replace(self, values=self.move(self.values, slot), mask_=new), slot
+
+    @staticmethod
+    def move(t, slot):
+        return torch.where(slot >= 0, t.detach(), torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+_OPS = None
+
+
+def _ops():
+    global _OPS
+    if _OPS is None:
+        from . import ops
+
+        _OPS = ops
+    return _OPS
+
+
+def block_from_units(units: Tensor, block_size: Tuple[int, int], dtype: torch.dtype,
+                     shape: Tuple[int, int]) -> BlockSparse:
+    """The pattern of the block grid ``units [R/br, C/bc]`` with zero values (CSR and its CSC transpose, built once)."""
+    br, bc = block_size
+    R, C = shape
+    units = units.to(torch.bool)
+    dev = units.device
+    rows, cols = torch.nonzero(units, as_tuple=True)  # row-major: CSR with sorted columns
+    row_ptr = torch.zeros(R // br + 1, dtype=torch.long, device=dev)
+    row_ptr[1:] = torch.cumsum(units.sum(1), 0)
+    col_idx = cols.contiguous()
+    col_ptr, row_idx_t, blk_t = block_transpose_meta(row_ptr, col_idx, C // bc)
+    values = torch.zeros(rows.numel(), br, bc, dtype=dtype, device=dev)
+    return BlockSparse(values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, (R, C))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block
+# ----------------------------------------------------------------------------------------------------------
 
 
 def block_transpose_meta(row_ptr: Tensor, col_idx: Tensor, num_block_cols: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -125,12 +591,8 @@ def block_from_dense(dense: Tensor, block_mask: Tensor, block_size: Tuple[int, i
     block_mask = block_mask.to(device=dense.device, dtype=torch.bool)
     blocks = dense.reshape(R // br, br, C // bc, bc).transpose(1, 2)  # [nbr, nbc, br, bc]
     rows, cols = torch.nonzero(block_mask, as_tuple=True)  # row-major order: CSR with sorted columns
-    values = blocks[rows, cols].contiguous()
-    row_ptr = torch.zeros(R // br + 1, dtype=torch.long, device=dense.device)
-    row_ptr[1:] = torch.cumsum(block_mask.sum(1), 0)
-    col_idx = cols.contiguous()
-    col_ptr, row_idx_t, blk_t = block_transpose_meta(row_ptr, col_idx, C // bc)
-    return BlockSparse(values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, (R, C))
+    w = block_from_units(block_mask, (br, bc), dense.dtype, (R, C))
+    return w.replace(values=blocks[rows, cols].contiguous())
 
 
 def block_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, shape: Tuple[int, int]) -> Tensor:
@@ -153,27 +615,6 @@ def block_mask_to_dense(block_mask: Tensor, block_size: Tuple[int, int]) -> Tens
 # ----------------------------------------------------------------------------------------------------------
 # N:M
 # ----------------------------------------------------------------------------------------------------------
-
-
-class NMSparse(NamedTuple):
-    values: Tensor  # [R, K]
-    col_idx: Tensor  # [R, K], permutation folded in
-    n: int
-    m: int
-    shape: Tuple[int, int]  # (R, C)
-
-    @property
-    def density(self) -> float:
-        return self.n / self.m
-
-    def to_dense(self) -> Tensor:
-        """The effective dense weight ``S @ P`` (so that ``x @ W.T == x[:, perm] @ S.T``)."""
-        return nm_to_dense(self.values, self.col_idx, self.shape[1])
-
-    def mask(self) -> Tensor:
-        """Boolean ``[R, C]`` mask of the effective weight (permuted frame folded in, like :meth:`to_dense`)."""
-        ones = torch.ones_like(self.values, dtype=torch.float32)
-        return nm_to_dense(ones, self.col_idx, self.shape[1]) != 0
 
 
 def _check_nm_args(n: int, m: int, C: int) -> None:
@@ -227,24 +668,6 @@ def nm_to_dense(values: Tensor, col_idx: Tensor, in_features: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Diagonal
 # ----------------------------------------------------------------------------------------------------------
-
-
-class DiagSparse(NamedTuple):
-    values: Tensor  # [K, min(R, C)]
-    offsets: Tensor  # [K] int64
-    shape: Tuple[int, int]  # (R, C)
-
-    @property
-    def density(self) -> float:
-        R, C = self.shape
-        return self.values.numel() / max(R * C, 1)
-
-    def to_dense(self) -> Tensor:
-        return diag_to_dense(self.values, self.offsets, self.shape)
-
-    def mask(self) -> Tensor:
-        """Boolean ``[R, C]`` mask of the diagonals."""
-        return diag_mask(self.offsets, self.shape)
 
 
 def diag_coords(offsets: Tensor, shape: Tuple[int, int]) -> Tuple[Tensor, Tensor]:

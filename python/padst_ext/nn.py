@@ -22,18 +22,21 @@ What makes the permutation learn (measured on a planted permutation, ``benchmark
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from . import formats as F
 from . import permutation as P
-from .structures import NMStructure, Structure, check_int, make_structure
+from .structures import Structure, check_int, make_structure
 
 __all__ = ["SparseLinear", "sparsify", "export", "permutation_penalty", "harden_all", "SparsifyReport",
            "permutation_parameters", "param_groups", "permutation_report"]
@@ -86,10 +89,11 @@ class SparseLinear(nn.Module):
         self.structure: Structure = make_structure(structure, out_features, in_features, sparsity, block_size, n, m)
         if perm_side not in PERM_SIDES:
             raise ValueError(f"perm_side must be one of {PERM_SIDES}, got {perm_side!r}")
-        if isinstance(self.structure, NMStructure):
+        if not self.structure.supports_output_perm:
             if perm_side == "output":
-                raise ValueError("N:M groups run along the input: only an input permutation adds expressivity "
-                                 "(perm_side='output' is not supported for structure='nm')")
+                raise ValueError(f"{self.structure.describe()} groups run along the input: only an input permutation "
+                                 f"adds expressivity (perm_side='output' is not supported for structure="
+                                 f"{structure!r})")
             perm_side = "input"
         elif perm_side == "auto":
             perm_side = "input" if self.in_features <= self.out_features else "output"
@@ -120,7 +124,7 @@ class SparseLinear(nn.Module):
         self.perm_lambda_ramp = None if perm_lambda_ramp is None else int(perm_lambda_ramp)
         self.perm_delta, self.harden_mode = float(perm_delta), harden_mode
         self.harden_step = None if harden_step is None else int(harden_step)
-        self._dst_capture: Optional[list] = None  # set by DST on its update steps
+        self._product_hooks: "OrderedDict[int, Callable]" = OrderedDict()  # register_product_hook
         self.penalty_in_backward = False  # set by DST: the soft phase adds lambda * dP/dM in its backward
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         factory = dict(device=device, dtype=dtype or torch.get_default_dtype())
@@ -161,7 +165,13 @@ class SparseLinear(nn.Module):
         return layer
 
     def _set_pattern(self, dense: Tensor, mask: Tensor) -> None:
-        values, buffers = self.structure.pack(dense, mask)
+        self.set_sparse(self.structure.pack(dense, mask))
+
+    def set_sparse(self, weight: F.SparseWeight) -> None:
+        """Hold ``weight`` (a sparse-weight object of this layer's structure and shape): its values go into the
+        ``values`` parameter (the same Parameter object, so optimizers and DDP keep tracking it; in place when the
+        shape allows) and its index tensors into the buffers."""
+        values, buffers = weight.values, weight.index()
         if "values" in self._parameters:
             # same Parameter object (optimizers and DDP keep tracking it), in place when the shape allows
             if self.values.shape == values.shape:
@@ -176,34 +186,38 @@ class SparseLinear(nn.Module):
                 old.copy_(buf)
             else:
                 self.register_buffer(name, buf.clone())
-        self._refresh_folded()
+        self._refresh_fused()
+
+    @property
+    def sparse(self) -> F.SparseWeight:
+        """The structured weight ``S`` as its sparse-weight object (logical frame, no permutation), viewing this
+        layer's ``values`` parameter and index buffers."""
+        tensors = (self._parameters["values"],) + tuple(self._buffers[n] for n in self.structure.buffer_names)
+        return self._cached("_sparse_cache", tensors, lambda: self.structure.wrap(
+            tensors[0], dict(zip(self.structure.buffer_names, tensors[1:]))))
+
+    def _cached(self, slot: str, tensors: tuple, make: Callable):
+        """The object ``make()`` builds from ``tensors``, rebuilt when any of them is another tensor object (a new
+        pattern, ``.to()``, a load); the object holds them, so in-place changes are seen and no id is reused."""
+        key = tuple(map(id, tensors)) + (id(self.structure),)
+        hit = self.__dict__.get(slot)
+        if hit is None or hit[0] != key:
+            hit = self.__dict__[slot] = (key, make())
+        return hit[1]
 
     def pattern_mask(self) -> Tensor:
         """Boolean ``[out, in]`` mask of the structured weight's pattern (logical frame)."""
-        ones = torch.ones_like(self.values, dtype=torch.float32)
-        return self.structure.unpack(ones, self._buffers_dict()) != 0
+        return self.sparse.mask()
 
     def set_mask(self, mask: Tensor) -> None:
         """Move to a new pattern of the same structure: kept weights keep their values, new ones start at 0."""
         with torch.no_grad():
             self._set_pattern(self.sparse_weight().detach(), mask)
 
-    def transport(self, tensor: Tensor, old_buffers: dict, new_mask: Tensor) -> Tensor:
-        """Re-lay a tensor shaped like ``values`` (e.g. an optimizer moment) from the old pattern to ``new_mask``:
-        entries of kept units move with them, grown units get 0, dropped units vanish."""
-        dense = self.structure.unpack(tensor, old_buffers)
-        packed, _ = self.structure.pack(dense * new_mask.to(dense.dtype), new_mask)
-        return packed
-
     def _structure_at(self, density: float) -> Structure:
         """This layer's kind of structure (same shape, block size or M) at another density; N:M takes the
         nearest N for its M."""
-        cfg = self.structure.config()
-        kw = {k: cfg[k] for k in ("block_size",) if k in cfg}
-        if cfg["structure"] == "nm":
-            m = cfg["m"]
-            kw.update(n=max(1, min(m - 1, round(density * m))), m=m)
-        return make_structure(cfg["structure"], self.out_features, self.in_features, 1.0 - density, **kw)
+        return self.structure.at_density(density)
 
     def set_density(self, density: float, generator: Optional[torch.Generator] = None) -> None:
         """Re-allocate this layer to another density (e.g. ERK), with a fresh random pattern of that density.
@@ -218,12 +232,42 @@ class SparseLinear(nn.Module):
     def perm_dim(self) -> int:
         return self.in_features if self.perm_side == "input" else self.out_features
 
-    def _refresh_folded(self) -> None:
-        """N:M with a hard permutation: the permutation lives in the column indices (zero run-time cost)."""
-        if isinstance(self.structure, NMStructure) and getattr(self, "phase", "none") == "hard":
-            self.register_buffer("col_idx_folded", self.perm[self.col_idx], persistent=False)
-        elif "col_idx_folded" in self._buffers:
-            del self._buffers["col_idx_folded"]
+    def _hard_perms(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """(in_perm, out_perm) of the hard phase."""
+        return (self.perm, None) if self.perm_side == "input" else (None, self.perm)
+
+    def _refresh_fused(self) -> None:
+        """The hard permutation fused into the weight object (``with_perm``): what fusing makes anew (N:M's column
+        indices with the permutation folded in: zero run-time cost) is kept as non-persistent buffers, rebuilt when
+        the pattern or the permutation changes, and follows ``.to()``."""
+        for name in [n for n in self._buffers if n.startswith("_fused_")]:
+            del self._buffers[name]
+        self._fused_perm_fields: Tuple[str, ...] = ()
+        if getattr(self, "phase", "none") != "hard":
+            return
+        base = self.sparse
+        fused = base.with_perm(*self._hard_perms())
+        perm_fields = []
+        for f in dataclasses.fields(fused):
+            new = getattr(fused, f.name)
+            if f.name == "values" or not isinstance(new, Tensor) or new is getattr(base, f.name):
+                continue
+            if new is self.perm:
+                perm_fields.append(f.name)
+            else:
+                self.register_buffer("_fused_" + f.name, new, persistent=False)
+        self._fused_perm_fields = tuple(perm_fields)
+        self._fused_keys = tuple(self.structure.buffer_names) + tuple(n for n in self._buffers if n.startswith("_fused_"))
+
+    def _fused_weight(self) -> F.SparseWeight:
+        b = self._buffers
+        tensors = (self._parameters["values"], b["perm"]) + tuple(b[n] for n in self._fused_keys)
+
+        def make():
+            fused = {n[len("_fused_"):]: b[n] for n in self._fused_keys if n.startswith("_fused_")}
+            return dataclasses.replace(self.sparse, **fused, **{f: self.perm for f in self._fused_perm_fields})
+
+        return self._cached("_fused_cache", tensors, make)
 
     def harden(self, reason: str = "manual", step: Optional[int] = None) -> Tensor:
         """Round the soft matrix to a permutation (Hungarian), freeze it and drop the soft matrix.
@@ -264,7 +308,7 @@ class SparseLinear(nn.Module):
         self._end_warmup()
         self.phase = "hard"
         self.register_buffer("perm", perm.to(self.values.device))
-        self._refresh_folded()
+        self._refresh_fused()
         return perm
 
     def _support_moved(self, perm_a: Tensor, perm_b: Tensor) -> float:
@@ -435,88 +479,62 @@ class SparseLinear(nn.Module):
                 self.perm_log["start_perm"] = P.harden(M).tolist()
 
     # -- forward ------------------------------------------------------------------------------------------
-    def _buffers_dict(self):
-        return {n: getattr(self, n) for n in self.structure.buffer_names}
+    class Route(NamedTuple):
+        """How the current phase computes ``y``: the sparse product ``z = weight.mm(x_in)`` with ``x_in`` the input or
+        (``soft_in``) the soft matrix applied to it, then (``soft_out``) the soft matrix applied to ``z``. ``in_perm``
+        / ``out_perm``: the hard permutation that ``weight`` has fused, for a dense gradient in the logical frame."""
+
+        weight: F.SparseWeight
+        soft_in: bool
+        soft_out: bool
+        in_perm: Optional[Tensor]
+        out_perm: Optional[Tensor]
+
+    def route(self) -> "SparseLinear.Route":
+        """The one decision of what the forward computes in the current phase (hard: the permutation fused into the
+        weight; soft: the soft matrix on the permuted side; none or the gradient warm-up: the plain product)."""
+        if self.phase == "hard":
+            return self.Route(self._fused_weight(), False, False, *self._hard_perms())
+        soft = self.soft_active
+        return self.Route(self.sparse, soft and self.perm_side == "input", soft and self.perm_side == "output",
+                          None, None)
+
+    def register_product_hook(self, hook: Callable) -> RemovableHandle:
+        """Call ``hook(layer, x_in, z, in_perm, out_perm)`` after every forward's sparse product ``z = S Π x_in``
+        (see :meth:`route`): ``x_in`` is what the structured weight multiplied (the soft matrix applied already on
+        the input side), ``z`` its output (before an output-side soft matrix), so ``dz.T @ x_in`` with the
+        permutations (``padst_ext.ops.dense_grad``) is the dense gradient of ``S`` in the logical frame. DST uses it
+        to record RigL's grow score on its update steps. Returns a handle whose ``remove()`` unregisters it."""
+        handle = RemovableHandle(self._product_hooks)
+        self._product_hooks[handle.id] = hook
+        return handle
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        bufs = self._buffers_dict()
-        if self._dst_capture is not None and torch.is_grad_enabled():
-            return self._forward_capturing(x2, bufs).reshape(*lead, self.out_features)
-        if self.phase == "hard":
-            if isinstance(self.structure, NMStructure):
-                bufs = dict(bufs, col_idx=self.col_idx_folded)
-                y = self.structure.mm(x2, self.values, bufs, self.bias, None, None)
-            elif self.perm_side == "input":
-                y = self.structure.mm(x2, self.values, bufs, self.bias, self.perm, None)
-            else:
-                y = self.structure.mm(x2, self.values, bufs, self.bias, None, self.perm)
-        elif self.soft_active and self.perm_side == "input":
-            y = self.structure.mm(self.soft(x2, self._lam()), self.values, bufs, self.bias, None, None)
-        elif self.soft_active:
-            y = self.soft(self.structure.mm(x2, self.values, bufs, None, None, None), self._lam())
-            if self.bias is not None:
-                y = y + self.bias
-        else:  # no permutation, or the gradient warm-up
-            y = self.structure.mm(x2, self.values, bufs, self.bias, None, None)
-            self._warmup_hook(y, x2)
-        return y.reshape(*lead, self.out_features)
-
-    def _warmup_hook(self, y: Tensor, x2: Tensor) -> None:
-        if self.in_warmup and self.training and y.requires_grad:
+        r = self.route()
+        x_in = self.soft(x2, self._lam()) if r.soft_in else x2
+        z = r.weight.mm(x_in, None if r.soft_out else self.bias)
+        for hook in tuple(self._product_hooks.values()):
+            hook(self, x_in, z, r.in_perm, r.out_perm)
+        if self.in_warmup and self.training and z.requires_grad:
             xd = x2.detach()
-            y.register_hook(lambda g: self._record_grad(g, xd))
+            z.register_hook(lambda g: self._record_grad(g, xd))
+        if r.soft_out:
+            z = self.soft(z, self._lam())
+            if self.bias is not None:
+                z = z + self.bias
+        return z.reshape(*lead, self.out_features)
 
     def _lam(self) -> float:
         return self.cur_lambda if self.penalty_in_backward else 0.0
 
-    def _forward_capturing(self, x2: Tensor, bufs) -> Tensor:
-        """Forward that records the sparse product's input and output gradient, so that DST can form the dense
-        weight gradient dz.T @ x_p (RigL's grow score) on the update steps only."""
-        in_perm = out_perm = None
-        if self.phase == "hard":
-            if isinstance(self.structure, NMStructure):
-                in_perm = self.perm
-            elif self.perm_side == "input":
-                in_perm = self.perm
-            else:
-                out_perm = self.perm
-        x_in = self.soft(x2, self._lam()) if (self.soft_active and self.perm_side == "input") else x2
-        soft_out = self.soft_active and self.perm_side == "output"
-        z = self.structure.mm(x_in, self.values, bufs, None if soft_out else self.bias, in_perm, out_perm)
-        if not soft_out:
-            self._warmup_hook(z, x2)
-        record = {"x": x_in.detach(), "in_perm": in_perm, "out_perm": out_perm}
-        self._dst_capture.append(record)
-        if z.requires_grad:
-            z.register_hook(lambda g: record.__setitem__("dz", g.detach()))
-        if soft_out:
-            z = self.soft(z, self._lam())
-            if self.bias is not None:
-                z = z + self.bias
-        return z
-
-    def dense_grad_from_capture(self) -> Optional[Tensor]:
-        """Sum over the recorded forwards of ``dz.T @ x_p`` in the logical frame, ``[out, in]``."""
-        from . import ops
-
-        total = None
-        for rec in self._dst_capture or ():
-            # a forward without backward, or the inf/NaN gradients of a step that GradScaler skipped (the
-            # optimizer step hooks never ran, so its records are still here): not a grow signal
-            if "dz" not in rec or not bool(torch.isfinite(rec["dz"]).all()):
-                continue
-            g = ops.dense_grad(rec["dz"].to(rec["x"].dtype), rec["x"], rec["in_perm"], rec["out_perm"])
-            total = g if total is None else total + g
-        return total
-
     # -- introspection ------------------------------------------------------------------------------------
     def sparse_weight(self) -> Tensor:
         """The logical structured weight ``S [out, in]`` (dense copy)."""
-        return self.structure.unpack(self.values, self._buffers_dict())
+        return self.sparse.to_dense()
 
     def dense_weight(self) -> Tensor:
         """The effective dense weight ``W`` of the current phase: ``y = x @ W.T + bias``."""
@@ -533,9 +551,7 @@ class SparseLinear(nn.Module):
     @property
     def density(self) -> float:
         """Realised density of the structured weight."""
-        if self.structure.name == "unstructured":
-            return float(self.mask.sum()) / self.mask.numel()
-        return self.values.numel() / (self.in_features * self.out_features)
+        return self.sparse.density
 
     def extra_repr(self) -> str:
         perm = "no permutation" if self.phase == "none" else f"{self.phase} {self.perm_side} permutation"
@@ -585,58 +601,23 @@ class SparseLinear(nn.Module):
                                       error_msgs)
         self._validate_loaded(prefix)
         self._match_structure_to_values()
-        self._refresh_folded()
+        self._refresh_fused()
 
     def _validate_loaded(self, prefix: str) -> None:
         """A loaded pattern and permutation pass the checks a constructed layer's do (issue 18): a state dict is
         input like any other, and the N:M path folds the permutation into its indices without an op checking them."""
         where = prefix or "SparseLinear."
-        cfg = self.structure.config()
-        R, C = self.out_features, self.in_features
         try:
             if self.phase == "hard":
                 F.check_permutation(self.perm.cpu(), self.perm_dim, f"{where}perm")
-            if cfg["structure"] == "nm":
-                n, m, ci = cfg["n"], cfg["m"], self.col_idx.cpu()
-                if ci.dtype not in (torch.int32, torch.int64) or ci.dim() != 2 or ci.shape[0] != R:
-                    raise ValueError(f"{where}col_idx must be an int32/int64 [{R}, K] tensor, got {ci.dtype} "
-                                     f"{tuple(ci.shape)}")
-                if ci.numel() and (int(ci.min()) < 0 or int(ci.max()) >= C):
-                    raise ValueError(f"{where}col_idx holds values in [{int(ci.min())}, {int(ci.max())}], outside "
-                                     f"[0, {C})")
-                ones = torch.ones_like(ci, dtype=torch.int32)
-                mask = torch.zeros(R, C, dtype=torch.int32).scatter_add_(1, ci.long(), ones)
-                if ci.shape[1] != C // m * n:
-                    raise ValueError(f"{where}col_idx has {ci.shape[1]} entries per row; {n}:{m} of {C} inputs has "
-                                     f"{C // m * n}")
-                if mask.numel() and int(mask.max()) > 1:
-                    raise ValueError(f"{where}col_idx repeats a column in row {int(torch.nonzero(mask > 1)[0, 0])}")
-                F.check_nm_mask(mask.bool(), n, m)
-            elif cfg["structure"] == "block":
-                br, bc = cfg["block_size"]
-                cp, ri, bt = F.block_transpose_meta(self.row_ptr.cpu(), self.col_idx.cpu(), C // bc)
-                if not (torch.equal(cp, self.col_ptr.cpu().long()) and torch.equal(ri, self.row_idx_t.cpu().long())
-                        and torch.equal(bt, self.blk_t.cpu().long())):
-                    raise ValueError(f"{where}col_ptr / row_idx_t / blk_t do not describe the pattern of row_ptr and "
-                                     f"col_idx (rebuild them with padst_ext.formats.block_transpose_meta)")
-                if self.values.shape != (self.col_idx.numel(), br, bc):
-                    raise ValueError(f"{where}values has shape {tuple(self.values.shape)}, the pattern needs "
-                                     f"{(self.col_idx.numel(), br, bc)}")
-            elif cfg["structure"] == "diagonal":
-                F._check_offsets(self.offsets.cpu(), (R, C))
+            self.sparse.validate(where)
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"state dict for {where.rstrip('.')} does not hold a valid pattern: {e}") from None
 
     def _match_structure_to_values(self) -> None:
-        """After loading a pattern of another density (e.g. ERK): the structure's counts follow the stored one."""
-        cfg = self.structure.config()
-        R, C = self.out_features, self.in_features
-        if cfg["structure"] == "nm":
-            return  # its density is n/m, part of the config that was checked
-        if cfg["structure"] == "unstructured":
-            density = float(self.mask.sum()) / (R * C)
-        else:
-            density = self.values.numel() / (R * C)
+        """After loading a pattern of another density (e.g. ERK): the structure's counts follow the stored one (N:M's
+        density is n/m, part of the config that was checked)."""
+        density = self.sparse.density
         if abs(density - self.structure.density) > 1e-12:
             self.structure = self._structure_at(density)
 
@@ -862,7 +843,7 @@ def export(model: nn.Module, inplace: bool = False) -> nn.Module:
     harden_all(out, force=True)
     for m in out.modules():
         if isinstance(m, SparseLinear):  # no training-time state on an inference model
-            m._dst_capture = None
+            m._product_hooks.clear()
             m.penalty_in_backward = False
     out.eval()
     for p in out.parameters():

@@ -1,12 +1,13 @@
-"""The four sparsity structures behind one small interface.
+"""Mask policies: how each structure picks, and during dynamic sparse training updates, its pattern.
 
-A structure knows how to pick an exact-density mask from scores (balanced where the kernels need it), how to
-pack a dense matrix under that mask into its storage (a ``values`` tensor plus index buffers), how to unpack it,
-and how to run the forward product with the permutations fused. Adding a structure means one class here (plus
-its kernels); the layers, ``sparsify`` and DST only talk to this interface.
+A :class:`Structure` knows its shape, density and unit (block, N:M group element, diagonal, element): it picks an
+exact-density mask from scores (balanced where the kernels need it), packs a dense matrix under a mask into its
+sparse-weight object (:mod:`padst_ext.formats`: the values, the index tensors and the products), and computes a DST
+update at its unit from the weight object and a grow score. Adding a structure means one weight object and one
+policy here; the layers, ``sparsify`` and DST only talk to these two interfaces.
 
-Frames: ``values`` and the index buffers always describe the *logical* weight ``S [R, C]`` (the permuted frame);
-the layer computes ``y = (x[:, in_perm] @ S.T)[:, out_perm] + bias``.
+Frames: a weight object built here describes the *logical* weight ``S [R, C]`` (the permuted frame); the layer
+computes ``y = (x[:, in_perm] @ S.T)[:, out_perm] + bias``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 from torch import Tensor
 
 from . import formats as F
-from . import ops
 
 __all__ = ["drop_grow", "row_counts", "Structure", "BlockStructure", "NMStructure", "DiagonalStructure", "UnstructuredStructure",
+           "Semi24Structure",
            "make_structure", "STRUCTURES"]
 
 
@@ -47,8 +48,8 @@ class Structure:
     """Base class. ``R`` = out_features, ``C`` = in_features."""
 
     name = "?"
-    supports_output_perm = True
-    buffer_names: Tuple[str, ...] = ()
+    weight_cls = F.SparseWeight
+    options: Tuple[str, ...] = ()  # the make_structure arguments the class takes besides its density
 
     def __init__(self, out_features: int, in_features: int, density: float):
         if out_features < 1 or in_features < 1:
@@ -56,23 +57,45 @@ class Structure:
         self.R, self.C = int(out_features), int(in_features)
         self.density = _check_density(density)
 
+    @classmethod
+    def fixes_density(cls, **options) -> bool:
+        """Whether these make_structure options fix the density by themselves (N:M's n and m)."""
+        return False
+
+    @property
+    def supports_output_perm(self) -> bool:
+        return self.weight_cls.supports_output_perm
+
+    @property
+    def buffer_names(self) -> Tuple[str, ...]:
+        """The weight object's index tensors (a layer's buffers)."""
+        return self.weight_cls.index_names
+
     # -- interface ---------------------------------------------------------------------------------------
     def make_mask(self, scores: Tensor) -> Tensor:
         """Boolean ``[R, C]`` mask of exactly the structure's count of non-zeros, keeping the highest scores."""
         raise NotImplementedError
 
-    def pack(self, dense: Tensor, mask: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """(values, index buffers) of ``dense`` restricted to ``mask``."""
+    def pack(self, dense: Tensor, mask: Tensor) -> F.SparseWeight:
+        """The weight object holding ``dense`` restricted to ``mask``."""
         raise NotImplementedError
 
-    def unpack(self, values: Tensor, buffers: Dict[str, Tensor]) -> Tensor:
-        """Dense ``[R, C]`` logical weight."""
+    def wrap(self, values: Tensor, index: Dict[str, Tensor]) -> F.SparseWeight:
+        """The weight object of stored ``values`` and index tensors (a layer's parameter and buffers)."""
+        return self.weight_cls(values, *(index[n] for n in self.buffer_names), (self.R, self.C))
+
+    def update(self, weight: F.SparseWeight, g_score: Tensor, fraction: float) -> Tensor:
+        """DST: the new pattern, in ``weight.units()`` form, after dropping ``fraction`` of the active units (lowest
+        ``|values|`` summed over the unit) and growing as many (highest ``g_score [R, C]``, summed over the unit:
+        |dense gradient| for RigL, random for SET), with the exact same count per row/group. ``g_score`` is the only
+        ``[R, C]`` tensor involved; the caller's copy may be overwritten."""
         raise NotImplementedError
 
-    def mm(self, x: Tensor, values: Tensor, buffers: Dict[str, Tensor], bias: Optional[Tensor],
-           in_perm: Optional[Tensor], out_perm: Optional[Tensor]) -> Tensor:
-        """``x [B, C] -> y [B, R]`` with the permutations fused."""
-        raise NotImplementedError
+    def update_mask(self, mask: Tensor, w_abs: Tensor, g_score: Tensor, fraction: float) -> Tensor:
+        """:meth:`update` on dense inputs (``[R, C]`` mask, weight magnitudes and grow score): the new ``[R, C]``
+        mask. For tests and one-off use; DST calls :meth:`update` on the weight object."""
+        w = self.pack(w_abs, mask)
+        return w.remap(self.update(w, g_score.clone(), fraction))[0].mask()
 
     def config(self) -> dict:
         return dict(structure=self.name, out_features=self.R, in_features=self.C)
@@ -80,14 +103,12 @@ class Structure:
     def describe(self) -> str:
         return self.name
 
+    def at_density(self, density: float) -> "Structure":
+        """The same kind of structure (shape, block size or M) at another density."""
+        return type(self)(self.R, self.C, density)
+
     def random_mask(self, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
         return self.make_mask(torch.rand(self.R, self.C, generator=generator).to(device))
-
-    def update_mask(self, mask: Tensor, w_abs: Tensor, g_score: Tensor, fraction: float) -> Tensor:
-        """DST: the new ``[R, C]`` mask after dropping ``fraction`` of the active units (lowest ``w_abs``) and
-        growing as many (highest ``g_score``: |dense gradient| for RigL, random for SET), at the structure's unit
-        (block, diagonal, element within its N:M group, element) and with the exact same count per row/group."""
-        raise NotImplementedError
 
     def check_mask(self, mask: Tensor) -> None:
         if mask.shape != (self.R, self.C):
@@ -128,7 +149,8 @@ class BlockStructure(Structure):
     (ragged by at most one). Empty output rows are what made block sparsity lose accuracy (design notes)."""
 
     name = "block"
-    buffer_names = ("row_ptr", "col_idx", "col_ptr", "row_idx_t", "blk_t")
+    weight_cls = F.BlockSparse
+    options = ("block_size",)
 
     def __init__(self, out_features, in_features, density, block_size=(32, 32)):
         super().__init__(out_features, in_features, density)
@@ -150,6 +172,9 @@ class BlockStructure(Structure):
     def describe(self):
         return f"block {self.br}x{self.bc}"
 
+    def at_density(self, density):
+        return type(self)(self.R, self.C, density, (self.br, self.bc))
+
     def make_mask(self, scores):
         bs = scores.abs().reshape(self.nbr, self.br, self.nbc, self.bc).sum((1, 3))
         base, extra = divmod(self.nnzb, self.nbr)
@@ -163,28 +188,18 @@ class BlockStructure(Structure):
         bmask = torch.zeros_like(keep).scatter_(1, order, keep)
         return F.block_mask_to_dense(bmask, (self.br, self.bc))
 
-    def _blocks(self, t: Tensor) -> Tensor:
-        return t.reshape(self.nbr, self.br, self.nbc, self.bc).sum((1, 3))
-
-    def update_mask(self, mask, w_abs, g_score, fraction):
-        active = self._blocks(mask.float()) > 0
+    def update(self, weight, g_score, fraction):
+        active = weight.units()
         k = row_counts(active.sum(1), fraction)  # per block-row: rows stay balanced
-        new = drop_grow(active, self._blocks(w_abs.float()), self._blocks(g_score.float()), k)
-        return F.block_mask_to_dense(new, (self.br, self.bc))
+        g_units = g_score.reshape(self.nbr, self.br, self.nbc, self.bc).float().sum((1, 3))
+        return drop_grow(active, weight.unit_scores(weight.values.abs()), g_units, k)
 
     def pack(self, dense, mask):
         self.check_mask(mask)
         bmask = mask.reshape(self.nbr, self.br, self.nbc, self.bc).any(3).any(1)
         if not torch.equal(F.block_mask_to_dense(bmask, (self.br, self.bc)), mask.bool()):
             raise ValueError("mask is not made of whole blocks of size "f"{self.br}x{self.bc}")
-        w = F.block_from_dense(dense, bmask, (self.br, self.bc))
-        return w.values, dict(zip(self.buffer_names, w.meta()))
-
-    def unpack(self, values, buffers):
-        return F.block_to_dense(values, buffers["row_ptr"], buffers["col_idx"], (self.R, self.C))
-
-    def mm(self, x, values, buffers, bias, in_perm, out_perm):
-        return ops.block_mm(x, values, *(buffers[n] for n in self.buffer_names), bias, in_perm, out_perm)
+        return F.block_from_dense(dense, bmask, (self.br, self.bc))
 
 
 def _nm_from_density(C: int, density: float) -> Tuple[int, int]:
@@ -207,8 +222,8 @@ class NMStructure(Structure):
     permutation adds expressivity (a row permutation of an N:M matrix is still N:M), so none on the output."""
 
     name = "nm"
-    supports_output_perm = False
-    buffer_names = ("col_idx",)
+    weight_cls = F.NMSparse
+    options = ("n", "m")
 
     def __init__(self, out_features, in_features, density=None, n=None, m=None):
         if n is None or m is None:
@@ -224,60 +239,63 @@ class NMStructure(Structure):
         self.n, self.m = n, m
         self.K = in_features // m * n
 
+    @classmethod
+    def fixes_density(cls, n=None, m=None, **_):
+        return n is not None and m is not None
+
     def config(self):
         return dict(super().config(), n=self.n, m=self.m)
 
     def describe(self):
         return f"{self.n}:{self.m}"
 
+    def at_density(self, density):
+        """The nearest N for this M."""
+        return type(self)(self.R, self.C, None, max(1, min(self.m - 1, round(density * self.m))), self.m)
+
+    def wrap(self, values, index):
+        return self.weight_cls(values, index["col_idx"], self.n, self.m, (self.R, self.C))
+
     def make_mask(self, scores):
         s = scores.abs().reshape(self.R, self.C // self.m, self.m)
         idx = s.topk(self.n, dim=-1).indices
         return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True).reshape(self.R, self.C)
 
-    def update_mask(self, mask, w_abs, g_score, fraction):
-        R, G, m = self.R, self.C // self.m, self.m
-        active = mask.bool()
+    def update(self, weight, g_score, fraction):
+        R, K, G, m = self.R, self.K, self.C // self.m, self.m
+        col = weight.units().long()  # [R, K] logical columns, increasing along each row
         big = torch.finfo(torch.float32).max
-        # drop per row (constant fan-in), the k smallest active weights of the row
-        k = row_counts(active.sum(1), fraction)
-        w = torch.where(active, w_abs.float(), torch.full_like(w_abs, big, dtype=torch.float32))
-        drop = active & (torch.argsort(torch.argsort(w, dim=1, stable=True), dim=1, stable=True) < k[:, None])
+        # drop per row (constant fan-in) the k smallest active weights of the row (ties: lower column first)
+        k = row_counts(torch.full((R,), K, dtype=torch.long), fraction).to(col.device)
         # regrow inside each group as many as it lost, so every group keeps exactly N: best gradient among the
-        # originally inactive, then (only if a group runs out of those, m - n < dropped) the dropped ones
-        kept = (active & ~drop).reshape(R, G, m)
-        lost = drop.reshape(R, G, m).sum(-1)
-        dev = mask.device
-        score = torch.where(active.reshape(R, G, m), torch.full((R, G, m), -big, device=dev),
-                            g_score.float().reshape(R, G, m))
-        score = torch.where(drop.reshape(R, G, m), torch.full((R, G, m), -big / 2, device=dev), score)
-        score = torch.where(kept, torch.full((R, G, m), float("-inf"), device=dev), score)
-        rank = torch.argsort(torch.argsort(-score, dim=-1, stable=True), dim=-1, stable=True)
-        grow = (rank < lost[..., None]) & ~kept
-        return (kept | grow).reshape(R, self.C)
+        # originally inactive, then (only if a group runs out of those, m - n < dropped) the dropped ones. Row
+        # chunks bound the work tensors ([rows, K] and [rows, C]) to a fraction of one dense R x C.
+        new_col = torch.empty_like(col)
+        for r0, r1 in weight.row_chunks():
+            rows = r1 - r0
+            w = weight.values[r0:r1].abs().float()
+            drop_k = torch.argsort(torch.argsort(w, dim=1, stable=True), dim=1, stable=True) < k[r0:r1, None]
+            active = torch.zeros(rows, self.C, dtype=torch.bool, device=col.device).scatter_(1, col[r0:r1], True)
+            drop = torch.zeros_like(active).scatter_(1, col[r0:r1], drop_k)
+            kept = (active & ~drop).reshape(rows, G, m)
+            lost = drop.reshape(rows, G, m).sum(-1)
+            score = g_score[r0:r1].float().reshape(rows, G, m).masked_fill(active.reshape(rows, G, m), -big)
+            score.masked_fill_(drop.reshape(rows, G, m), -big / 2).masked_fill_(kept, float("-inf"))
+            rank = torch.argsort(torch.argsort(-score, dim=-1, stable=True), dim=-1, stable=True)
+            new = (kept | ((rank < lost[..., None]) & ~kept)).reshape(rows, self.C)
+            new_col[r0:r1] = torch.nonzero(new)[:, 1].reshape(rows, K)
+        return new_col
 
     def pack(self, dense, mask):
         self.check_mask(mask)
-        w = F.nm_from_dense(dense, mask, self.n, self.m)
-        return w.values, {"col_idx": w.col_idx}
-
-    def unpack(self, values, buffers):
-        return F.nm_to_dense(values, buffers["col_idx"], self.C)
-
-    def mm(self, x, values, buffers, bias, in_perm, out_perm):
-        if out_perm is not None:
-            raise ValueError("N:M takes no output permutation")
-        col = buffers["col_idx"]
-        if in_perm is not None:  # the layer caches this fold; here for direct callers
-            col = in_perm[col]
-        return ops.nm_mm(x, values, col, self.n, self.m, bias)
+        return F.nm_from_dense(dense, mask, self.n, self.m)
 
 
 class DiagonalStructure(Structure):
     """K wrap-around diagonals (DynaDiag-style), ``K = ceil(density * R * C / min(R, C))``."""
 
     name = "diagonal"
-    buffer_names = ("offsets",)
+    weight_cls = F.DiagSparse
 
     def __init__(self, out_features, in_features, density):
         super().__init__(out_features, in_features, density)
@@ -289,18 +307,14 @@ class DiagonalStructure(Structure):
         return f"diagonal K={self.K}"
 
     def make_mask(self, scores):
-        all_offsets = torch.arange(self.num_offsets, device=scores.device)
-        rows, cols = F.diag_coords(all_offsets, (self.R, self.C))
-        per_diag = scores.abs()[rows, cols].sum(1)
+        per_diag = F.DiagSparse.dense_unit_scores(scores.abs())
         return F.diag_mask(per_diag.topk(self.K).indices, (self.R, self.C))
 
-    def update_mask(self, mask, w_abs, g_score, fraction):
-        all_offsets = torch.arange(self.num_offsets, device=mask.device)
-        rows, cols = F.diag_coords(all_offsets, (self.R, self.C))
-        active = mask[rows, cols].all(1)[None]
+    def update(self, weight, g_score, fraction):
+        active = weight.units()[None]
         k = row_counts(active.sum(1), fraction)
-        new = drop_grow(active, w_abs.float()[rows, cols].sum(1)[None], g_score.float()[rows, cols].sum(1)[None], k)
-        return F.diag_mask(all_offsets[new[0]], (self.R, self.C))
+        w_units = weight.unit_scores(weight.values.abs())[None]
+        return drop_grow(active, w_units, F.DiagSparse.dense_unit_scores(g_score)[None], k)[0]
 
     def offsets_of(self, mask: Tensor) -> Tensor:
         all_offsets = torch.arange(self.num_offsets, device=mask.device)
@@ -313,21 +327,14 @@ class DiagonalStructure(Structure):
 
     def pack(self, dense, mask):
         self.check_mask(mask)
-        w = F.diag_from_dense(dense, self.offsets_of(mask))
-        return w.values, {"offsets": w.offsets}
-
-    def unpack(self, values, buffers):
-        return F.diag_to_dense(values, buffers["offsets"], (self.R, self.C))
-
-    def mm(self, x, values, buffers, bias, in_perm, out_perm):
-        return ops.diag_mm(x, values, buffers["offsets"], self.R, bias, in_perm, out_perm)
+        return F.diag_from_dense(dense, self.offsets_of(mask))
 
 
 class UnstructuredStructure(Structure):
     """Masked dense weight: the unstructured RigL/SET accuracy baseline (no sparse kernel)."""
 
     name = "unstructured"
-    buffer_names = ("mask",)
+    weight_cls = F.MaskedDense
 
     def __init__(self, out_features, in_features, density):
         super().__init__(out_features, in_features, density)
@@ -338,29 +345,42 @@ class UnstructuredStructure(Structure):
         flat[scores.abs().reshape(-1).topk(self.nnz).indices] = True
         return flat.reshape(self.R, self.C)
 
-    def update_mask(self, mask, w_abs, g_score, fraction):
-        active = mask.bool().reshape(1, -1)
+    def update(self, weight, g_score, fraction):
+        active = weight.units().reshape(1, -1)
         k = row_counts(active.sum(1), fraction)
-        return drop_grow(active, w_abs.reshape(1, -1), g_score.reshape(1, -1), k).reshape(self.R, self.C)
+        w_abs = weight.to_dense().abs().reshape(1, -1)
+        return drop_grow(active, w_abs, g_score.reshape(1, -1), k).reshape(self.R, self.C)
 
     def pack(self, dense, mask):
         self.check_mask(mask)
         mask = mask.to(device=dense.device, dtype=torch.bool)
-        return dense * mask, {"mask": mask}
+        return F.MaskedDense(dense * mask, mask, (self.R, self.C))
 
-    def unpack(self, values, buffers):
-        return values * buffers["mask"]
 
-    def mm(self, x, values, buffers, bias, in_perm, out_perm):
-        xp = x if in_perm is None else x[:, in_perm]
-        y = xp @ (values * buffers["mask"]).T
-        if out_perm is not None:
-            y = y[:, out_perm]
-        return y if bias is None else y + bias
+class Semi24Structure(NMStructure):
+    """2:4 (default; 1:2 suits float32) run through cuSPARSELt where it can serve (:class:`padst_ext.formats.Semi24Sparse`),
+    the N:M kernels elsewhere; the mask policy is N:M's."""
+
+    name = "2:4"
+    weight_cls = F.Semi24Sparse
+
+    def __init__(self, out_features, in_features, density=None, n=None, m=None):
+        n, m = (2, 4) if n is None and m is None else (n, m)
+        super().__init__(out_features, in_features, None, n, m)
+
+    @classmethod
+    def fixes_density(cls, **_):
+        return True
+
+    def describe(self):
+        return f"{self.n}:{self.m} (cuSPARSELt)"
+
+    def at_density(self, density):
+        raise ValueError(f"structure '2:4' has the fixed density {self.n}:{self.m}")
 
 
 STRUCTURES = {"block": BlockStructure, "nm": NMStructure, "diagonal": DiagonalStructure, "diag": DiagonalStructure,
-              "unstructured": UnstructuredStructure}
+              "unstructured": UnstructuredStructure, "2:4": Semi24Structure}
 
 
 def make_structure(structure: str, out_features: int, in_features: int, sparsity: Optional[float] = 0.9,
@@ -368,7 +388,9 @@ def make_structure(structure: str, out_features: int, in_features: int, sparsity
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {sorted(set(STRUCTURES))}, got {structure!r}")
     out_features, in_features = check_int("out_features", out_features), check_int("in_features", in_features)
-    if sparsity is None and not (STRUCTURES[structure] is NMStructure and n is not None and m is not None):
+    cls = STRUCTURES[structure]
+    given = dict(block_size=block_size, n=n, m=m)
+    if sparsity is None and not cls.fixes_density(**given):
         raise ValueError(f"sparsity must be a number in [0, 1) for structure={structure!r} (None only for N:M with n "
                          f"and m given), got None")
     if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real)):
@@ -376,9 +398,4 @@ def make_structure(structure: str, out_features: int, in_features: int, sparsity
     density = None if sparsity is None else 1.0 - float(sparsity)
     if sparsity is not None and not (0.0 <= float(sparsity) < 1.0):
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    cls = STRUCTURES[structure]
-    if cls is BlockStructure:
-        return cls(out_features, in_features, density, block_size)
-    if cls is NMStructure:
-        return cls(out_features, in_features, density, n, m)
-    return cls(out_features, in_features, density)
+    return cls(out_features, in_features, density, **{k: given[k] for k in cls.options})

@@ -3,8 +3,9 @@ digits (8x8 images, 1797 samples) and print test accuracy next to the dense mode
 
     python -m padst_ext.experiments.demo [--structure block|nm|diag] [--epochs 60] [--threads 2]
 
-The hidden layer is ``y = S P x`` through ``padst_ext.ops`` (permutation fused into the kernel) with a fixed
-random input permutation; learned permutations, the layer API and DST come with later releases.
+The hidden layer is ``y = S P x``, a sparse-weight object of :mod:`padst_ext.formats` (its product runs the
+``padst_ext.ops`` kernel with the permutation fused) with a fixed random input permutation. Learned permutations,
+the layer API (:class:`padst_ext.SparseLinear`) and DST are what ``padst-train`` (:mod:`.recipes`) trains with.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 import torch.nn.functional as Fn
 
 from .. import formats as F
-from .. import ops
 
 
 def load_digits(seed: int = 0):
@@ -37,40 +37,45 @@ def load_digits(seed: int = 0):
     return x[tr], y[tr], x[te], y[te]
 
 
+def _block(dense, g):
+    r, c = dense.shape
+    idx = torch.rand(r // 8, c // 8, generator=g).topk(1, dim=1).indices  # balanced: 1 block per block-row
+    return F.block_from_dense(dense, torch.zeros(r // 8, c // 8, dtype=torch.bool).scatter_(1, idx, True), (8, 8))
+
+
+def _nm(dense, g):
+    r, c = dense.shape
+    idx = torch.rand(r, c // 8, 8, generator=g).topk(1, dim=-1).indices
+    return F.nm_from_dense(dense, torch.zeros(r, c // 8, 8, dtype=torch.bool).scatter_(-1, idx, True).reshape(r, c),
+                           1, 8)
+
+
+def _diag(dense, g):
+    r, c = dense.shape
+    k = math.ceil(0.125 * r * c / min(r, c))
+    return F.diag_from_dense(dense, torch.randperm(max(r, c), generator=g)[:k])
+
+
+WEIGHTS = {"block": _block, "nm": _nm, "diag": _diag}
+
+
 class SparseHidden(torch.nn.Module):
     """``y = S (x[:, perm]) + b`` with S structured (block 8x8 / N:M 1:8 / diagonal), 87.5% sparse."""
 
     def __init__(self, c: int, r: int, structure: str, seed: int):
         super().__init__()
+        if structure not in WEIGHTS:
+            raise ValueError(f"unknown structure {structure!r}; use one of {sorted(WEIGHTS)}")
         g = torch.Generator().manual_seed(seed)
         dense = torch.randn(r, c, generator=g) * math.sqrt(2.0 / (c / 8))
-        self.structure = structure
         self.perm = torch.randperm(c, generator=g)
-        if structure == "block":
-            nbr, nbc = r // 8, c // 8
-            idx = torch.rand(nbr, nbc, generator=g).topk(1, dim=1).indices  # balanced: 1 block per block-row
-            mask = torch.zeros(nbr, nbc, dtype=torch.bool).scatter_(1, idx, True)
-            self.w = F.block_from_dense(dense, mask, (8, 8))
-        elif structure == "nm":
-            idx = torch.rand(r, c // 8, 8, generator=g).topk(1, dim=-1).indices
-            mask = torch.zeros(r, c // 8, 8, dtype=torch.bool).scatter_(-1, idx, True).reshape(r, c)
-            self.w = F.nm_from_dense(dense, mask, 1, 8, perm=self.perm)
-        elif structure == "diag":
-            k = math.ceil(0.125 * r * c / min(r, c))
-            offsets = torch.randperm(max(r, c), generator=g)[:k]
-            self.w = F.diag_from_dense(dense, offsets)
-        else:
-            raise ValueError(f"unknown structure {structure!r}; use block, nm or diag")
+        self.w = WEIGHTS[structure](dense, g).with_perm(self.perm)  # N:M folds it into its indices
         self.values = torch.nn.Parameter(self.w.values.clone())
         self.bias = torch.nn.Parameter(torch.zeros(r))
-        self.density = self.values.numel() / (r * c)
+        self.density = self.w.density
 
     def forward(self, x):
-        if self.structure == "block":
-            return ops.block_mm(x, self.values, *self.w.meta(), self.bias, self.perm)
-        if self.structure == "nm":
-            return ops.nm_mm(x, self.values, self.w.col_idx, 1, 8, self.bias)
-        return ops.diag_mm(x, self.values, self.w.offsets, self.w.shape[0], self.bias, self.perm)
+        return self.w.mm(x, self.bias, values=self.values)
 
 
 def train(model, xtr, ytr, xte, yte, epochs: int, seed: int):
@@ -91,7 +96,7 @@ def train(model, xtr, ytr, xte, yte, epochs: int, seed: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--structure", default="block", choices=["block", "nm", "diag"])
+    p.add_argument("--structure", default="block", choices=sorted(WEIGHTS))
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--threads", type=int, default=2)

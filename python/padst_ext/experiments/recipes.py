@@ -58,9 +58,8 @@ def make_sparse(model: nn.Module, args, include=("blocks.*",)) -> List[str]:
     """Sparsify the blocks' linear layers in place as ``args`` says; returns the replaced layer names."""
     if args.structure == "dense":
         return []
-    kw = dict(permute=args.permute and args.structure != "unstructured", seed=args.seed)
-    if args.structure == "block":
-        kw["block_size"] = args.block_size
+    # block_size only shapes block structures (the others take no such option)
+    kw = dict(permute=args.permute and args.structure != "unstructured", seed=args.seed, block_size=args.block_size)
     if kw["permute"]:
         kw.update(perm_init=args.perm_init, perm_warmup=args.perm_warmup, perm_init_scale=args.perm_init_scale,
                   perm_lambda=args.perm_lambda,
