@@ -94,7 +94,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as Fn
 from padst_ext import formats as F
-from padst_ext import ops, reference
+from padst_ext import reference
 
 HERE = Path(__file__).resolve().parent
 

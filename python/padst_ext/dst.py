@@ -269,6 +269,7 @@ class DST:
             layer.set_sparse(new_w)
             grown = new_w.nnz - int((slot >= 0).sum()) * new_w.unit_numel
             record["layers"][name] = {"grown": grown, "density": layer.density}
+            del w, new_w, slot  # before the next layer's update: one layer's work at a time
         self.history.append(record)
         self._disarm()
 

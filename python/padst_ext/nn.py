@@ -240,8 +240,9 @@ class SparseLinear(nn.Module):
         """The hard permutation fused into the weight object (``with_perm``): what fusing makes anew (N:M's column
         indices with the permutation folded in: zero run-time cost) is kept as non-persistent buffers, rebuilt when
         the pattern or the permutation changes, and follows ``.to()``."""
-        for name in [n for n in self._buffers if n.startswith("_fused_")]:
-            del self._buffers[name]
+        for slot in ("_sparse_cache", "_fused_cache"):  # they would keep replaced tensors alive
+            self.__dict__.pop(slot, None)
+        old = {n: self._buffers.pop(n) for n in [n for n in self._buffers if n.startswith("_fused_")]}
         self._fused_perm_fields: Tuple[str, ...] = ()
         if getattr(self, "phase", "none") != "hard":
             return
@@ -254,8 +255,11 @@ class SparseLinear(nn.Module):
                 continue
             if new is self.perm:
                 perm_fields.append(f.name)
-            else:
-                self.register_buffer("_fused_" + f.name, new, persistent=False)
+                continue
+            prev = old.get("_fused_" + f.name)
+            if prev is not None and (prev.shape, prev.dtype, prev.device) == (new.shape, new.dtype, new.device):
+                new = prev.copy_(new)  # in place: a DST update does not hold two copies
+            self.register_buffer("_fused_" + f.name, new, persistent=False)
         self._fused_perm_fields = tuple(perm_fields)
         self._fused_keys = tuple(self.structure.buffer_names) + tuple(n for n in self._buffers if n.startswith("_fused_"))
 

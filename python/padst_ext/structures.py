@@ -115,6 +115,16 @@ class Structure:
             raise ValueError(f"mask must have shape {(self.R, self.C)}, got {tuple(mask.shape)}")
 
 
+def _rank(scores: Tensor, dim: int) -> Tensor:
+    """Each entry's place in the stable ascending order along ``dim`` (what ``argsort(argsort(scores))`` gives, with
+    one sort)."""
+    order = torch.argsort(scores, dim=dim, stable=True)
+    shape = [1] * scores.dim()
+    shape[dim] = scores.shape[dim]
+    ar = torch.arange(scores.shape[dim], device=scores.device).reshape(shape).expand_as(order)
+    return torch.empty_like(order).scatter_(dim, order, ar)
+
+
 def drop_grow(active: Tensor, w_score: Tensor, g_score: Tensor, k: Tensor) -> Tensor:
     """One DST update on rows of units: in each row drop the ``k`` active units of lowest ``w_score`` and grow
     as many of highest ``g_score`` among the units that were inactive (a dropped unit is not regrown), so every
@@ -124,8 +134,8 @@ def drop_grow(active: Tensor, w_score: Tensor, g_score: Tensor, k: Tensor) -> Te
     big = torch.finfo(torch.float32).max
     w = torch.where(active, w_score.float(), torch.full_like(w_score, big, dtype=torch.float32))
     g = torch.where(inactive, g_score.float(), torch.full_like(g_score, -big, dtype=torch.float32))
-    drop_rank = torch.argsort(torch.argsort(w, dim=1, stable=True), dim=1, stable=True)
-    grow_rank = torch.argsort(torch.argsort(-g, dim=1, stable=True), dim=1, stable=True)
+    drop_rank = _rank(w, 1)
+    grow_rank = _rank(-g, 1)
     drop = active & (drop_rank < k[:, None])
     grow = inactive & (grow_rank < k[:, None])
     return (active & ~drop) | grow
@@ -274,14 +284,14 @@ class NMStructure(Structure):
         for r0, r1 in weight.row_chunks():
             rows = r1 - r0
             w = weight.values[r0:r1].abs().float()
-            drop_k = torch.argsort(torch.argsort(w, dim=1, stable=True), dim=1, stable=True) < k[r0:r1, None]
+            drop_k = _rank(w, 1) < k[r0:r1, None]
             active = torch.zeros(rows, self.C, dtype=torch.bool, device=col.device).scatter_(1, col[r0:r1], True)
             drop = torch.zeros_like(active).scatter_(1, col[r0:r1], drop_k)
             kept = (active & ~drop).reshape(rows, G, m)
             lost = drop.reshape(rows, G, m).sum(-1)
             score = g_score[r0:r1].float().reshape(rows, G, m).masked_fill(active.reshape(rows, G, m), -big)
             score.masked_fill_(drop.reshape(rows, G, m), -big / 2).masked_fill_(kept, float("-inf"))
-            rank = torch.argsort(torch.argsort(-score, dim=-1, stable=True), dim=-1, stable=True)
+            rank = _rank(-score, -1)
             new = (kept | ((rank < lost[..., None]) & ~kept)).reshape(rows, self.C)
             new_col[r0:r1] = torch.nonzero(new)[:, 1].reshape(rows, K)
         return new_col
