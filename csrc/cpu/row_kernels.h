@@ -102,6 +102,12 @@ PADST_ALWAYS_INLINE void pack_body(const T* in, int64_t in_cols, const int64_t* 
   }
 }
 
+// pack_body compiled for `isa` (one per element type, shared by every driver).
+template <typename T>
+void pack_tile(Isa isa, const T* in, int64_t in_cols, const int64_t* gather, int64_t b0, int64_t tb, float* xT) {
+  dispatch_isa(isa, [&](auto) PADST_ISA_BODY { pack_body(in, in_cols, gather, b0, tb, xT); });
+}
+
 // Where results go: out[(b0 + t) * out_cols + dst(r)] = acc + bias[dst(r)].
 template <typename T>
 struct Store {
@@ -427,8 +433,9 @@ inline constexpr int64_t kDiagW = 64;  // at least the widest chunk of diag_chun
 // 16 accumulators for AVX-512 (32 registers), 12 for AVX2 and SSE2 (16 registers).
 template <int VW>
 inline constexpr int kDiagMR = VW >= 16 ? 8 : (VW == 8 ? 6 : 3);
+constexpr int diag_nrv(int vw) { return vw == 4 ? 4 : 2; }
 template <int VW>
-inline constexpr int kDiagNRV = VW == 4 ? 4 : 2;
+inline constexpr int kDiagNRV = diag_nrv(VW);
 
 // ---------------------------------------------------------------------------------------------------------
 // Diagonals. Every diagonal maps a run of consecutive outputs u to consecutive value indices t and consecutive
@@ -656,6 +663,10 @@ PADST_ALWAYS_INLINE void diag_body(const DiagArgs<T>& a, int64_t b0, int64_t b1)
 // registers over the tile (per batch row: CV loads, RB broadcasts, RB*CV FMAs) into its float accumulator.
 // ---------------------------------------------------------------------------------------------------------
 inline constexpr int64_t kDwTB = 32;
+// Block rows per register tile (RB rows x CV vectors of accumulators): 16 accumulators for AVX-512 (32 registers),
+// 12 for AVX2 and SSE2 (16 registers).
+template <int VW, int CV>
+inline constexpr int kDwRB = (VW >= 16 ? 16 : 12) / CV;
 
 // One batch tile, packed once for all blocks: zT[r][t] = dy[b0 + t, dy_src(r)] for every output row r (the tile
 // transposed, through the inverse output permutation) and xp[t][c] = x[b0 + t, x_src(c)] (rows, through the input
@@ -738,45 +749,6 @@ PADST_ALWAYS_INLINE void rows_dw_body(const float* zT, const float* xT, int64_t 
   }
 }
 
-// One packed tile: the per-ISA entry points, each an attributed wrapper around the always-inline bodies.
-#define PADST_ROW_KERNEL_WRAPPERS(ATTR, VW, SUFFIX)                                                                \
-  template <typename T>                                                                                            \
-  ATTR void pack_##SUFFIX(const T* in, int64_t in_cols, const int64_t* gather, int64_t b0, int64_t tb, float* xT) { \
-    pack_body(in, in_cols, gather, b0, tb, xT);                                                                    \
-  }                                                                                                                \
-  template <typename T, typename E>                                                                                \
-  ATTR void rows_##SUFFIX(const float* xT, const float* vals, const E& rows, int64_t r0, int64_t r1,               \
-                          const Store<T>& st, int64_t b0, int64_t tb) {                                            \
-    rows_body<VW>(xT, vals, rows, r0, r1, st, b0, tb);                                                             \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  ATTR void block_##SUFFIX(const float* xT, const BlockLine& L, int64_t l0, int64_t l1, const Store<T>& st,         \
-                           int64_t b0, int64_t tb) {                                                               \
-    block_body<VW, kBlockNR<VW>>(xT, L, l0, l1, st, b0, tb);                                                        \
-  }                                                                                                                \
-  template <int NRV, typename T>                                                                                   \
-  ATTR void mr_##SUFFIX(const MrArgs<T>& a, int64_t b0, int64_t b1) {                                             \
-    mr_body<VW, NRV, kMR<VW>>(a, b0, b1);                                                                           \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  ATTR void diag_##SUFFIX(const DiagArgs<T>& a, int64_t b0, int64_t b1) {                                          \
-    diag_body<VW, kDiagMR<VW>>(a, b0, b1);                                                                                 \
-  }                                                                                                                \
-  template <int CV, typename T>                                                                                    \
-  ATTR void dw_##SUFFIX(const DwTile<T>& d, int64_t k0, int64_t k1) {                                              \
-    dw_body<VW, (VW >= 16 ? 16 : 12) / CV, CV>(d, k0, k1);                                                         \
-  }                                                                                                                \
-  template <typename E>                                                                                            \
-  ATTR void rows_dw_##SUFFIX(const float* zT, const float* xT, int64_t ld, const E& rows, int64_t r0, int64_t r1,   \
-                             float* acc) {                                                                         \
-    rows_dw_body<VW>(zT, xT, ld, rows, r0, r1, acc);                                                               \
-  }
-
-PADST_ROW_KERNEL_WRAPPERS(, 4, base)
-PADST_ROW_KERNEL_WRAPPERS(PADST_TARGET_AVX2, 8, avx2)
-PADST_ROW_KERNEL_WRAPPERS(PADST_TARGET_AVX512, 16, avx512)
-#undef PADST_ROW_KERNEL_WRAPPERS
-
 // The driver: out rows [0, nrows) for the whole batch, tiles of kTB batch rows. `run(xT, r0, r1, b0, tb, st)`
 // computes rows [r0, r1) of one packed tile. Many tiles: threads take whole tiles (each packs its own); few tiles
 // (small batches): the tile is packed once and threads split the rows. A permuted output (st.gather set) whose
@@ -785,13 +757,7 @@ template <typename T, typename Run>
 void drive(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, int64_t nrows, int64_t row_grain,
            const Store<T>& st, const Run& run) {
   const Isa isa = current_isa();
-  auto pack = [&](int64_t b0, int64_t tb, float* xT) {
-    switch (isa) {
-      case Isa::kAvx512: pack_avx512(in, in_cols, gather, b0, tb, xT); break;
-      case Isa::kAvx2: pack_avx2(in, in_cols, gather, b0, tb, xT); break;
-      default: pack_base(in, in_cols, gather, b0, tb, xT); break;
-    }
-  };
+  auto pack = [&](int64_t b0, int64_t tb, float* xT) { pack_tile(isa, in, in_cols, gather, b0, tb, xT); };
   const bool whole = st.gather != nullptr && st.out_cols * kTB * static_cast<int64_t>(sizeof(float)) <= (4 << 20);
   const size_t xbytes = static_cast<size_t>(in_cols * kTB) * sizeof(float) + 64;
   const size_t zbytes = whole ? static_cast<size_t>(st.out_cols * kTB) * sizeof(float) + 64 : 0;
@@ -830,11 +796,9 @@ void rows_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, con
   const Isa isa = current_isa();
   drive(in, B, in_cols, gather, nrows, 16, st,
         [&](const float* xT, int64_t r0, int64_t r1, int64_t b0, int64_t tb, const Store<T>& s) {
-          switch (isa) {
-            case Isa::kAvx512: rows_avx512(xT, vals, rows, r0, r1, s, b0, tb); break;
-            case Isa::kAvx2: rows_avx2(xT, vals, rows, r0, r1, s, b0, tb); break;
-            default: rows_base(xT, vals, rows, r0, r1, s, b0, tb); break;
-          }
+          dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {
+            rows_body<decltype(k)::vw>(xT, vals, rows, r0, r1, s, b0, tb);
+          });
         });
 }
 
@@ -843,7 +807,7 @@ template <typename T>
 bool block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const BlockLine& L, int64_t lines,
                  const Store<T>& st) {
   const Isa isa = current_isa();
-  const int vw = isa == Isa::kAvx512 ? 16 : (isa == Isa::kAvx2 ? 8 : 4);
+  const int vw = vec_floats(isa);
   const int nrv = L.outer % (2 * vw) == 0 ? 2 : (L.outer % vw == 0 ? 1 : 0);
   if (nrv == 0 || B < kMRMax) return false;
   const int64_t ld = lines * L.outer;
@@ -861,11 +825,13 @@ bool block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
     c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
     a.xrow = pack ? static_cast<float*>(buf.get()) : nullptr;
     a.zrow = zb ? static_cast<float*>(buf.get()) + xb : nullptr;
-    switch (isa) {
-      case Isa::kAvx512: nrv == 2 ? mr_avx512<2>(a, b0, b1) : mr_avx512<1>(a, b0, b1); break;
-      case Isa::kAvx2: nrv == 2 ? mr_avx2<2>(a, b0, b1) : mr_avx2<1>(a, b0, b1); break;
-      default: nrv == 2 ? mr_base<2>(a, b0, b1) : mr_base<1>(a, b0, b1); break;
-    }
+    auto run = [&](auto nrv_c) {
+      dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {
+        constexpr int VW = decltype(k)::vw;
+        mr_body<VW, decltype(nrv_c)::value, kMR<VW>>(a, b0, b1);
+      });
+    };
+    nrv == 2 ? run(std::integral_constant<int, 2>{}) : run(std::integral_constant<int, 1>{});
   });
   return true;
 }
@@ -883,7 +849,7 @@ void diag_mm(const DiagArgs<T>& proto, int64_t B) {
   const int64_t vbytes = proto.shifted ? proto.K * proto.L * 4 / proto.P : proto.K * 4;  // per output
   const int64_t tile = std::max<int64_t>(kDiagW, (256 << 10) / std::max<int64_t>(vbytes, 1));
   const int64_t group = proto.shifted && !proto.st.scatter ? 64 : MR;
-  const int64_t W = isa == Isa::kAvx512 ? kDiagNRV<16> * 16 : (isa == Isa::kAvx2 ? kDiagNRV<8> * 8 : kDiagNRV<4> * 4);
+  const int64_t W = diag_nrv(vec_floats(isa)) * vec_floats(isa);  // outputs per chunk of the variant that runs
   const DiagPacked packed = diag_pack_values(proto, W);
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     DiagArgs<T> a = proto;
@@ -897,11 +863,10 @@ void diag_mm(const DiagArgs<T>& proto, int64_t B) {
     c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
     a.xbuf = static_cast<float*>(buf.get()) + kDiagW;
     a.zrow = zb ? static_cast<float*>(buf.get()) + xb : nullptr;
-    switch (isa) {
-      case Isa::kAvx512: diag_avx512(a, b0, b1); break;
-      case Isa::kAvx2: diag_avx2(a, b0, b1); break;
-      default: diag_base(a, b0, b1); break;
-    }
+    dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {
+      constexpr int VW = decltype(k)::vw;
+      diag_body<VW, kDiagMR<VW>>(a, b0, b1);
+    });
   });
 }
 
@@ -914,7 +879,7 @@ bool block_dw(const T* dy, const T* x, int64_t B, int64_t R, int64_t C, int64_t 
               const int64_t* blk_rows, const int64_t* col_idx, const int64_t* rows_map, const int64_t* cols_map,
               T* dv) {
   const Isa isa = current_isa();
-  const int vw = isa == Isa::kAvx512 ? 16 : (isa == Isa::kAvx2 ? 8 : 4);
+  const int vw = vec_floats(isa);
   const int cv = bc % (2 * vw) == 0 ? 2 : (bc % vw == 0 ? 1 : 0);
   if (cv == 0) return false;
   const int64_t area = br * bc;
@@ -939,17 +904,26 @@ bool block_dw(const T* dy, const T* x, int64_t B, int64_t R, int64_t C, int64_t 
     });
     const DwTile<T> d{zT.data(), xp.data(), C, br, bc, tb, blk_rows, col_idx, acc.data()};
     at::parallel_for(0, nnzb, 1, [&](int64_t k0, int64_t k1) {
-      switch (isa) {
-        case Isa::kAvx512: cv == 2 ? dw_avx512<2>(d, k0, k1) : dw_avx512<1>(d, k0, k1); break;
-        case Isa::kAvx2: cv == 2 ? dw_avx2<2>(d, k0, k1) : dw_avx2<1>(d, k0, k1); break;
-        default: cv == 2 ? dw_base<2>(d, k0, k1) : dw_base<1>(d, k0, k1); break;
-      }
+      auto run = [&](auto cv_c) {
+        dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {
+          constexpr int VW = decltype(k)::vw, CV = decltype(cv_c)::value;
+          dw_body<VW, kDwRB<VW, CV>, CV>(d, k0, k1);
+        });
+      };
+      cv == 2 ? run(std::integral_constant<int, 2>{}) : run(std::integral_constant<int, 1>{});
     });
   }
   at::parallel_for(0, nnzb * area, 4096, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) dv[e] = static_cast<T>(acc[e]);
   });
   return true;
+}
+
+// rows_dw_body compiled for `isa` (one per entry type, whatever the data type).
+template <typename E>
+void rows_dw_tile(Isa isa, const float* zT, const float* xT, int64_t ld, const E& rows, int64_t r0, int64_t r1,
+                  float* acc) {
+  dispatch_isa(isa, [&](auto k) PADST_ISA_BODY { rows_dw_body<decltype(k)::vw>(zT, xT, ld, rows, r0, r1, acc); });
 }
 
 // The driver of rows_dw_body: out [nnz] (T). Threads split the rows (each entry belongs to one row).
@@ -980,11 +954,7 @@ void rows_dw(const T* dy, const T* x, int64_t B, int64_t R, int64_t C, const int
       }
     });
     at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
-      switch (isa) {
-        case Isa::kAvx512: rows_dw_avx512(zT, xT, ld, rows, r0, r1, acc.data()); break;
-        case Isa::kAvx2: rows_dw_avx2(zT, xT, ld, rows, r0, r1, acc.data()); break;
-        default: rows_dw_base(zT, xT, ld, rows, r0, r1, acc.data()); break;
-      }
+      rows_dw_tile(isa, zT, xT, ld, rows, r0, r1, acc.data());
     });
   }
   at::parallel_for(0, nnz, 4096, [&](int64_t e0, int64_t e1) {
@@ -1000,11 +970,10 @@ void block_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, co
   const Isa isa = current_isa();
   drive(in, B, in_cols, gather, lines, 1, st,
         [&](const float* xT, int64_t l0, int64_t l1, int64_t b0, int64_t tb, const Store<T>& s) {
-          switch (isa) {
-            case Isa::kAvx512: block_avx512(xT, L, l0, l1, s, b0, tb); break;
-            case Isa::kAvx2: block_avx2(xT, L, l0, l1, s, b0, tb); break;
-            default: block_base(xT, L, l0, l1, s, b0, tb); break;
-          }
+          dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {
+            constexpr int VW = decltype(k)::vw;
+            block_body<VW, kBlockNR<VW>>(xT, L, l0, l1, s, b0, tb);
+          });
         });
 }
 
