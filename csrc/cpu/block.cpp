@@ -7,6 +7,8 @@
 //  - dW: each block packs its gathered dy / x columns for a batch tile into L1 and accumulates there.
 #include <torch/library.h>
 
+#include "block_dw.h"
+#include "block_mm.h"
 #include "common.h"
 
 namespace padst::cpu {

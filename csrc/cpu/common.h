@@ -14,7 +14,6 @@
 #include "../checks.h"
 #include "../meta_cache.h"
 #include "../kernels/entries.h"
-#include "row_kernels.h"
 
 namespace padst::cpu {
 
@@ -58,8 +57,8 @@ void dispatch_width(int64_t w, F&& f) {
   }
 }
 
-// The vectorised float kernels (row_kernels.h) serve float32/bfloat16/float16 from kMinVecBatch rows on; float64 and
-// smaller batches keep the scalar kernels (a 32-row tile would be mostly padding).
+// The vectorised float kernels (rk::, in rows_*.h, block_*.h, diag_mm.h) serve float32/bfloat16/float16 from
+// kMinVecBatch rows on; float64 and smaller batches keep the scalar kernels (a 32-row tile would be mostly padding).
 inline constexpr int64_t kMinVecBatch = 8;
 template <typename T>
 inline constexpr bool kVecType = !std::is_same_v<T, double>;

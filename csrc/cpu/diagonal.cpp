@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "diag_mm.h"
+#include "rows_dw.h"
 
 namespace padst::cpu {
 namespace {

@@ -8,6 +8,8 @@
 
 #include "common.h"
 #include "gather_dot.h"
+#include "rows_dw.h"
+#include "rows_mm.h"
 
 namespace padst::cpu {
 namespace {
