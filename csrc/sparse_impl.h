@@ -772,7 +772,7 @@ at::Tensor nm_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Ten
       return dx;
   }
   run_gather<kHost>(dy.contiguous(), std::nullopt, values.contiguous(), std::nullopt, std::nullopt, dx,
-                    kern::CsrRows{idx_ptr(d->ptr), idx_ptr(d->ent), d->p.K});
+                    kern::NmColRows{idx_ptr(d->ptr), idx_ptr(d->ent), d->p.K});
   return dx;
 }
 

@@ -233,8 +233,9 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
   return y;
 }
 
-// A validated N:M pattern and its transpose, sorted stably by column by a counting sort (O(nnz + C)): column c holds
-// the entries ptr[c] .. ptr[c+1], entry q being values' flat index val[q] of forward row src[q].
+// A validated N:M pattern and its transpose (what kern::NmColRowsStored walks), sorted stably by column by a counting
+// sort (O(nnz + C)): column c holds the entries ptr[c] .. ptr[c+1], entry q being values' flat index val[q] of forward
+// row src[q].
 struct NmTransposed {
   NmProblem p;
   std::vector<int64_t> ptr, src, val;
@@ -289,7 +290,7 @@ at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at:
           // kernel over the columns of the (cached) transposed pattern.
           const at::Tensor vf = float_values(vc);
           rk::rows_mm(dyc.data_ptr<scalar_t>(), B, R, nullptr, vf.data_ptr<float>(),
-                      rk::CscRows{t->ptr.data(), t->src.data(), t->val.data()}, C,
+                      kern::NmColRowsStored{t->ptr.data(), t->src.data(), t->val.data()}, C,
                       rk::Store<scalar_t>{dx.data_ptr<scalar_t>(), C, nullptr, nullptr});
           return;
         }

@@ -58,22 +58,6 @@ PADST_ALWAYS_INLINE void rows_body(const float* xT, const float* vals, const E& 
   }
 }
 
-
-// Rows of a column-sorted (transposed) pattern: row c holds entries ptr[c] .. ptr[c+1]; entry p reads input column
-// src[p] and value val[p] (both precomputed, so no division per entry).
-struct CscRows {
-  const int64_t* ptr;
-  const int64_t* src;
-  const int64_t* val;
-  int64_t begin(int64_t c) const { return ptr[c]; }
-  int64_t end(int64_t c) const { return ptr[c + 1]; }
-  bool at(int64_t, int64_t p, int64_t& col, int64_t& v) const {
-    col = src[p];
-    v = val[p];
-    return true;
-  }
-};
-
 // rows over a functor, dispatched on the ISA.
 template <typename T, typename E>
 void rows_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const float* vals, const E& rows,

@@ -97,7 +97,7 @@ cudaError_t nm_transpose(const int64_t* col_idx, int64_t nnz, int64_t C, int64_t
   X(__half, A)
 #define PADST_CUDA_FOR_EACH_ROWS(X)      \
   X(kern::NmRows<int64_t>)               \
-  X(kern::CsrRows)                       \
+  X(kern::NmColRows)                     \
   X(kern::BlockRows)                     \
   X(kern::BlockColRows)                  \
   X(kern::DiagRows)
