@@ -21,6 +21,7 @@
 
 #include "checks.h"
 #include "meta_cache.h"
+#include "prologue.h"
 #include "emu/emulate.h"
 #include "emu/host_types.h"
 #include "kernels/entries.h"
@@ -506,17 +507,9 @@ at::Tensor block_mm(const at::Tensor& x, const at::Tensor& values, const at::Ten
                     const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
                     const at::Tensor& blk_t, const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::block_mm";
-  Backend<kHost>::check_device(op, "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key(op);
-  key.sig(x).sig(values).sig(bias).meta(row_ptr).meta(col_idx).meta(col_ptr).meta(row_idx_t).meta(blk_t);
-  key.meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<BlockDev>(std::move(key), [&] {
-    return upload(validate_block_mm(op, x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias, in_perm,
-                                    out_perm),
-                  x, false);
-  });
+  const BlockMmCall call{x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias, in_perm, out_perm};
+  const auto d =
+      prologue<Backend<kHost>>(call, [&](BlockProblem p) { return upload(std::move(p), x, /*csc=*/false); });
   const BlockMeta& m = d->p.m;
   auto y = at::empty({x.size(0), m.R}, x.options());
   if (y.numel() == 0) return y;
@@ -534,16 +527,9 @@ at::Tensor block_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::
                       const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
                       const at::Tensor& blk_t, const std::optional<at::Tensor>& in_perm,
                       const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::block_mm_t";
-  Backend<kHost>::check_device(op, "dy", dy);
-  const typename Backend<kHost>::Guard guard(dy);
-  MetaKey key(op);
-  key.sig(dy).sig(values).meta(row_ptr).meta(col_idx).meta(col_ptr).meta(row_idx_t).meta(blk_t);
-  key.meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<BlockDev>(std::move(key), [&] {
-    return upload(validate_block_mm_t(op, dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm, out_perm),
-                  dy, true);
-  });
+  const BlockMmTCall call{dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm, out_perm};
+  const auto d =
+      prologue<Backend<kHost>>(call, [&](BlockProblem p) { return upload(std::move(p), dy, /*csc=*/true); });
   const BlockMeta& m = d->p.m;
   auto dx = at::empty({dy.size(0), m.C}, dy.options());
   if (dx.numel() == 0) return dx;
@@ -561,15 +547,9 @@ template <bool kHost>
 at::Tensor block_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                        const at::Tensor& col_idx, int64_t block_rows, int64_t block_cols,
                        const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::block_sddmm";
-  Backend<kHost>::check_device(op, "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key(op);
-  key.sig(dy).sig(x).meta(row_ptr).meta(col_idx).val(block_rows).val(block_cols).meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<BlockDev>(std::move(key), [&] {
-    return upload(validate_block_sddmm(op, dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm, out_perm), x,
-                  false);
-  });
+  const auto d =
+      prologue<Backend<kHost>>(BlockSddmmCall{dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm, out_perm},
+                               [&](BlockProblem p) { return upload(std::move(p), x, /*csc=*/false); });
   const BlockMeta& m = d->p.m;
   auto dv = at::empty({m.nnzb, m.br, m.bc}, x.options());
   if (dv.numel() == 0) return dv;
@@ -715,16 +695,10 @@ bool try_rows_gw(const at::Tensor& dy, const std::optional<at::Tensor>& dy_gathe
 template <bool kHost>
 at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m,
                  const std::optional<at::Tensor>& bias) {
-  Backend<kHost>::check_device("padst::nm_mm", "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key("padst::nm_mm");
-  key.sig(x).sig(values).sig(bias).meta(col_idx).val(n).val(m);
-  const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
-    const at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
-    check_nm_mm_args(x, values, own, bias, n, m);
+  const auto d = prologue<Backend<kHost>>(NmMmCall{x, values, col_idx, n, m, bias}, [&](NmPattern v) {
     NmDev r;
-    r.p = NmProblem{values.size(0), x.size(1), values.size(1)};
-    r.ci = own.to(at::kLong).contiguous();
+    r.p = v.p;
+    r.ci = v.col_idx.to(at::kLong).contiguous();
     if (x.size(1) <= 65536)  // uint16 indices (two's complement int16 storage keeps the 16 bits)
       r.it = r.ci.t().contiguous().to(at::kInt).to(at::kShort);
     return r;
@@ -746,16 +720,10 @@ at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor
 
 template <bool kHost>
 at::Tensor nm_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m) {
-  const char* op = "padst::nm_mm_t";
-  Backend<kHost>::check_device(op, "dy", dy);
-  const typename Backend<kHost>::Guard guard(dy);
-  MetaKey key(op);
-  key.sig(dy).sig(values).meta(col_idx).val(n).val(m);
-  const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
-    const at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
+  const auto d = prologue<Backend<kHost>>(NmMmTCall{dy, values, col_idx, n, m}, [&](NmPattern v) {
     NmDev r;
-    r.p = validate_nm_mm_t(op, dy, values, own, n, m);
-    r.ci = own.to(at::kLong).contiguous();
+    r.p = v.p;
+    r.ci = v.col_idx.to(at::kLong).contiguous();
     std::tie(r.ent, r.ptr) = Backend<kHost>::nm_transpose(r.ci, r.p.C);
     std::tie(r.ell_row, r.ell_v) = nm_ell(r.ci, r.p.R, r.p.C, r.p.K);
     return r;
@@ -778,16 +746,10 @@ at::Tensor nm_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Ten
 
 template <bool kHost>
 at::Tensor nm_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& col_idx, int64_t n, int64_t m) {
-  const char* op = "padst::nm_sddmm";
-  Backend<kHost>::check_device(op, "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key(op);
-  key.sig(dy).sig(x).meta(col_idx).val(n).val(m);
-  const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
-    const at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
+  const auto d = prologue<Backend<kHost>>(NmSddmmCall{dy, x, col_idx, n, m}, [&](NmPattern v) {
     NmDev r;
-    r.p = validate_nm_sddmm(op, dy, x, own, n, m);
-    r.ci = own.to(at::kLong).contiguous();
+    r.p = v.p;
+    r.ci = v.col_idx.to(at::kLong).contiguous();
     if (x.size(1) <= 65536) r.it = r.ci.t().contiguous().to(at::kInt).to(at::kShort);  // as in nm_mm
     return r;
   });
@@ -845,14 +807,8 @@ template <bool kHost>
 at::Tensor diag_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets, int64_t out_features,
                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_perm,
                    const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::diag_mm";
-  Backend<kHost>::check_device(op, "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key(op);
-  key.sig(x).sig(values).sig(bias).meta(offsets).val(out_features).meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<DiagDev>(std::move(key), [&] {
-    return upload(validate_diag_mm(op, x, values, offsets, out_features, bias, in_perm, out_perm), x);
-  });
+  const auto d = prologue<Backend<kHost>>(DiagMmCall{x, values, offsets, out_features, bias, in_perm, out_perm},
+                                          [&](DiagProblem p) { return upload(std::move(p), x); });
   auto y = at::empty({x.size(0), d->p.R}, x.options());
   if (y.numel() == 0) return y;
   // v2: x staged through inv(in_perm) (column c to its permuted place), y stored through inv(out_perm)
@@ -867,14 +823,8 @@ at::Tensor diag_mm(const at::Tensor& x, const at::Tensor& values, const at::Tens
 template <bool kHost>
 at::Tensor diag_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& offsets, int64_t in_features,
                      const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::diag_mm_t";
-  Backend<kHost>::check_device(op, "dy", dy);
-  const typename Backend<kHost>::Guard guard(dy);
-  MetaKey key(op);
-  key.sig(dy).sig(values).meta(offsets).val(in_features).meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<DiagDev>(std::move(key), [&] {
-    return upload(validate_diag_mm_t(op, dy, values, offsets, in_features, in_perm, out_perm), dy);
-  });
+  const auto d = prologue<Backend<kHost>>(DiagMmTCall{dy, values, offsets, in_features, in_perm, out_perm},
+                                          [&](DiagProblem p) { return upload(std::move(p), dy); });
   auto dx = at::empty({dy.size(0), d->p.C}, dy.options());
   if (dx.numel() == 0) return dx;
   // v2: dy staged through out_perm (the inverse of the gather inv(out_perm)), dx stored through in_perm
@@ -889,14 +839,8 @@ at::Tensor diag_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::T
 template <bool kHost>
 at::Tensor diag_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
                       const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::diag_sddmm";
-  Backend<kHost>::check_device(op, "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key(op);
-  key.sig(dy).sig(x).meta(offsets).meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<DiagDev>(std::move(key), [&] {
-    return upload(validate_diag_sddmm(op, dy, x, offsets, in_perm, out_perm), x);
-  });
+  const auto d = prologue<Backend<kHost>>(DiagSddmmCall{dy, x, offsets, in_perm, out_perm},
+                                          [&](DiagProblem p) { return upload(std::move(p), x); });
   const int64_t L = std::min(d->p.R, d->p.C);
   auto dv = at::empty({d->off.size(0), L}, x.options());
   if (dv.numel() == 0) return dv;

@@ -13,6 +13,7 @@
 
 #include "../checks.h"
 #include "../meta_cache.h"
+#include "../prologue.h"
 #include "../kernels/entries.h"
 
 namespace padst::cpu {
@@ -79,5 +80,13 @@ std::shared_ptr<const V> cached(impl::MetaKey key, F&& make) {
 inline void check_cpu(const char* op, const char* what, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor for the CPU kernel, got ", t.device());
 }
+
+// The CPU kernels' device for prologue() (prologue.h): data on the CPU, no device to make current.
+struct CpuDevice {
+  static void check_device(const char* op, const char* what, const at::Tensor& t) { check_cpu(op, what, t); }
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+};
 
 }  // namespace padst::cpu
