@@ -1,4 +1,4 @@
-// Validated metadata, cached for the GPU path (csrc/sparse_impl.h).
+// Validated metadata, cached for every kernel op (prologue.h): the CPU kernels and the GPU path (cuda/host_dispatch.h).
 //
 // The ops validate their metadata in full on the host (checks.h): on a GPU that is a device-to-host copy, and the
 // validated index arrays then go back to the device, a synchronisation or two per call. Layers call the ops with

@@ -1,7 +1,7 @@
 // Plain C++ interface of the CUDA kernels (csrc/cuda/kernels.cu): the CTA bodies of csrc/kernels/*.h launched
 // on a stream. No torch/ATen here: the .cu files stay free of ATen headers (a .cu that includes ATen costs
 // ~30-40 s to compile, the same kernels without it ~5 s). Dtype dispatch, validation, device guards, streams
-// and op registration live in csrc/cuda/cuda_dispatch.cpp (via csrc/sparse_impl.h).
+// and op registration live in csrc/cuda/cuda_dispatch.cpp (via host_dispatch.h and cuda_backend.h).
 //
 // All pointers are device pointers on the current device, arrays dense row-major, metadata already validated.
 // Every launcher enqueues on `stream` and returns the launch status (cudaGetLastError()).

@@ -1,9 +1,11 @@
-// The GPU implementation of every padst kernel op, written once for two backends:
-//   Backend<false>  launches the CUDA kernels (csrc/cuda/kernels.cu) on the current stream: the `CUDA` kernels of
-//                   the padst library (csrc/cuda/cuda_dispatch.cpp), built only with PADST_WITH_CUDA;
-//   Backend<true>   runs the same CTA bodies on the host (csrc/emu/emulate.h): the `padst_emu` library (CPU
-//                   tensors), with which the tests exercise the CUDA path's validation, metadata preparation,
-//                   index and tile logic on machines without a GPU.
+// The CUDA host layer: the implementation of every padst kernel op on the GPU side of the dispatcher (validation
+// through prologue.h, metadata upload, the choice of kernel and its launch parameters, dtype dispatch), written once
+// for two backends that say how a kernel runs:
+//   Backend<false>  (cuda/cuda_backend.h) launches the CUDA kernels (csrc/cuda/*.cu) on the current stream: the
+//                   `CUDA` kernels of the padst library (csrc/cuda/cuda_dispatch.cpp), built only with CUDA;
+//   Backend<true>   (emu/emu_backend.h) runs the same CTA bodies on the host (csrc/emu/emulate.h): the test-only
+//                   `padst_emu` library (padst_ext._emu, CPU tensors), with which the tests exercise the CUDA path's
+//                   validation, metadata preparation, index and tile logic on machines without a GPU.
 // Validation is shared with the CPU kernels (checks.h): the metadata is checked in full on the host, then
 // copied to the device; both results are cached per metadata tensor and version (meta_cache.h), so a layer that
 // calls an op with unchanged metadata pays neither the check nor the copies again.
@@ -20,181 +22,25 @@
 #include <vector>
 
 #include "checks.h"
+#include "kernels/block_gw.h"
+#include "kernels/block_rc.h"
+#include "kernels/block_sddmm_tc.h"
+#include "kernels/block_tc.h"
+#include "kernels/block_xs.h"
+#include "kernels/entries.h"
+#include "kernels/gather_mm.h"
+#include "kernels/rows_v2.h"
+#include "kernels/sddmm.h"
 #include "meta_cache.h"
 #include "prologue.h"
-#include "emu/emulate.h"
-#include "emu/host_types.h"
-#include "kernels/entries.h"
-
-#ifdef PADST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include "cuda/launch.h"
-#endif
 
 namespace padst::impl {
 
+// How kernels run: Backend<false> on the GPU (cuda/cuda_backend.h), Backend<true> on the host (emu/emu_backend.h).
+// Each provides type<S> (the element type the kernels see for the tensor dtype S), check_device and Guard (the
+// device policy of prologue()), and one static function per kernel that runs it.
 template <bool kHost>
 struct Backend;
-
-template <>
-struct Backend<true> {
-  template <typename S>
-  using type = S;  // the emulation computes with c10::BFloat16 / c10::Half (rounding as on the device)
-  struct Guard {
-    explicit Guard(const at::Tensor&) {}
-  };
-  static void check_device(const char* op, const char* what, const at::Tensor& t) {
-    TORCH_CHECK_VALUE(t.device().is_cpu(), op, " (host emulation): ", what, " must be a CPU tensor, got ", t.device());
-  }
-  template <typename T, typename E>
-  static void gather_mm(const kern::GatherMmParams<T, E>& p) {
-    emu::gather_mm(p);
-  }
-  template <typename T, typename F>
-  static void sddmm(kern::SddmmParams<T, F> p, const at::Tensor&) {
-    emu::sddmm(p);
-  }
-  template <typename T, bool kDx, int kOut16>
-  static void block_tc(const kern::BlockTcParams<T>& p) {
-    emu::block_tc<T, kDx, kOut16>(p);
-  }
-  template <typename T, bool kDx, int kB>
-  static void block_xs(const kern::BlockXsParams<T>& p) {
-    emu::block_xs<T, kDx, kB>(p);
-  }
-  template <typename T, bool kDx, int kB>
-  static void block_rc(const kern::BlockRcParams<T>& p) {
-    emu::block_rc<T, kDx, kB>(p);
-  }
-  template <typename T, int kB>
-  static void block_gw(const kern::BlockGwParams<T>& p, int64_t max_row_blocks, const at::Tensor&) {
-    emu::block_gw<T, kB>(p, max_row_blocks);
-  }
-  static int64_t block_v2_max_smem() { return kern::kBlockXsMaxSmem; }  // the emulation models an H100/H200
-  template <typename T, typename E>
-  static void rows_v2(const kern::RowsV2Params<T, E>& p) {
-    emu::rows_v2<T, E>(p);
-  }
-  template <typename T, typename E>
-  static void rows_gw(const kern::RowsGwParams<T, E>& p, const at::Tensor&) {
-    emu::rows_gw<T, E>(p);
-  }
-  template <typename T>
-  static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor&) {
-    emu::block_sddmm_tc(p);
-  }
-  // Stable transpose of the N:M pattern: (ent [nnz], ptr [C+1]).
-  static std::pair<at::Tensor, at::Tensor> nm_transpose(const at::Tensor& col_idx64, int64_t C) {
-    const int64_t nnz = col_idx64.numel();
-    auto ent = at::empty({nnz}, col_idx64.options());
-    auto ptr = at::empty({C + 1}, col_idx64.options());
-    emu::nm_transpose(col_idx64.const_data_ptr<int64_t>(), nnz, C, ent.mutable_data_ptr<int64_t>(),
-                      ptr.mutable_data_ptr<int64_t>());
-    return {ent, ptr};
-  }
-};
-
-#ifdef PADST_WITH_CUDA
-template <typename S>
-struct DeviceType {
-  using type = S;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-static_assert(sizeof(at::BFloat16) == sizeof(__nv_bfloat16) && sizeof(at::Half) == sizeof(__half));
-
-template <>
-struct Backend<false> {
-  template <typename S>
-  using type = typename DeviceType<S>::type;
-  struct Guard {
-    explicit Guard(const at::Tensor& t) : g(t.device()) {}
-    c10::cuda::CUDAGuard g;
-  };
-  static void check_device(const char* op, const char* what, const at::Tensor& t) {
-    TORCH_CHECK_VALUE(t.is_cuda(), op, ": the CUDA kernel got ", what, " on ", t.device());
-  }
-  template <typename T, typename E>
-  static void gather_mm(const kern::GatherMmParams<T, E>& p) {
-    C10_CUDA_CHECK(gpu::gather_mm(p, at::cuda::getCurrentCUDAStream()));
-  }
-  template <typename T, typename F>
-  static void sddmm(kern::SddmmParams<T, F> p, const at::Tensor& ref) {
-    kern::Sddmm<T, F>::plan(p);
-    const auto acc = std::is_same_v<kern::acc_t<T>, double> ? at::kDouble : at::kFloat;
-    auto partial = at::empty({p.splits * p.nnz}, ref.options().dtype(acc));
-    p.partial = reinterpret_cast<kern::acc_t<T>*>(partial.mutable_data_ptr());
-    C10_CUDA_CHECK(gpu::sddmm(p, at::cuda::getCurrentCUDAStream()));
-  }
-  template <typename T, bool kDx, int kOut16>
-  static void block_tc(const kern::BlockTcParams<T>& p) {
-    C10_CUDA_CHECK((gpu::block_tc<T, kDx, kOut16>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  template <typename T, bool kDx, int kB>
-  static void block_xs(const kern::BlockXsParams<T>& p) {
-    C10_CUDA_CHECK((gpu::block_xs<T, kDx, kB>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  template <typename T, bool kDx, int kB>
-  static void block_rc(const kern::BlockRcParams<T>& p) {
-    C10_CUDA_CHECK((gpu::block_rc<T, kDx, kB>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  template <typename T, int kB>
-  static void block_gw(kern::BlockGwParams<T> p, int64_t max_row_blocks, const at::Tensor& ref) {
-    kern::BlockGw<T, kB>::plan(p, max_row_blocks);
-    const int64_t n = static_cast<int64_t>(p.splits) * p.nnzb * kB * kB;
-    at::Tensor partial = at::empty({n}, ref.options().dtype(at::kFloat));
-    p.partial = partial.mutable_data_ptr<float>();
-    C10_CUDA_CHECK((gpu::block_gw<T, kB>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  static int64_t block_v2_max_smem() { return gpu::block_v2_max_smem(); }
-  template <typename T, typename E>
-  static void rows_v2(const kern::RowsV2Params<T, E>& p) {
-    C10_CUDA_CHECK((gpu::rows_v2<T, E>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  template <typename T, typename E>
-  static void rows_gw(kern::RowsGwParams<T, E> p, const at::Tensor& ref) {
-    switch (kern::rows_v2_tile(p.C)) {  // the batch-tile size only matters for the split plan's minimum chunk
-      case 32: kern::RowsGw<T, E, 32>::plan(p); break;
-      case 16: kern::RowsGw<T, E, 16>::plan(p); break;
-      default: kern::RowsGw<T, E, 8>::plan(p); break;
-    }
-    at::Tensor partial = at::empty({static_cast<int64_t>(p.splits) * p.nnz}, ref.options().dtype(at::kFloat));
-    p.partial = partial.mutable_data_ptr<float>();
-    C10_CUDA_CHECK((gpu::rows_gw<T, E>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  template <typename T>
-  static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor& ref) {
-    kern::BlockSddmmTc<T>::plan(p);
-    at::Tensor partial = at::empty({p.splits * p.nnzb * p.br * p.bc}, ref.options().dtype(at::kFloat));
-    p.partial = partial.mutable_data_ptr<float>();
-    C10_CUDA_CHECK(gpu::block_sddmm_tc<T>(p, at::cuda::getCurrentCUDAStream()));
-  }
-  static std::pair<at::Tensor, at::Tensor> nm_transpose(const at::Tensor& col_idx64, int64_t C) {
-    const int64_t nnz = col_idx64.numel();
-    TORCH_CHECK_VALUE(nnz <= std::numeric_limits<int>::max(), "padst::nm_mm_t: the CUDA transpose sorts at most ",
-                      std::numeric_limits<int>::max(), " indices (cub), got ", nnz);
-    auto opts = col_idx64.options();
-    auto keys = at::empty({nnz}, opts), ent_in = at::empty({nnz}, opts), ent = at::empty({nnz}, opts);
-    auto ptr = at::empty({C + 1}, opts);
-    const size_t bytes = gpu::nm_transpose_temp_bytes(nnz, C);
-    auto temp = at::empty({static_cast<int64_t>(bytes) + 1}, opts.dtype(at::kByte));
-    C10_CUDA_CHECK(gpu::nm_transpose(col_idx64.const_data_ptr<int64_t>(), nnz, C, keys.mutable_data_ptr<int64_t>(),
-                                     ent_in.mutable_data_ptr<int64_t>(), ent.mutable_data_ptr<int64_t>(),
-                                     ptr.mutable_data_ptr<int64_t>(), temp.mutable_data_ptr(), bytes,
-                                     at::cuda::getCurrentCUDAStream()));
-    return {ent, ptr};
-  }
-};
-#endif
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers: validated host metadata -> the device of `ref`; typed pointers.
