@@ -1,6 +1,7 @@
 // `padst_emu`: the CUDA implementation of every padst kernel op (csrc/cuda/host_dispatch.h), run on the host through
 // the kernel emulation (csrc/emu/emulate.h). Same schemas as `padst`, CPU tensors only, slow (one host thread
-// plays every GPU thread): for tests (tests/test_cuda_emulation.py), in every build, GPU or not.
+// plays every GPU thread): for tests (tests/test_cuda_emulation.py), in every build, GPU or not. Built into the
+// test-only module padst_ext._emu, which `import padst_ext` does not load (padst_ext._extension.load_emulation()).
 #include <torch/library.h>
 
 #include "emu/emu_backend.h"
