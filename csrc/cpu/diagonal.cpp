@@ -1,6 +1,6 @@
 // Wrap-around diagonal matmul on the CPU: forward, dx and dW on the diagonals.
 //
-// Layout (design.md): L = min(R, C) values per diagonal, offsets o_k in [0, max(R, C)).
+// Layout: L = min(R, C) values per diagonal, offsets o_k in [0, max(R, C)).
 //   R >= C ("tall"): entry t of diagonal k sits at (row, col) = ((t + o_k) mod R, t)
 //   R <  C ("wide"): entry t of diagonal k sits at (row, col) = (t, (t + o_k) mod C)
 // Every product reduces to two primitives over contiguous runs (the wrap splits a run in at most two):

@@ -163,9 +163,9 @@ bool try_block_tc(const at::Tensor& in, const std::optional<at::Tensor>& in_gath
 
 // The v2 tensor-core block kernels: x-stationary (kernels/block_xs.h: the input side staged whole, so it must fit in
 // shared memory), row-complete (kernels/block_rc.h: whole output rows, at most 768 wide) and the weight gradient
-// (kernels/block_gw.h). PADST_BLOCK_V2=1 / 0 turns them on / off; unset, they serve in the host emulation and not yet
-// on a GPU: they have not run on one (issue 16), so the device default stays the block_tc kernels until
-// benchmarks/gpu_suite.sh has checked them there.
+// (kernels/block_gw.h). PADST_BLOCK_V2=1 / 0 turns them on / off; unset, they serve in the host emulation but not on
+// a GPU: they have not run on one, so the device default is the block_tc kernels until benchmarks/gpu_suite.sh has
+// checked them there.
 inline bool block_v2_enabled(bool host) {
   const char* v = std::getenv("PADST_BLOCK_V2");
   if (v == nullptr || *v == '\0') return host;
@@ -462,7 +462,7 @@ inline std::pair<at::Tensor, at::Tensor> nm_ell(const at::Tensor& col_idx64, int
 }
 
 // The v2 row kernel (kernels/rows_v2.h): the N:M forward, the diagonal forward and dx. PADST_ROWS_V2=1 / 0 turns it
-// on / off; unset, it serves in the host emulation and not yet on a GPU (it has not run on one, issue 17).
+// on / off; unset, it serves in the host emulation but not on a GPU, where it has not run.
 inline bool rows_v2_enabled(bool host) {
   const char* v = std::getenv("PADST_ROWS_V2");
   if (v == nullptr || *v == '\0') return host;
