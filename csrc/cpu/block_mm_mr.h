@@ -1,7 +1,7 @@
-// Block forward and dx without packing: the GEMM micro-kernel orientation. MR batch rows x NRV*VW outputs of one block line in
-// registers; per input column of a block, NRV weight vectors (the outputs of one block row/column are contiguous
-// in the weights) times MR scalars read straight from the input rows (through the input permutation). Outputs
-// are stored as vectors into the output rows (identity) or into a row buffer that is written back by gathering
+// Block forward and dx without packing: the GEMM micro-kernel orientation. MR batch rows x NRV*VW outputs of one
+// block line in registers; per input column of a block, NRV weight vectors (the outputs of one block row/column are
+// contiguous in the weights) times MR scalars read straight from the input rows (through the input permutation).
+// Outputs are stored as vectors into the output rows (identity) or into a row buffer that is written back by gathering
 // (permuted). Neither the input nor the output is transposed, which is what the packed kernels pay for most.
 // block_mm.h runs it when the outputs of a block split into whole vectors, its packed kernel otherwise (e.g. 12x20).
 #pragma once
