@@ -22,6 +22,7 @@ import sys
 import torch
 
 import padst_ext  # noqa: F401  (registers the ops)
+from padst_ext import _extension
 from padst_ext import formats as F
 from padst_ext import reference as ref
 
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device (use --cpu for the emulation)", file=sys.stderr)
         return 1
+    if args.cpu:
+        _extension.load_emulation()  # registers torch.ops.padst_emu (not loaded by `import padst_ext`)
     ops = torch.ops.padst_emu if args.cpu else torch.ops.padst
     os.environ["PADST_BLOCK_V2"] = "1"
     os.environ["PADST_ROWS_V2"] = "1"

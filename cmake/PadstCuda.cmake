@@ -1,5 +1,5 @@
-# CUDA helpers for padst_ext. See /work/shared/docs/environment.md ("pitfalls already hit") for why each
-# of these exists; the short version is in the comments.
+# CUDA helpers for padst_ext: the arch list in CMake's and torch's spellings, and what a build against torch's CUDA
+# wheels needs with a wrapper nvcc and a partial toolkit; each helper's comment says why.
 
 # padst_normalize_cuda_archs(<in> <out_cmake> <out_torch>)
 #   Accepts "80;90a", "8.0;9.0a", "80,90a" or "80 90a", each optionally with "+PTX". Returns the CMake spelling (80;90a, used for

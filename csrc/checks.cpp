@@ -13,7 +13,7 @@ bool is_supported_float(at::ScalarType t) {
 // Index metadata is small: validating it on the CPU is cheaper than a device round trip per element.
 // Always a copy of its own, even of an int64 contiguous CPU tensor (which .to() would return as is): the kernels read
 // only these validated copies, so a later write to the caller's tensor that bypasses the version counter (.data,
-// numpy, DLPack) can leave a stale pattern in the cache but never an unchecked index in a kernel (issue 18).
+// numpy, DLPack) can leave a stale pattern in the cache but never an unchecked index in a kernel.
 at::Tensor as_cpu_long(const at::Tensor& t) {
   return t.to(at::TensorOptions().device(at::kCPU).dtype(at::kLong), /*non_blocking=*/false, /*copy=*/true)
       .contiguous();

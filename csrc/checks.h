@@ -15,6 +15,9 @@
 
 namespace padst {
 
+// Exported from padst_ext._C for the emulation module (export.h).
+#pragma GCC visibility push(default)
+
 // Everything below throws c10::Error subclasses that Python sees as ValueError / TypeError / IndexError.
 
 // x must be a 2-D floating tensor; returns nothing, throws with `what` in the message.
@@ -119,5 +122,7 @@ DiagProblem validate_diag_mm_t(const char* op, const at::Tensor& dy, const at::T
                                const std::optional<at::Tensor>& out_perm);
 DiagProblem validate_diag_sddmm(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
                                 const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm);
+
+#pragma GCC visibility pop
 
 }  // namespace padst

@@ -175,10 +175,10 @@ inline int64_t span(const MatDesc& d) { return d.order == Order::kRow ? d.rows *
 //
 // A cuSPARSELt plan is built from the descriptors (shapes, leading dimensions, orders, value type, alignment), the
 // matmul descriptor (ops, compute type) and the algorithm selection: everything that LtLayout derives from
-// (dtype, R, C, padded batch, transposed), plus the device the handle belongs to. `bias` selects beta = 1 with the
-// bias pre-filled into D; it does not change the plan today but is kept in the key so that a later fused bias
-// epilogue cannot reuse a bias-less plan by accident. Pointers are NOT part of the key: the plan holds none (the
-// bias epilogue's pointer would be, which is why we do not use it with cached plans).
+// (dtype, R, C, padded batch, transposed), plus the device the handle belongs to and the algorithm (alg_id). `bias`
+// selects beta = 1 with the bias pre-filled into D: it changes no plan setting, but keeps the plans of calls with and
+// without a bias apart. bias_ptr is the bias epilogue's device pointer (PADST_LT24_V2), which the plan holds: such a
+// plan serves that bias tensor only. No other pointer is part of the key: the plan holds none.
 struct PlanKey {
   int32_t device = 0;
   LtDtype dtype = LtDtype::kF16;

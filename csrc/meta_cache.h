@@ -1,4 +1,4 @@
-// Validated metadata, cached for the GPU path (csrc/sparse_impl.h).
+// Validated metadata, cached for every kernel op (prologue.h): the CPU kernels and the GPU path (cuda/host_dispatch.h).
 //
 // The ops validate their metadata in full on the host (checks.h): on a GPU that is a device-to-host copy, and the
 // validated index arrays then go back to the device, a synchronisation or two per call. Layers call the ops with
@@ -31,6 +31,8 @@
 #include <type_traits>
 #include <typeinfo>
 #include <vector>
+
+#include "export.h"
 
 namespace padst::impl {
 
@@ -119,7 +121,8 @@ int64_t meta_bytes(const V& v) {
 inline int64_t tensor_bytes(const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : 0; }
 inline int64_t tensor_bytes(const std::optional<at::Tensor>& t) { return t ? tensor_bytes(*t) : 0; }
 
-class MetaCache {
+// One per process (instance() is defined in _C and exported to the emulation module: export.h).
+class PADST_EXPORT MetaCache {
  public:
   static constexpr size_t kCapacity = 64;
   // 256 MB of copies (PADST_META_CACHE_MB overrides it, read once), besides the 64-entry bound.
@@ -131,10 +134,7 @@ class MetaCache {
     }();
     return bytes;
   }
-  static MetaCache& instance() {
-    static MetaCache cache;
-    return cache;
-  }
+  static MetaCache& instance();
   // Returns the cached value for `key`, or computes it with make() (outside the lock; make may throw, and then
   // nothing is cached) and stores it.
   template <typename V>

@@ -13,12 +13,14 @@ import types
 import pytest
 import torch
 
+from padst_ext import _extension
 from padst_ext import formats as F
 from padst_ext import reference as ref
 
 from cases import DTYPES, assert_close_to_reference, make_case
 from test_ops import _cases, _f64, _make, dw, dx, fwd
 
+_extension.load_emulation()  # the padst_emu library (padst_ext._emu): not loaded by `import padst_ext`
 emu = types.SimpleNamespace(**{name: getattr(torch.ops.padst_emu, name) for name in (
     "block_mm", "block_mm_t", "block_sddmm", "nm_mm", "nm_mm_t", "nm_sddmm", "diag_mm", "diag_mm_t", "diag_sddmm")})
 

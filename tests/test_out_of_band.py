@@ -19,7 +19,10 @@ SCRIPT = textwrap.dedent('''
     import sys
     import torch
     import padst_ext
+    from padst_ext import _extension
     from padst_ext import formats as F
+
+    _extension.load_emulation()  # padst_emu, the CUDA path on the host
 
     torch.manual_seed(0)
     failures = []

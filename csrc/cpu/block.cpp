@@ -7,6 +7,8 @@
 //  - dW: each block packs its gathered dy / x columns for a batch tile into L1 and accumulates there.
 #include <torch/library.h>
 
+#include "block_dw.h"
+#include "block_mm.h"
 #include "common.h"
 
 namespace padst::cpu {
@@ -161,14 +163,8 @@ at::Tensor block_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at:
                         const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
                         const at::Tensor& blk_t, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::block_mm";
-  check_cpu(op, "x", x);
-  impl::MetaKey key(op);
-  key.sig(x).sig(values).sig(bias).meta(row_ptr).meta(col_idx).meta(col_ptr).meta(row_idx_t).meta(blk_t);
-  key.meta(in_perm).meta(out_perm);
-  const auto pp = cached<BlockProblem>(std::move(key), [&] {
-    return validate_block_mm(op, x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias, in_perm, out_perm);
-  });
+  const auto pp =
+      prologue<CpuDevice>(BlockMmCall{x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias, in_perm, out_perm});
   const BlockProblem& p = *pp;
   const BlockMeta& m = p.m;
   auto xc = x.contiguous();
@@ -203,14 +199,8 @@ at::Tensor block_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const 
                           const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
                           const at::Tensor& blk_t, const std::optional<at::Tensor>& in_perm,
                           const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::block_mm_t";
-  check_cpu(op, "dy", dy);
-  impl::MetaKey key(op);
-  key.sig(dy).sig(values).meta(row_ptr).meta(col_idx).meta(col_ptr).meta(row_idx_t).meta(blk_t);
-  key.meta(in_perm).meta(out_perm);
-  const auto pp = cached<BlockProblem>(std::move(key), [&] {
-    return validate_block_mm_t(op, dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm, out_perm);
-  });
+  const auto pp =
+      prologue<CpuDevice>(BlockMmTCall{dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm, out_perm});
   const BlockProblem& p = *pp;
   const BlockMeta& m = p.m;
   auto dyc = dy.contiguous();
@@ -239,13 +229,8 @@ at::Tensor block_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const 
 at::Tensor block_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                            const at::Tensor& col_idx, int64_t block_rows, int64_t block_cols,
                            const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::block_sddmm";
-  check_cpu(op, "x", x);
-  impl::MetaKey key(op);
-  key.sig(dy).sig(x).meta(row_ptr).meta(col_idx).val(block_rows).val(block_cols).meta(in_perm).meta(out_perm);
-  const auto pp = cached<BlockProblem>(std::move(key), [&] {
-    return validate_block_sddmm(op, dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm, out_perm);
-  });
+  const auto pp =
+      prologue<CpuDevice>(BlockSddmmCall{dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm, out_perm});
   const BlockProblem& p = *pp;
   const BlockMeta& m = p.m;
   auto dyc = dy.contiguous();

@@ -13,8 +13,8 @@
 
 #include "../checks.h"
 #include "../meta_cache.h"
+#include "../prologue.h"
 #include "../kernels/entries.h"
-#include "row_kernels.h"
 
 namespace padst::cpu {
 
@@ -58,8 +58,8 @@ void dispatch_width(int64_t w, F&& f) {
   }
 }
 
-// The vectorised float kernels (row_kernels.h) serve float32/bfloat16/float16 from kMinVecBatch rows on; float64 and
-// smaller batches keep the scalar kernels (a 32-row tile would be mostly padding).
+// The vectorised float kernels (rk::, in rows_*.h, block_*.h, diag_mm.h) serve float32/bfloat16/float16 from
+// kMinVecBatch rows on; float64 and smaller batches keep the scalar kernels (a 32-row tile would be mostly padding).
 inline constexpr int64_t kMinVecBatch = 8;
 template <typename T>
 inline constexpr bool kVecType = !std::is_same_v<T, double>;
@@ -80,5 +80,13 @@ std::shared_ptr<const V> cached(impl::MetaKey key, F&& make) {
 inline void check_cpu(const char* op, const char* what, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor for the CPU kernel, got ", t.device());
 }
+
+// The CPU kernels' device for prologue() (prologue.h): data on the CPU, no device to make current.
+struct CpuDevice {
+  static void check_device(const char* op, const char* what, const at::Tensor& t) { check_cpu(op, what, t); }
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+};
 
 }  // namespace padst::cpu

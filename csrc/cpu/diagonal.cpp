@@ -1,6 +1,6 @@
 // Wrap-around diagonal matmul on the CPU: forward, dx and dW on the diagonals.
 //
-// Layout (design.md): L = min(R, C) values per diagonal, offsets o_k in [0, max(R, C)).
+// Layout: L = min(R, C) values per diagonal, offsets o_k in [0, max(R, C)).
 //   R >= C ("tall"): entry t of diagonal k sits at (row, col) = ((t + o_k) mod R, t)
 //   R <  C ("wide"): entry t of diagonal k sits at (row, col) = (t, (t + o_k) mod C)
 // Every product reduces to two primitives over contiguous runs (the wrap splits a run in at most two):
@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "diag_mm.h"
+#include "rows_dw.h"
 
 namespace padst::cpu {
 namespace {
@@ -150,13 +152,7 @@ void diag_sddmm_kernel(const T* dy, const T* x, int64_t B, int64_t R, int64_t C,
 at::Tensor diag_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets,
                        int64_t out_features, const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::diag_mm";
-  check_cpu(op, "x", x);
-  impl::MetaKey key(op);
-  key.sig(x).sig(values).sig(bias).meta(offsets).val(out_features).meta(in_perm).meta(out_perm);
-  const auto pp = cached<DiagProblem>(std::move(key), [&] {
-    return validate_diag_mm(op, x, values, offsets, out_features, bias, in_perm, out_perm);
-  });
+  const auto pp = prologue<CpuDevice>(DiagMmCall{x, values, offsets, out_features, bias, in_perm, out_perm});
   const DiagProblem& p = *pp;
   const int64_t R = p.R, C = p.C, B = x.size(0);
   auto xc = x.contiguous();
@@ -184,13 +180,7 @@ at::Tensor diag_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::
 at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& offsets,
                          int64_t in_features, const std::optional<at::Tensor>& in_perm,
                          const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::diag_mm_t";
-  check_cpu(op, "dy", dy);
-  impl::MetaKey key(op);
-  key.sig(dy).sig(values).meta(offsets).val(in_features).meta(in_perm).meta(out_perm);
-  const auto pp = cached<DiagProblem>(std::move(key), [&] {
-    return validate_diag_mm_t(op, dy, values, offsets, in_features, in_perm, out_perm);
-  });
+  const auto pp = prologue<CpuDevice>(DiagMmTCall{dy, values, offsets, in_features, in_perm, out_perm});
   const DiagProblem& p = *pp;
   const int64_t R = p.R, C = p.C, B = dy.size(0);
   auto dyc = dy.contiguous();
@@ -217,11 +207,7 @@ at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const a
 
 at::Tensor diag_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
                           const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::diag_sddmm";
-  check_cpu(op, "x", x);
-  impl::MetaKey key(op);
-  key.sig(dy).sig(x).meta(offsets).meta(in_perm).meta(out_perm);
-  const auto pp = cached<DiagProblem>(std::move(key), [&] { return validate_diag_sddmm(op, dy, x, offsets, in_perm, out_perm); });
+  const auto pp = prologue<CpuDevice>(DiagSddmmCall{dy, x, offsets, in_perm, out_perm});
   const DiagProblem& p = *pp;
   const int64_t R = p.R, C = p.C, B = x.size(0);
   auto dyc = dy.contiguous();

@@ -1,8 +1,9 @@
 // Batch-1 N:M forward for float32: y[r] = bias[r] + sum_k v[r][k] * x[idx[r][k]], with the column indices as uint16
 // (a cached compact copy of col_idx, nm.cpp). One token is memory- and instruction-bound: the scalar loop costs about
 // two cycles per nonzero (index load, dependent gathered load, value load, FMA); the AVX2 / AVX-512 variants load 8 or
-// 16 indices at once, widen them and gather. Unlike row_kernels.h these are written with intrinsics, directly in the
-// target-attributed functions (an always-inline body without the attribute cannot call the intrinsics).
+// 16 indices at once, widen them and gather. Unlike the row kernels these are written with intrinsics, directly in
+// target-attributed functions (an always-inline body without the attribute cannot call the intrinsics), one overload
+// of dot() per ISA tag, which dispatch_isa (isa.h) picks.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -17,7 +18,7 @@
 
 namespace padst::cpu::gd {
 
-inline float dot_base(const float* v, const uint16_t* idx, const float* x, int64_t K) {
+inline float dot(IsaTag<Isa::kBase>, const float* v, const uint16_t* idx, const float* x, int64_t K) {
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four partial sums: one dependent chain would bound the loop by latency
   int64_t k = 0;
   for (; k + 4 <= K; k += 4)
@@ -27,7 +28,7 @@ inline float dot_base(const float* v, const uint16_t* idx, const float* x, int64
 }
 
 #if PADST_X86_DISPATCH
-PADST_TARGET_AVX2 inline float dot_avx2(const float* v, const uint16_t* idx, const float* x, int64_t K) {
+PADST_TARGET_AVX2 inline float dot(IsaTag<Isa::kAvx2>, const float* v, const uint16_t* idx, const float* x, int64_t K) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
@@ -47,7 +48,8 @@ PADST_TARGET_AVX2 inline float dot_avx2(const float* v, const uint16_t* idx, con
   return acc;
 }
 
-PADST_TARGET_AVX512 inline float dot_avx512(const float* v, const uint16_t* idx, const float* x, int64_t K) {
+PADST_TARGET_AVX512 inline float dot(IsaTag<Isa::kAvx512>, const float* v, const uint16_t* idx, const float* x,
+                                     int64_t K) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
@@ -75,24 +77,9 @@ inline void nm_gemv(const float* x, const float* v, const uint16_t* idx, int64_t
                     float* y) {
   const Isa isa = current_isa();
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* vr = v + r * K;
-      const uint16_t* ir = idx + r * K;
-      float s;
-#if PADST_X86_DISPATCH
-      if (isa == Isa::kAvx512) {
-        s = dot_avx512(vr, ir, x, K);
-      } else if (isa == Isa::kAvx2) {
-        s = dot_avx2(vr, ir, x, K);
-      } else {
-        s = dot_base(vr, ir, x, K);
-      }
-#else
-      (void)isa;
-      s = dot_base(vr, ir, x, K);
-#endif
-      y[r] = (bias ? bias[r] : 0.0f) + s;
-    }
+    dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {  // the rows of a chunk in one call, dot() inlined
+      for (int64_t r = r0; r < r1; ++r) y[r] = (bias ? bias[r] : 0.0f) + dot(k, v + r * K, idx + r * K, x, K);
+    });
   });
 }
 

@@ -2,7 +2,9 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <iterator>
 #include <string>
 
 namespace padst::cpu {
@@ -23,19 +25,11 @@ Isa detect() {
 
 std::string cpu_isa_op(std::optional<std::string> want) {
   if (want.has_value()) {
-    Isa isa;
-    if (*want == "base") {
-      isa = Isa::kBase;
-    } else if (*want == "avx2") {
-      isa = Isa::kAvx2;
-    } else if (*want == "avx512") {
-      isa = Isa::kAvx512;
-    } else {
-      TORCH_CHECK_VALUE(false, "padst::_cpu_isa: unknown ISA '", *want, "' (base, avx2 or avx512)");
-    }
-    TORCH_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(best_isa()), "padst::_cpu_isa: this CPU does not ",
+    const Isa* isa = std::find_if(std::begin(kIsas), std::end(kIsas), [&](Isa i) { return *want == isa_name(i); });
+    TORCH_CHECK_VALUE(isa != std::end(kIsas), "padst::_cpu_isa: unknown ISA '", *want, "' (base, avx2 or avx512)");
+    TORCH_CHECK_VALUE(static_cast<int>(*isa) <= static_cast<int>(best_isa()), "padst::_cpu_isa: this CPU does not ",
                       "support ", *want, " (best: ", isa_name(best_isa()), ")");
-    g_isa.store(static_cast<int>(isa));
+    g_isa.store(static_cast<int>(*isa));
   }
   return isa_name(current_isa());
 }
@@ -53,11 +47,8 @@ Isa current_isa() {
 }
 
 const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "base";
-  }
+  static constexpr const char* kNames[] = {"base", "avx2", "avx512"};  // by Isa value
+  return kNames[static_cast<int>(isa)];
 }
 
 }  // namespace padst::cpu

@@ -8,6 +8,8 @@
 
 #include "common.h"
 #include "gather_dot.h"
+#include "rows_dw.h"
+#include "rows_mm.h"
 
 namespace padst::cpu {
 namespace {
@@ -169,15 +171,9 @@ void dispatch_index(const at::Tensor& idx, F&& f) {
 
 at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m,
                      const std::optional<at::Tensor>& bias) {
-  impl::MetaKey key("padst::nm_mm");
-  key.sig(x).sig(values).sig(bias).meta(col_idx).val(n).val(m);
   // the validated pattern as a copy of its own: the kernels never read the caller's col_idx (see as_cpu_long)
-  const at::Tensor ic = *cached<at::Tensor>(std::move(key), [&] {
-    at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
-    check_nm_mm_args(x, values, own, bias, n, m);
-    return own;
-  });
-  check_cpu("padst::nm_mm", "x", x);
+  const auto pat = prologue<CpuDevice>(NmMmCall{x, values, col_idx, n, m, bias});
+  const at::Tensor& ic = pat->col_idx;
   const int64_t R = values.size(0), K = values.size(1), B = x.size(0), C = x.size(1);
   auto xc = x.contiguous();
   auto vc = values.contiguous();
@@ -231,8 +227,9 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
   return y;
 }
 
-// A validated N:M pattern and its transpose, sorted stably by column by a counting sort (O(nnz + C)): column c holds
-// the entries ptr[c] .. ptr[c+1], entry q being values' flat index val[q] of forward row src[q].
+// A validated N:M pattern and its transpose (what kern::NmColRowsStored walks), sorted stably by column by a counting
+// sort (O(nnz + C)): column c holds the entries ptr[c] .. ptr[c+1], entry q being values' flat index val[q] of forward
+// row src[q].
 struct NmTransposed {
   NmProblem p;
   std::vector<int64_t> ptr, src, val;
@@ -258,16 +255,10 @@ NmTransposed transpose_pattern(const NmProblem& p, const at::Tensor& col_idx) {
 
 at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_idx, int64_t n,
                        int64_t m) {
-  const char* op = "padst::nm_mm_t";
-  check_cpu(op, "dy", dy);
-  impl::MetaKey key(op);
-  key.sig(dy).sig(values).meta(col_idx).val(n).val(m);
   // Validation and the pattern's transpose are cached together: both depend on col_idx only.
-  const auto t = cached<NmTransposed>(std::move(key), [&] {
-    at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
-    const NmProblem q = validate_nm_mm_t(op, dy, values, own, n, m);
-    NmTransposed r = transpose_pattern(q, own);
-    r.ci = own;
+  const auto t = prologue<CpuDevice>(NmMmTCall{dy, values, col_idx, n, m}, [](NmPattern v) {
+    NmTransposed r = transpose_pattern(v.p, v.col_idx);
+    r.ci = std::move(v.col_idx);
     return r;
   });
   const NmProblem& p = t->p;
@@ -287,7 +278,7 @@ at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at:
           // kernel over the columns of the (cached) transposed pattern.
           const at::Tensor vf = float_values(vc);
           rk::rows_mm(dyc.data_ptr<scalar_t>(), B, R, nullptr, vf.data_ptr<float>(),
-                      rk::CscRows{t->ptr.data(), t->src.data(), t->val.data()}, C,
+                      kern::NmColRowsStored{t->ptr.data(), t->src.data(), t->val.data()}, C,
                       rk::Store<scalar_t>{dx.data_ptr<scalar_t>(), C, nullptr, nullptr});
           return;
         }
@@ -300,17 +291,9 @@ at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at:
 }
 
 at::Tensor nm_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& col_idx, int64_t n, int64_t m) {
-  const char* op = "padst::nm_sddmm";
-  check_cpu(op, "x", x);
-  impl::MetaKey key(op);
-  key.sig(dy).sig(x).meta(col_idx).val(n).val(m);
-  const auto v = cached<std::pair<NmProblem, at::Tensor>>(std::move(key), [&] {
-    at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
-    const NmProblem q = validate_nm_sddmm(op, dy, x, own, n, m);
-    return std::make_pair(q, own);
-  });
-  const NmProblem& p = v->first;
-  const at::Tensor& ic = v->second;
+  const auto v = prologue<CpuDevice>(NmSddmmCall{dy, x, col_idx, n, m});
+  const NmProblem& p = v->p;
+  const at::Tensor& ic = v->col_idx;
   const int64_t R = p.R, K = p.K, B = x.size(0), C = p.C;
   auto dyc = dy.contiguous();
   auto xc = x.contiguous();

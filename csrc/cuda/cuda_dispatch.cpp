@@ -1,9 +1,10 @@
 // CUDA backend registration of the padst kernel ops. The implementations (validation, metadata upload, dtype
-// dispatch, device guard, current stream, launch status checks) are in csrc/sparse_impl.h, shared with the host
-// emulation; the kernels live in ATen-free .cu files behind plain C++ launchers (csrc/cuda/launch.h).
+// dispatch, device guard, current stream, launch status checks) are in csrc/cuda/host_dispatch.h, shared with the
+// host emulation, and csrc/cuda/cuda_backend.h; the kernels live in ATen-free .cu files behind plain C++ launchers
+// (csrc/cuda/launch.h).
 #include <torch/library.h>
 
-#include "sparse_impl.h"
+#include "cuda/cuda_backend.h"
 
 namespace padst::gpu {
 namespace {

@@ -26,7 +26,7 @@
 // reused); and on the first call of each problem cusparseLtMatmulSearch picks the algorithm (the winner's id is
 // remembered per problem and the final plan built with it). Repeated runs during the search are harmless only with
 // beta = 0, which is why the search comes with the epilogue. Off by default until benchmarks/gpu_suite.sh has shown
-// on a GPU that the epilogue's result is right and faster (issue 17).
+// on a GPU that the epilogue's result is right and faster.
 //
 // Streams and devices: every op runs under a CUDAGuard on its input's device and enqueues on
 // at::cuda::getCurrentCUDAStream(); one cuSPARSELt handle per device (cuSPARSELt's rule), created lazily and never

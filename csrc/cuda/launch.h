@@ -1,7 +1,7 @@
 // Plain C++ interface of the CUDA kernels (csrc/cuda/kernels.cu): the CTA bodies of csrc/kernels/*.h launched
 // on a stream. No torch/ATen here: the .cu files stay free of ATen headers (a .cu that includes ATen costs
 // ~30-40 s to compile, the same kernels without it ~5 s). Dtype dispatch, validation, device guards, streams
-// and op registration live in csrc/cuda/cuda_dispatch.cpp (via csrc/sparse_impl.h).
+// and op registration live in csrc/cuda/cuda_dispatch.cpp (via host_dispatch.h and cuda_backend.h).
 //
 // All pointers are device pointers on the current device, arrays dense row-major, metadata already validated.
 // Every launcher enqueues on `stream` and returns the launch status (cudaGetLastError()).
@@ -97,7 +97,7 @@ cudaError_t nm_transpose(const int64_t* col_idx, int64_t nnz, int64_t C, int64_t
   X(__half, A)
 #define PADST_CUDA_FOR_EACH_ROWS(X)      \
   X(kern::NmRows<int64_t>)               \
-  X(kern::CsrRows)                       \
+  X(kern::NmColRows)                     \
   X(kern::BlockRows)                     \
   X(kern::BlockColRows)                  \
   X(kern::DiagRows)

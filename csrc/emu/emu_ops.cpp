@@ -1,10 +1,11 @@
-// `padst_emu`: the CUDA implementation of every padst kernel op (csrc/sparse_impl.h), run on the host through
+// `padst_emu`: the CUDA implementation of every padst kernel op (csrc/cuda/host_dispatch.h), run on the host through
 // the kernel emulation (csrc/emu/emulate.h). Same schemas as `padst`, CPU tensors only, slow (one host thread
-// plays every GPU thread): for tests (tests/test_cuda_emulation.py), in every build, GPU or not.
+// plays every GPU thread): for tests (tests/test_cuda_emulation.py), in every build, GPU or not. Built into the
+// test-only module padst_ext._emu, which `import padst_ext` does not load (padst_ext._extension.load_emulation()).
 #include <torch/library.h>
 
+#include "emu/emu_backend.h"
 #include "schemas.h"
-#include "sparse_impl.h"
 
 namespace {
 at::Tensor permute_cols_emu(const at::Tensor& x, const at::Tensor& idx) {

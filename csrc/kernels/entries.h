@@ -1,9 +1,12 @@
 // How each structure enumerates its non-zeros, for the kernels in gather_mm.h and sddmm.h.
 //
-// Row view (gather_mm): an output row r of z = W_eff · in_p has entries p in [begin(r), end(r)); at(r, p, col, v)
-// gives the input column `col` (in the permuted frame) and the index `v` of the value in `values`, and returns
-// false for a slot that holds no entry (diagonals that miss a row). The forward uses the rows of S, dx the rows
-// of S^T (CSC metadata for blocks, a sorted transpose for N:M, arithmetic for diagonals).
+// Row view (gather_mm, the CPU row kernels): an output row r of z = W_eff · in_p has entries p in [begin(r), end(r));
+// at(r, p, col, v) gives the input column `col` (in the permuted frame) and the index `v` of the value in `values`,
+// and returns false for a slot that holds no entry (diagonals that miss a row). The forward walks the rows of S, dx
+// the rows of S^T (CSC metadata for blocks, a sorted transpose for N:M, arithmetic for diagonals).
+// Names say which rows are walked, in terms of S: <Structure>Rows walks the rows of S (the forward), and
+// <Structure>ColRows walks the columns of S as rows (dx). A ColRows walker reads the pattern compressed by column,
+// which is at once the CSC form of S and the CSR form of S^T, so "Csr" / "Csc" are never part of a walker's name.
 //
 // Flat view (sddmm): entry e in [0, nnz) of `values` sits at (row, col) of S.
 #pragma once
@@ -27,9 +30,9 @@ struct NmRows {
   }
 };
 
-// Transposed rows (dx): input column c holds the entries e (flat index r*K + k, ascending) with col_idx[e] == c;
-// ptr [C+1] delimits them in `ent`. The forward row of entry e is e / K.
-struct CsrRows {
+// The columns of S as rows (dx): column c holds the entries e (flat index r*K + k, ascending) with col_idx[e] == c;
+// ptr [C+1] delimits them in `ent`. The forward row of entry e is computed, e / K (the GPU's: no array to read).
+struct NmColRows {
   const int64_t* ptr;
   const int64_t* ent;
   int64_t K;
@@ -38,6 +41,20 @@ struct CsrRows {
   PADST_HD bool at(int64_t, int64_t p, int64_t& col, int64_t& v) const {
     v = ent[p];
     col = v / K;
+    return true;
+  }
+};
+
+// The same walk with each entry's forward row and value index stored (src, val: no division per entry; the CPU's).
+struct NmColRowsStored {
+  const int64_t* ptr;
+  const int64_t* src;
+  const int64_t* val;
+  PADST_HD int64_t begin(int64_t c) const { return ptr[c]; }
+  PADST_HD int64_t end(int64_t c) const { return ptr[c + 1]; }
+  PADST_HD bool at(int64_t, int64_t p, int64_t& col, int64_t& v) const {
+    col = src[p];
+    v = val[p];
     return true;
   }
 };

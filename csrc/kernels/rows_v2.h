@@ -1,4 +1,4 @@
-// The v2 row kernel on CUDA cores (issue 17) for the structures whose every output row holds K entries at computed or
+// The v2 row kernel on CUDA cores for the structures whose every output row holds K entries at computed or
 // stored columns: the N:M forward and dx (the latter through an ELL form of the transpose) and the diagonal forward and
 // dx,
 //   out[b, dst(r)] = bias[dst(r)] + sum_k values[v(k, r)] * x[b, src(col(k, r))]     (entries that exist)

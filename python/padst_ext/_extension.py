@@ -5,6 +5,10 @@ torch dispatcher when it is loaded. It is compiled against one specific torch: a
 release, or a CPU build instead of a CUDA one) fails with undefined symbols at best. ``load()`` checks the
 build record ``padst_ext._build_info`` (written by CMake) against the running torch first.
 
+``padst_ext._emu``, built beside it, registers the test-only ``padst_emu::*`` ops (the CUDA implementation of every
+kernel op, run on the host through the kernel emulation). ``import padst_ext`` never loads it; tests call
+``load_emulation()``.
+
 This module must not import ``padst_ext.ops`` (which imports it).
 """
 
@@ -16,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "load",
+    "load_emulation",
     "build_info",
     "WITH_CUDA",
     "CUDA_ARCHS",
@@ -43,6 +48,7 @@ CUDA_ARCHS: str = getattr(_info, "CUDA_ARCHS", "")
 HAVE_CUSPARSELT: bool = bool(getattr(_info, "HAVE_CUSPARSELT", False))
 
 _loaded: ModuleType | None = None
+_emulation: ModuleType | None = None
 
 
 def build_info() -> dict[str, Any]:
@@ -99,3 +105,25 @@ def load() -> ModuleType:
             f"usually mean the binary is stale or was built for a different torch.\n{REBUILD_HINT}"
         ) from e
     return _loaded
+
+
+def load_emulation() -> ModuleType:
+    """Import the test-only ``padst_ext._emu`` (registering the ``padst_emu::*`` ops) after :func:`load`.
+
+    ``torch.ops.padst_emu`` has the schemas of ``torch.ops.padst``'s kernel ops, takes CPU tensors and runs the CUDA
+    host layer with every kernel emulated on the host: slow, for testing the CUDA path without a GPU.
+    Raises ImportError like :func:`load`. Idempotent.
+    """
+    global _emulation
+    if _emulation is not None:
+        return _emulation
+    load()  # checks the build against the running torch; _emu links against _C
+    try:
+        _emulation = importlib.import_module("padst_ext._emu")
+    except (ImportError, OSError) as e:
+        raise ImportError(
+            f"padst_ext's emulation library (padst_ext._emu) failed to load: {type(e).__name__}: {e}\n"
+            "Every build of padst_ext builds it beside padst_ext._C; a missing or stale one means the installed "
+            f"binaries are incomplete or come from an older build.\n{REBUILD_HINT}"
+        ) from e
+    return _emulation

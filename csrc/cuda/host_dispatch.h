@@ -1,9 +1,11 @@
-// The GPU implementation of every padst kernel op, written once for two backends:
-//   Backend<false>  launches the CUDA kernels (csrc/cuda/kernels.cu) on the current stream: the `CUDA` kernels of
-//                   the padst library (csrc/cuda/cuda_dispatch.cpp), built only with PADST_WITH_CUDA;
-//   Backend<true>   runs the same CTA bodies on the host (csrc/emu/emulate.h): the `padst_emu` library (CPU
-//                   tensors), with which the tests exercise the CUDA path's validation, metadata preparation,
-//                   index and tile logic on machines without a GPU.
+// The CUDA host layer: the implementation of every padst kernel op on the GPU side of the dispatcher (validation
+// through prologue.h, metadata upload, the choice of kernel and its launch parameters, dtype dispatch), written once
+// for two backends that say how a kernel runs:
+//   Backend<false>  (cuda/cuda_backend.h) launches the CUDA kernels (csrc/cuda/*.cu) on the current stream: the
+//                   `CUDA` kernels of the padst library (csrc/cuda/cuda_dispatch.cpp), built only with CUDA;
+//   Backend<true>   (emu/emu_backend.h) runs the same CTA bodies on the host (csrc/emu/emulate.h): the test-only
+//                   `padst_emu` library (padst_ext._emu, CPU tensors), with which the tests exercise the CUDA path's
+//                   validation, metadata preparation, index and tile logic on machines without a GPU.
 // Validation is shared with the CPU kernels (checks.h): the metadata is checked in full on the host, then
 // copied to the device; both results are cached per metadata tensor and version (meta_cache.h), so a layer that
 // calls an op with unchanged metadata pays neither the check nor the copies again.
@@ -20,180 +22,25 @@
 #include <vector>
 
 #include "checks.h"
-#include "meta_cache.h"
-#include "emu/emulate.h"
-#include "emu/host_types.h"
+#include "kernels/block_gw.h"
+#include "kernels/block_rc.h"
+#include "kernels/block_sddmm_tc.h"
+#include "kernels/block_tc.h"
+#include "kernels/block_xs.h"
 #include "kernels/entries.h"
-
-#ifdef PADST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include "cuda/launch.h"
-#endif
+#include "kernels/gather_mm.h"
+#include "kernels/rows_v2.h"
+#include "kernels/sddmm.h"
+#include "meta_cache.h"
+#include "prologue.h"
 
 namespace padst::impl {
 
+// How kernels run: Backend<false> on the GPU (cuda/cuda_backend.h), Backend<true> on the host (emu/emu_backend.h).
+// Each provides type<S> (the element type the kernels see for the tensor dtype S), check_device and Guard (the
+// device policy of prologue()), and one static function per kernel that runs it.
 template <bool kHost>
 struct Backend;
-
-template <>
-struct Backend<true> {
-  template <typename S>
-  using type = S;  // the emulation computes with c10::BFloat16 / c10::Half (rounding as on the device)
-  struct Guard {
-    explicit Guard(const at::Tensor&) {}
-  };
-  static void check_device(const char* op, const char* what, const at::Tensor& t) {
-    TORCH_CHECK_VALUE(t.device().is_cpu(), op, " (host emulation): ", what, " must be a CPU tensor, got ", t.device());
-  }
-  template <typename T, typename E>
-  static void gather_mm(const kern::GatherMmParams<T, E>& p) {
-    emu::gather_mm(p);
-  }
-  template <typename T, typename F>
-  static void sddmm(kern::SddmmParams<T, F> p, const at::Tensor&) {
-    emu::sddmm(p);
-  }
-  template <typename T, bool kDx, int kOut16>
-  static void block_tc(const kern::BlockTcParams<T>& p) {
-    emu::block_tc<T, kDx, kOut16>(p);
-  }
-  template <typename T, bool kDx, int kB>
-  static void block_xs(const kern::BlockXsParams<T>& p) {
-    emu::block_xs<T, kDx, kB>(p);
-  }
-  template <typename T, bool kDx, int kB>
-  static void block_rc(const kern::BlockRcParams<T>& p) {
-    emu::block_rc<T, kDx, kB>(p);
-  }
-  template <typename T, int kB>
-  static void block_gw(const kern::BlockGwParams<T>& p, int64_t max_row_blocks, const at::Tensor&) {
-    emu::block_gw<T, kB>(p, max_row_blocks);
-  }
-  static int64_t block_v2_max_smem() { return kern::kBlockXsMaxSmem; }  // the emulation models an H100/H200
-  template <typename T, typename E>
-  static void rows_v2(const kern::RowsV2Params<T, E>& p) {
-    emu::rows_v2<T, E>(p);
-  }
-  template <typename T, typename E>
-  static void rows_gw(const kern::RowsGwParams<T, E>& p, const at::Tensor&) {
-    emu::rows_gw<T, E>(p);
-  }
-  template <typename T>
-  static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor&) {
-    emu::block_sddmm_tc(p);
-  }
-  // Stable transpose of the N:M pattern: (ent [nnz], ptr [C+1]).
-  static std::pair<at::Tensor, at::Tensor> nm_transpose(const at::Tensor& col_idx64, int64_t C) {
-    const int64_t nnz = col_idx64.numel();
-    auto ent = at::empty({nnz}, col_idx64.options());
-    auto ptr = at::empty({C + 1}, col_idx64.options());
-    emu::nm_transpose(col_idx64.const_data_ptr<int64_t>(), nnz, C, ent.mutable_data_ptr<int64_t>(),
-                      ptr.mutable_data_ptr<int64_t>());
-    return {ent, ptr};
-  }
-};
-
-#ifdef PADST_WITH_CUDA
-template <typename S>
-struct DeviceType {
-  using type = S;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-static_assert(sizeof(at::BFloat16) == sizeof(__nv_bfloat16) && sizeof(at::Half) == sizeof(__half));
-
-template <>
-struct Backend<false> {
-  template <typename S>
-  using type = typename DeviceType<S>::type;
-  struct Guard {
-    explicit Guard(const at::Tensor& t) : g(t.device()) {}
-    c10::cuda::CUDAGuard g;
-  };
-  static void check_device(const char* op, const char* what, const at::Tensor& t) {
-    TORCH_CHECK_VALUE(t.is_cuda(), op, ": the CUDA kernel got ", what, " on ", t.device());
-  }
-  template <typename T, typename E>
-  static void gather_mm(const kern::GatherMmParams<T, E>& p) {
-    C10_CUDA_CHECK(gpu::gather_mm(p, at::cuda::getCurrentCUDAStream()));
-  }
-  template <typename T, typename F>
-  static void sddmm(kern::SddmmParams<T, F> p, const at::Tensor& ref) {
-    kern::Sddmm<T, F>::plan(p);
-    const auto acc = std::is_same_v<kern::acc_t<T>, double> ? at::kDouble : at::kFloat;
-    auto partial = at::empty({p.splits * p.nnz}, ref.options().dtype(acc));
-    p.partial = reinterpret_cast<kern::acc_t<T>*>(partial.mutable_data_ptr());
-    C10_CUDA_CHECK(gpu::sddmm(p, at::cuda::getCurrentCUDAStream()));
-  }
-  template <typename T, bool kDx, int kOut16>
-  static void block_tc(const kern::BlockTcParams<T>& p) {
-    C10_CUDA_CHECK((gpu::block_tc<T, kDx, kOut16>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  template <typename T, bool kDx, int kB>
-  static void block_xs(const kern::BlockXsParams<T>& p) {
-    C10_CUDA_CHECK((gpu::block_xs<T, kDx, kB>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  template <typename T, bool kDx, int kB>
-  static void block_rc(const kern::BlockRcParams<T>& p) {
-    C10_CUDA_CHECK((gpu::block_rc<T, kDx, kB>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  template <typename T, int kB>
-  static void block_gw(kern::BlockGwParams<T> p, int64_t max_row_blocks, const at::Tensor& ref) {
-    kern::BlockGw<T, kB>::plan(p, max_row_blocks);
-    const int64_t n = static_cast<int64_t>(p.splits) * p.nnzb * kB * kB;
-    at::Tensor partial = at::empty({n}, ref.options().dtype(at::kFloat));
-    p.partial = partial.mutable_data_ptr<float>();
-    C10_CUDA_CHECK((gpu::block_gw<T, kB>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  static int64_t block_v2_max_smem() { return gpu::block_v2_max_smem(); }
-  template <typename T, typename E>
-  static void rows_v2(const kern::RowsV2Params<T, E>& p) {
-    C10_CUDA_CHECK((gpu::rows_v2<T, E>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  template <typename T, typename E>
-  static void rows_gw(kern::RowsGwParams<T, E> p, const at::Tensor& ref) {
-    switch (kern::rows_v2_tile(p.C)) {  // the batch-tile size only matters for the split plan's minimum chunk
-      case 32: kern::RowsGw<T, E, 32>::plan(p); break;
-      case 16: kern::RowsGw<T, E, 16>::plan(p); break;
-      default: kern::RowsGw<T, E, 8>::plan(p); break;
-    }
-    at::Tensor partial = at::empty({static_cast<int64_t>(p.splits) * p.nnz}, ref.options().dtype(at::kFloat));
-    p.partial = partial.mutable_data_ptr<float>();
-    C10_CUDA_CHECK((gpu::rows_gw<T, E>(p, at::cuda::getCurrentCUDAStream())));
-  }
-  template <typename T>
-  static void block_sddmm_tc(kern::BlockSddmmTcParams<T> p, const at::Tensor& ref) {
-    kern::BlockSddmmTc<T>::plan(p);
-    at::Tensor partial = at::empty({p.splits * p.nnzb * p.br * p.bc}, ref.options().dtype(at::kFloat));
-    p.partial = partial.mutable_data_ptr<float>();
-    C10_CUDA_CHECK(gpu::block_sddmm_tc<T>(p, at::cuda::getCurrentCUDAStream()));
-  }
-  static std::pair<at::Tensor, at::Tensor> nm_transpose(const at::Tensor& col_idx64, int64_t C) {
-    const int64_t nnz = col_idx64.numel();
-    TORCH_CHECK_VALUE(nnz <= std::numeric_limits<int>::max(), "padst::nm_mm_t: the CUDA transpose sorts at most ",
-                      std::numeric_limits<int>::max(), " indices (cub), got ", nnz);
-    auto opts = col_idx64.options();
-    auto keys = at::empty({nnz}, opts), ent_in = at::empty({nnz}, opts), ent = at::empty({nnz}, opts);
-    auto ptr = at::empty({C + 1}, opts);
-    const size_t bytes = gpu::nm_transpose_temp_bytes(nnz, C);
-    auto temp = at::empty({static_cast<int64_t>(bytes) + 1}, opts.dtype(at::kByte));
-    C10_CUDA_CHECK(gpu::nm_transpose(col_idx64.const_data_ptr<int64_t>(), nnz, C, keys.mutable_data_ptr<int64_t>(),
-                                     ent_in.mutable_data_ptr<int64_t>(), ent.mutable_data_ptr<int64_t>(),
-                                     ptr.mutable_data_ptr<int64_t>(), temp.mutable_data_ptr(), bytes,
-                                     at::cuda::getCurrentCUDAStream()));
-    return {ent, ptr};
-  }
-};
-#endif
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers: validated host metadata -> the device of `ref`; typed pointers.
@@ -316,9 +163,9 @@ bool try_block_tc(const at::Tensor& in, const std::optional<at::Tensor>& in_gath
 
 // The v2 tensor-core block kernels: x-stationary (kernels/block_xs.h: the input side staged whole, so it must fit in
 // shared memory), row-complete (kernels/block_rc.h: whole output rows, at most 768 wide) and the weight gradient
-// (kernels/block_gw.h). PADST_BLOCK_V2=1 / 0 turns them on / off; unset, they serve in the host emulation and not yet
-// on a GPU: they have not run on one (issue 16), so the device default stays the block_tc kernels until
-// benchmarks/gpu_suite.sh has checked them there.
+// (kernels/block_gw.h). PADST_BLOCK_V2=1 / 0 turns them on / off; unset, they serve in the host emulation but not on
+// a GPU: they have not run on one, so the device default is the block_tc kernels until benchmarks/gpu_suite.sh has
+// checked them there.
 inline bool block_v2_enabled(bool host) {
   const char* v = std::getenv("PADST_BLOCK_V2");
   if (v == nullptr || *v == '\0') return host;
@@ -506,17 +353,9 @@ at::Tensor block_mm(const at::Tensor& x, const at::Tensor& values, const at::Ten
                     const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
                     const at::Tensor& blk_t, const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::block_mm";
-  Backend<kHost>::check_device(op, "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key(op);
-  key.sig(x).sig(values).sig(bias).meta(row_ptr).meta(col_idx).meta(col_ptr).meta(row_idx_t).meta(blk_t);
-  key.meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<BlockDev>(std::move(key), [&] {
-    return upload(validate_block_mm(op, x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias, in_perm,
-                                    out_perm),
-                  x, false);
-  });
+  const BlockMmCall call{x, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, bias, in_perm, out_perm};
+  const auto d =
+      prologue<Backend<kHost>>(call, [&](BlockProblem p) { return upload(std::move(p), x, /*csc=*/false); });
   const BlockMeta& m = d->p.m;
   auto y = at::empty({x.size(0), m.R}, x.options());
   if (y.numel() == 0) return y;
@@ -534,16 +373,9 @@ at::Tensor block_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::
                       const at::Tensor& col_idx, const at::Tensor& col_ptr, const at::Tensor& row_idx_t,
                       const at::Tensor& blk_t, const std::optional<at::Tensor>& in_perm,
                       const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::block_mm_t";
-  Backend<kHost>::check_device(op, "dy", dy);
-  const typename Backend<kHost>::Guard guard(dy);
-  MetaKey key(op);
-  key.sig(dy).sig(values).meta(row_ptr).meta(col_idx).meta(col_ptr).meta(row_idx_t).meta(blk_t);
-  key.meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<BlockDev>(std::move(key), [&] {
-    return upload(validate_block_mm_t(op, dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm, out_perm),
-                  dy, true);
-  });
+  const BlockMmTCall call{dy, values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, in_perm, out_perm};
+  const auto d =
+      prologue<Backend<kHost>>(call, [&](BlockProblem p) { return upload(std::move(p), dy, /*csc=*/true); });
   const BlockMeta& m = d->p.m;
   auto dx = at::empty({dy.size(0), m.C}, dy.options());
   if (dx.numel() == 0) return dx;
@@ -561,15 +393,9 @@ template <bool kHost>
 at::Tensor block_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                        const at::Tensor& col_idx, int64_t block_rows, int64_t block_cols,
                        const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::block_sddmm";
-  Backend<kHost>::check_device(op, "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key(op);
-  key.sig(dy).sig(x).meta(row_ptr).meta(col_idx).val(block_rows).val(block_cols).meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<BlockDev>(std::move(key), [&] {
-    return upload(validate_block_sddmm(op, dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm, out_perm), x,
-                  false);
-  });
+  const auto d =
+      prologue<Backend<kHost>>(BlockSddmmCall{dy, x, row_ptr, col_idx, block_rows, block_cols, in_perm, out_perm},
+                               [&](BlockProblem p) { return upload(std::move(p), x, /*csc=*/false); });
   const BlockMeta& m = d->p.m;
   auto dv = at::empty({m.nnzb, m.br, m.bc}, x.options());
   if (dv.numel() == 0) return dv;
@@ -636,7 +462,7 @@ inline std::pair<at::Tensor, at::Tensor> nm_ell(const at::Tensor& col_idx64, int
 }
 
 // The v2 row kernel (kernels/rows_v2.h): the N:M forward, the diagonal forward and dx. PADST_ROWS_V2=1 / 0 turns it
-// on / off; unset, it serves in the host emulation and not yet on a GPU (it has not run on one, issue 17).
+// on / off; unset, it serves in the host emulation but not on a GPU, where it has not run.
 inline bool rows_v2_enabled(bool host) {
   const char* v = std::getenv("PADST_ROWS_V2");
   if (v == nullptr || *v == '\0') return host;
@@ -715,16 +541,10 @@ bool try_rows_gw(const at::Tensor& dy, const std::optional<at::Tensor>& dy_gathe
 template <bool kHost>
 at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m,
                  const std::optional<at::Tensor>& bias) {
-  Backend<kHost>::check_device("padst::nm_mm", "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key("padst::nm_mm");
-  key.sig(x).sig(values).sig(bias).meta(col_idx).val(n).val(m);
-  const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
-    const at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
-    check_nm_mm_args(x, values, own, bias, n, m);
+  const auto d = prologue<Backend<kHost>>(NmMmCall{x, values, col_idx, n, m, bias}, [&](NmPattern v) {
     NmDev r;
-    r.p = NmProblem{values.size(0), x.size(1), values.size(1)};
-    r.ci = own.to(at::kLong).contiguous();
+    r.p = v.p;
+    r.ci = v.col_idx.to(at::kLong).contiguous();
     if (x.size(1) <= 65536)  // uint16 indices (two's complement int16 storage keeps the 16 bits)
       r.it = r.ci.t().contiguous().to(at::kInt).to(at::kShort);
     return r;
@@ -746,16 +566,10 @@ at::Tensor nm_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor
 
 template <bool kHost>
 at::Tensor nm_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_idx, int64_t n, int64_t m) {
-  const char* op = "padst::nm_mm_t";
-  Backend<kHost>::check_device(op, "dy", dy);
-  const typename Backend<kHost>::Guard guard(dy);
-  MetaKey key(op);
-  key.sig(dy).sig(values).meta(col_idx).val(n).val(m);
-  const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
-    const at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
+  const auto d = prologue<Backend<kHost>>(NmMmTCall{dy, values, col_idx, n, m}, [&](NmPattern v) {
     NmDev r;
-    r.p = validate_nm_mm_t(op, dy, values, own, n, m);
-    r.ci = own.to(at::kLong).contiguous();
+    r.p = v.p;
+    r.ci = v.col_idx.to(at::kLong).contiguous();
     std::tie(r.ent, r.ptr) = Backend<kHost>::nm_transpose(r.ci, r.p.C);
     std::tie(r.ell_row, r.ell_v) = nm_ell(r.ci, r.p.R, r.p.C, r.p.K);
     return r;
@@ -772,22 +586,16 @@ at::Tensor nm_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Ten
       return dx;
   }
   run_gather<kHost>(dy.contiguous(), std::nullopt, values.contiguous(), std::nullopt, std::nullopt, dx,
-                    kern::CsrRows{idx_ptr(d->ptr), idx_ptr(d->ent), d->p.K});
+                    kern::NmColRows{idx_ptr(d->ptr), idx_ptr(d->ent), d->p.K});
   return dx;
 }
 
 template <bool kHost>
 at::Tensor nm_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& col_idx, int64_t n, int64_t m) {
-  const char* op = "padst::nm_sddmm";
-  Backend<kHost>::check_device(op, "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key(op);
-  key.sig(dy).sig(x).meta(col_idx).val(n).val(m);
-  const auto d = MetaCache::instance().get<NmDev>(std::move(key), [&] {
-    const at::Tensor own = col_idx.contiguous().clone();  // copied first, then validated: what is checked is what runs
+  const auto d = prologue<Backend<kHost>>(NmSddmmCall{dy, x, col_idx, n, m}, [&](NmPattern v) {
     NmDev r;
-    r.p = validate_nm_sddmm(op, dy, x, own, n, m);
-    r.ci = own.to(at::kLong).contiguous();
+    r.p = v.p;
+    r.ci = v.col_idx.to(at::kLong).contiguous();
     if (x.size(1) <= 65536) r.it = r.ci.t().contiguous().to(at::kInt).to(at::kShort);  // as in nm_mm
     return r;
   });
@@ -845,14 +653,8 @@ template <bool kHost>
 at::Tensor diag_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets, int64_t out_features,
                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_perm,
                    const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::diag_mm";
-  Backend<kHost>::check_device(op, "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key(op);
-  key.sig(x).sig(values).sig(bias).meta(offsets).val(out_features).meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<DiagDev>(std::move(key), [&] {
-    return upload(validate_diag_mm(op, x, values, offsets, out_features, bias, in_perm, out_perm), x);
-  });
+  const auto d = prologue<Backend<kHost>>(DiagMmCall{x, values, offsets, out_features, bias, in_perm, out_perm},
+                                          [&](DiagProblem p) { return upload(std::move(p), x); });
   auto y = at::empty({x.size(0), d->p.R}, x.options());
   if (y.numel() == 0) return y;
   // v2: x staged through inv(in_perm) (column c to its permuted place), y stored through inv(out_perm)
@@ -867,14 +669,8 @@ at::Tensor diag_mm(const at::Tensor& x, const at::Tensor& values, const at::Tens
 template <bool kHost>
 at::Tensor diag_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& offsets, int64_t in_features,
                      const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::diag_mm_t";
-  Backend<kHost>::check_device(op, "dy", dy);
-  const typename Backend<kHost>::Guard guard(dy);
-  MetaKey key(op);
-  key.sig(dy).sig(values).meta(offsets).val(in_features).meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<DiagDev>(std::move(key), [&] {
-    return upload(validate_diag_mm_t(op, dy, values, offsets, in_features, in_perm, out_perm), dy);
-  });
+  const auto d = prologue<Backend<kHost>>(DiagMmTCall{dy, values, offsets, in_features, in_perm, out_perm},
+                                          [&](DiagProblem p) { return upload(std::move(p), dy); });
   auto dx = at::empty({dy.size(0), d->p.C}, dy.options());
   if (dx.numel() == 0) return dx;
   // v2: dy staged through out_perm (the inverse of the gather inv(out_perm)), dx stored through in_perm
@@ -889,14 +685,8 @@ at::Tensor diag_mm_t(const at::Tensor& dy, const at::Tensor& values, const at::T
 template <bool kHost>
 at::Tensor diag_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
                       const std::optional<at::Tensor>& in_perm, const std::optional<at::Tensor>& out_perm) {
-  const char* op = "padst::diag_sddmm";
-  Backend<kHost>::check_device(op, "x", x);
-  const typename Backend<kHost>::Guard guard(x);
-  MetaKey key(op);
-  key.sig(dy).sig(x).meta(offsets).meta(in_perm).meta(out_perm);
-  const auto d = MetaCache::instance().get<DiagDev>(std::move(key), [&] {
-    return upload(validate_diag_sddmm(op, dy, x, offsets, in_perm, out_perm), x);
-  });
+  const auto d = prologue<Backend<kHost>>(DiagSddmmCall{dy, x, offsets, in_perm, out_perm},
+                                          [&](DiagProblem p) { return upload(std::move(p), x); });
   const int64_t L = std::min(d->p.R, d->p.C);
   auto dv = at::empty({d->off.size(0), L}, x.options());
   if (dv.numel() == 0) return dv;
