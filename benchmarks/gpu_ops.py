@@ -1,6 +1,6 @@
 """CUDA op timings against cuBLAS dense, torch's sparse kernels and a measured roofline, all in the same run.
 
-Cases (issue 3): ViT-B MLP shapes, fc1 x[T, 768] -> 3072 and fc2 x[T, 3072] -> 768, at T = 4096 and
+Cases: ViT-B MLP shapes, fc1 x[T, 768] -> 3072 and fc2 x[T, 3072] -> 768, at T = 4096 and
 T = 50176 tokens (= 196 x 256: ViT-B/16 at 224 px has 196 patches, 197 tokens with the class token; the issue's
 "50176 (197x256)" is 196 x 256, and 50176 is what is used), dtypes bf16 and fp32, sparsity 80 / 90 / 95 % for
 
@@ -244,7 +244,7 @@ def cost_model(case: Case, nnz: int, meta_fwd: int, meta_bwd: int, perm_elems: i
 def compute_peak(case: Case, key: str, peaks: dict) -> float:
     """The FLOP/s ceiling of one implementation: tensor cores (the case dtype's measured mm rate) for block and for
     cuSPARSELt 2:4, the CUDA cores' FMA rate (measured as fp32 mm with TF32 off) for the N:M and diagonal kernels,
-    which cannot use tensor cores and accumulate in fp32 whatever the input dtype (issue 17)."""
+    which cannot use tensor cores and accumulate in fp32 whatever the input dtype."""
     simt = case.structure in ("nm", "diag") or (case.structure == "2:4" and key.startswith("padst"))
     return peaks["fp32"] if simt else peaks[case.dt]
 

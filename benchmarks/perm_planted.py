@@ -18,7 +18,7 @@ a permuted student must do as well as the unpermuted one.
 
 Methods:
     none      no permutation (the baseline, and the identity-teacher reference)
-    paper     the paper's mode and this library's defaults before issue 15: random start (logits ~ N(0, 5^2)),
+    paper     the paper's mode and this library's former defaults: random start (logits ~ N(0, 5^2)),
               lambda = 1e-3 constant, Hungarian rounding of M at delta = 0.22
     uniform   a near-uniform start, lambda ramped (1e-4 -> 0.1 over 1000 steps), rounding that keeps the most of
               S M (``harden_mode="weights"``), hardening once converged: every default except the start

@@ -327,7 +327,7 @@ def test_fuzz_diag_metadata(data):
              lambda: ref.diag_sddmm(dy, x, offsets, out_perm=out_perm), offsets_ok)
 
 
-# --- an operand on the meta device beside real data (issue 18, item 3) ---------------------------------------
+# --- an operand on the meta device beside real data ---------------------------------------
 
 
 def _meta_calls():
@@ -393,7 +393,7 @@ def test_sparse_linear_with_a_buffer_on_meta_is_refused():
         layer(torch.randn(4, 32))
 
 
-# --- misconfiguration is an error naming the argument (issue 18, item 10) -------------------------------------
+# --- misconfiguration is an error naming the argument -------------------------------------
 
 
 def _dst_model():
@@ -462,7 +462,7 @@ def test_block_transpose_meta_bounds_num_block_cols():
         torch.ops.padst.block_transpose_meta(w.row_ptr, w.col_idx, 2**62)
 
 
-# --- a state dict is validated on load like a constructed layer (issue 18, item 4) --------------------------
+# --- a state dict is validated on load like a constructed layer --------------------------
 
 
 def _hard_layer(structure):

@@ -1,4 +1,4 @@
-"""Checkpoints are untrusted input (issue 18, items 1 and 9): padst_ext.experiments.data.load_checkpoint, which padst-train
+"""Checkpoints are untrusted input: padst_ext.experiments.data.load_checkpoint, which padst-train
 --resume and padst-reproduce use, loads with weights_only=True after checking every member's CRC-32, and turns every
 bad file into one CheckpointError (a ValueError) naming the file and what is wrong. A crafted pickle is refused
 without running its code."""

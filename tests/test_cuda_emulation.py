@@ -498,7 +498,7 @@ def test_emulated_rows_v2_dw(shape, B, dtype):
 
 
 def test_metadata_cache_drops_entries_of_older_versions():
-    """issue 18, item 5: DST changes a pattern in place at every update; the entries of the old versions are never hit
+    """DST changes a pattern in place at every update; the entries of the old versions are never hit
     again and are dropped when the new version's entry is made, instead of filling the cache (64 entries of copies)."""
     torch.ops.padst._metadata_cache_clear()
     case = make_case("nm", 8, 64, 32, nm=(1, 4), perm="in")

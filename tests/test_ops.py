@@ -403,7 +403,7 @@ def test_torch_compile_inductor():
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(case.x), f(case.x))
 
 
-# --- every vectorised CPU kernel variant (csrc/cpu/row_kernels.h: base SSE2, AVX2, AVX-512) ---------------
+# --- every vectorised CPU kernel variant (csrc/cpu/*.h, one dispatch_isa: base SSE2, AVX2, AVX-512) ---------------
 
 
 def _isas():

@@ -1,4 +1,4 @@
-"""Writes that bypass the version counter (issue 18, item 2): after one call, every metadata tensor of every op is
+"""Writes that bypass the version counter: after one call, every metadata tensor of every op is
 overwritten through numpy (which shares the memory and does not bump the version, like ``.data[...]``, DLPack or
 ``untyped_storage``) with indices far out of range. The cached validation still applies, so the ops must run on their
 own validated copies: the result is the first call's (a stale but valid pattern), never an out-of-bounds read. A

@@ -286,7 +286,7 @@ def test_train_gpt2_small_vocab_keeps_endoftext_and_saves_its_table(tmp_path, mo
 
 
 def test_resume_from_a_crafted_or_corrupt_checkpoint_is_one_clear_error(tmp_path, monkeypatch, capsys):
-    """padst-train --resume (issue 18): a malicious pickle in checkpoint.pt is refused without running, a corrupt one
+    """padst-train --resume: a malicious pickle in checkpoint.pt is refused without running, a corrupt one
     is named, and the command-line entry point prints one line and exits 2 instead of a traceback."""
     import os
     import sys
@@ -317,7 +317,7 @@ def test_resume_from_a_crafted_or_corrupt_checkpoint_is_one_clear_error(tmp_path
 
 
 def test_resume_restores_outputs_cleans_orphans_and_refuses_other_arguments(tmp_path, monkeypatch):
-    """issue 18, items 6-8: a metrics.csv lost to a kill (0 bytes) is written again from the checkpoint on --resume;
+    """A metrics.csv lost to a kill (0 bytes) is written again from the checkpoint on --resume;
     the temporary files killed saves leave behind are deleted at start; a --resume with other training arguments is
     refused, naming each difference (runtime options such as --threads may change)."""
     monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))

@@ -1,7 +1,7 @@
 """What the compiler made of the v2 block kernels (csrc/kernels/block_xs.h, block_rc.h), read from the built extension's
 SASS with cuobjdump (it ships in the triton wheel that a CUDA torch installs). Needs no GPU: it runs in CI, which
-builds with CUDA for sm_90a, and fails the suite when a kernel regresses to what made the old block kernel slow
-(issue 16): no tensor-core instruction, no 128-bit or asynchronous global load, a call into the 64-bit integer
+builds with CUDA for sm_90a, and fails the suite when a kernel regresses to what made the old block kernel slow:
+no tensor-core instruction, no 128-bit or asynchronous global load, a call into the 64-bit integer
 division routine (kernels are built with every device function inlined, so the CALLs nvcc emits are its runtime
 routines: 64-bit division and remainder), or registers spilled to local memory (what `ptxas -v` reports as spill
 stores / loads: STL / LDL instructions and a non-zero stack or local frame in `cuobjdump -res-usage`).
@@ -149,7 +149,7 @@ def test_v2_kernels_use_tensor_cores_wide_loads_no_division_no_spills():
 
 def test_the_check_catches_what_it_looks_for():
     """The checker is not vacuous: the older block_tc kernel, with its runtime int64 index division and 2-byte loads,
-    fails it (issue 16's disassembly found 24 calls to the division routine and no 128-bit load)."""
+    fails it (its disassembly found 24 calls to the division routine and no 128-bit load)."""
     old = _kernels(r"block_tc_kernel")
     assert old
     usage = _res_usage()

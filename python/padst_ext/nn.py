@@ -608,7 +608,7 @@ class SparseLinear(nn.Module):
         self._refresh_fused()
 
     def _validate_loaded(self, prefix: str) -> None:
-        """A loaded pattern and permutation pass the checks a constructed layer's do (issue 18): a state dict is
+        """A loaded pattern and permutation pass the checks a constructed layer's do: a state dict is
         input like any other, and the N:M path folds the permutation into its indices without an op checking them."""
         where = prefix or "SparseLinear."
         try:

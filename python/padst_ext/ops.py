@@ -153,7 +153,7 @@ def diag_linear(x: Tensor, w, bias: Optional[Tensor] = None, in_perm: Optional[T
 
 def _one_device(op: str, fn):
     """fn, first checking that no operand is on the meta device while another holds data: the dispatcher would run the
-    fake kernel for such a call and return uninitialised memory (issue 18). All operands on meta (shape inference,
+    fake kernel for such a call and return uninitialised memory. All operands on meta (shape inference,
     deferred initialisation) and fake tensors (torch.compile) pass."""
     sig = inspect.signature(fn)
 

@@ -193,7 +193,7 @@ class SoftPermutation(nn.Module):
         averages the inputs away is never applied);
       * ``"random"``: Gaussian logits of standard deviation ``random_scale`` (5), a random, fairly peaked
         matrix (mean per-row penalty 0.37-0.48). It barely moves: on a planted permutation the hardened one kept
-        86-96 % of the rounding of this start (issue 15);
+        86-96 % of the rounding of this start;
       * ``"identity"``: logits = ``identity_scale * I`` + small noise (keeps the unpermuted layer at start; under
         the penalty it never left the identity in a measured run).
     """

@@ -139,8 +139,8 @@ def _run_argv(task: str, cfg: Config, seed: int, common: List[str], threads: int
 
 def _finished(out: Path, argv: Sequence[str], options: Sequence[str] = ("--out",)) -> Optional[Dict]:
     """``out``'s summary when the run there finished with ``argv`` (up to ``options``), else None. A permuted run
-    without a permutation record was trained before the permutations learned (issue 15: its defaults are not
-    today's, though its command reads the same) and does not count as finished."""
+    without a permutation record was trained before the permutations learned (its defaults are not today's,
+    though its command reads the same) and does not count as finished."""
     summary_path, cmd_path = out / "summary.json", out / "command.json"
     if summary_path.is_file() and cmd_path.is_file() and \
             _without_out(json.loads(cmd_path.read_text()), options) == _without_out(argv, options):
