@@ -223,3 +223,18 @@ def test_checkpoints_from_before_the_weight_objects_load():
         with torch.no_grad():
             torch.testing.assert_close(layer(saved["x"]), rec["y"], msg=name)
         assert set(layer.state_dict()) == set(rec["state"]), name  # and it saves the same keys
+
+
+@pytest.mark.parametrize("kind,kw", [("block", dict(block_size=8)), ("nm", dict(n=2, m=8)), ("diagonal", {})],
+                         ids=["block", "nm", "diagonal"])
+def test_layer_compiles_without_graph_breaks(kind, kw):
+    """The layer's route and its cached weight objects trace: torch.compile(fullgraph=True) in the hard phase."""
+    torch._dynamo.reset()
+    layer = SparseLinear(64, 32, structure=kind, sparsity=0.75, seed=0, **kw)
+    layer.harden("manual")
+    x = torch.randn(4, 64, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x))
+    gx, = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(gx, torch.autograd.grad(layer(x).sum(), x)[0])

@@ -312,7 +312,7 @@ class NMSparse(SparseWeight):
         """The ``[R, K]`` columns (logical frame, increasing along each row)."""
         return self.col_idx
 
-    def row_chunks(self, parts: int = 16):
+    def row_chunks(self, parts: int):
         """About ``parts`` row ranges: DST's per-row work on ``[rows, C]`` tensors runs a range at a time, so those
         stay a fraction of one dense ``R x C``."""
         R = self.shape[0]
@@ -325,10 +325,11 @@ class NMSparse(SparseWeight):
         K = self.col_idx.shape[1]
         slot = torch.empty(new_col.shape, dtype=torch.long, device=new_col.device)
         ar = torch.arange(K, device=new_col.device)
-        for r0, r1 in self.row_chunks():  # where each old column sat in its row, [rows, C]
+        for r0, r1 in self.row_chunks(8):  # where each old column sat in its row, [rows, C] int64
             pos = torch.full((r1 - r0, C), -1, dtype=torch.long, device=new_col.device)
             pos.scatter_(1, self.col_idx[r0:r1].long(), ar.expand(r1 - r0, K))
             slot[r0:r1] = pos.gather(1, new_col[r0:r1].long())
+            del pos  # before the next chunk's
         return dataclasses.replace(self, values=self.move(self.values, slot), col_idx=new_col.contiguous()), slot
 
     @staticmethod

@@ -279,21 +279,26 @@ class NMStructure(Structure):
         k = row_counts(torch.full((R,), K, dtype=torch.long), fraction).to(col.device)
         # regrow inside each group as many as it lost, so every group keeps exactly N: best gradient among the
         # originally inactive, then (only if a group runs out of those, m - n < dropped) the dropped ones. Row
-        # chunks bound the work tensors ([rows, K] and [rows, C]) to a fraction of one dense R x C.
+        # chunks bound the work tensors (a float32 and a bool [rows, C]) to a fraction of one dense R x C.
         new_col = torch.empty_like(col)
-        for r0, r1 in weight.row_chunks():
-            rows = r1 - r0
-            w = weight.values[r0:r1].abs().float()
-            drop_k = _rank(w, 1) < k[r0:r1, None]
-            active = torch.zeros(rows, self.C, dtype=torch.bool, device=col.device).scatter_(1, col[r0:r1], True)
-            drop = torch.zeros_like(active).scatter_(1, col[r0:r1], drop_k)
-            kept = (active & ~drop).reshape(rows, G, m)
-            lost = drop.reshape(rows, G, m).sum(-1)
-            score = g_score[r0:r1].float().reshape(rows, G, m).masked_fill(active.reshape(rows, G, m), -big)
-            score.masked_fill_(drop.reshape(rows, G, m), -big / 2).masked_fill_(kept, float("-inf"))
-            rank = _rank(-score, -1)
-            new = (kept | ((rank < lost[..., None]) & ~kept)).reshape(rows, self.C)
+        for r0, r1 in weight.row_chunks(4):
+            rows, c = r1 - r0, col[r0:r1]
+            drop = _rank(weight.values[r0:r1].abs().float(), 1) < k[r0:r1, None]  # [rows, K]
+            # scores of the row's C inputs: the gradient where inactive, below every real score where dropped,
+            # -inf where kept (never regrown)
+            score = g_score[r0:r1].float().clone()
+            score.scatter_(1, c, torch.where(drop, -big / 2, float("-inf")))
+            score = score.reshape(rows, G, m)
+            lost = torch.zeros(rows, G, dtype=torch.long, device=col.device).scatter_add_(1, c // m, drop.long())
+            new = torch.zeros(rows, self.C, dtype=torch.bool, device=col.device).scatter_(1, c, ~drop)
+            grown = new.view(rows, G, m)
+            # the lost[g] best of each group, ties to the lower index (argmax returns the first maximum)
+            for i in range(int(lost.max()) if lost.numel() else 0):
+                best = score.argmax(-1, keepdim=True)
+                grown.scatter_(-1, best, (lost > i)[..., None] | grown.gather(-1, best))
+                score.scatter_(-1, best, float("-inf"))
             new_col[r0:r1] = torch.nonzero(new)[:, 1].reshape(rows, K)
+            del score, new, grown  # before the next chunk's
         return new_col
 
     def pack(self, dense, mask):
