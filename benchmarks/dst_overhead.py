@@ -154,11 +154,14 @@ def main(argv=None):
     dense_rc = max(4 * m.out_features * m.in_features for m in sparse)  # float32 R x C of the largest layer
 
     share = (t_update - t_plain) / (args.interval * t_plain)
-    res = dict(threads=args.threads, batch=args.batch, depth=args.depth, structure=args.structure,
+    from cpu_ops import _cpu_name  # the CPU model, as the other CPU benchmarks name it
+
+    res = dict(cpu=_cpu_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"), threads=args.threads, batch=args.batch, depth=args.depth, structure=args.structure,
                sparse_layers=len(report.replaced), dense_step_ms=1e3 * t_dense, hard_step_ms=1e3 * t_plain,
                update_step_ms=1e3 * t_update, soft_step_ms=1e3 * t_soft, interval=args.interval,
                dst_share=share, soft_over_hard=t_soft / t_plain, update_only_ms=update_ms,
                update_peak_bytes=update_peak, largest_dense_rc_bytes=dense_rc)
+    print(f"{res['cpu']}, torch {res['torch']}")
     print(f"ViT-tiny widths, depth {args.depth}, 28x28 patch 4, batch {args.batch}, {args.threads} threads, "
           f"{args.structure} 90% on {len(report.replaced)} layers")
     print(f"  dense step             {res['dense_step_ms']:8.1f} ms")
