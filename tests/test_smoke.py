@@ -75,6 +75,7 @@ def test_dst_overhead_quick(tmp_path, monkeypatch):
     res = dst_overhead.main(["--depth", "1", "--batch", "4", "--reps", "2", "--threads", "1",
                              "--out", str(tmp_path / "o.json")])
     assert res["sparse_layers"] >= 2 and res["update_step_ms"] > 0 and res["soft_step_ms"] > 0
+    assert 0 < res["update_only_ms"] and 0 < res["update_peak_bytes"] < res["largest_dense_rc_bytes"]
 
 
 def test_gpu_ops_dry_run(tmp_path):
