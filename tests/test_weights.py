@@ -3,13 +3,11 @@ the structure's unit with no dense round trip, and checkpoints written before th
 
 from __future__ import annotations
 
-import weakref
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import padst_ext
 from padst_ext import SparseLinear, reference
@@ -17,6 +15,8 @@ from padst_ext import formats as F
 from padst_ext.structures import STRUCTURES, make_structure
 
 DATA = Path(__file__).parent / "data"
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from dst_overhead import LiveBytes  # noqa: E402  what an update allocates, as the benchmark measures it
 # every structure with a weight object, as (name, make_structure options)
 KINDS = [("block", dict(block_size=8)), ("nm", dict(n=2, m=8)), ("diagonal", {}), ("unstructured", {}),
          ("2:4", {})]
@@ -126,28 +126,6 @@ def test_unit_update_equals_the_dense_rule(kind, kw, shape):
             assert torch.equal(st.update_mask(mask, w_abs, score, frac), _dense_rule(st, mask, w_abs, score, frac))
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes held by the storages the ops allocate while on (benchmarks/dst_overhead.py measures the same)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-
-    def _free(self, n):
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        before = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        out = func(*args, **(kwargs or {}))
-        for t in {id(t): t for t in tree_leaves(out) if isinstance(t, torch.Tensor)}.values():
-            st = t.untyped_storage()
-            if st.data_ptr() not in before and st.nbytes():
-                self.live += st.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(st, self._free, st.nbytes())
-        return out
-
-
 @pytest.mark.parametrize("kind,kw", [("block", dict(block_size=16)), ("nm", dict(n=1, m=8)), ("diagonal", {}),
                                      ("2:4", {})], ids=["block", "nm", "diagonal", "2:4"])
 def test_update_never_forms_a_dense_matrix(kind, kw):
@@ -163,7 +141,7 @@ new values, one moved moment at a time, the new index and the work): at most 4 t
     g = torch.rand(R, C)
     dst = padst_ext.DST(torch.nn.Sequential(layer), opt, algorithm="set", dense_first_last=False, update_interval=1,
                         total_steps=10)
-    with _LiveBytes() as lb:
+    with LiveBytes() as lb:
         dst._update(0, [g])
     assert dst.history[-1]["layers"]["0"]["grown"] > 0
     stored = sum(t.numel() * t.element_size() for t in (layer.values, *layer.sparse.index().values()))
@@ -172,7 +150,7 @@ new values, one moved moment at a time, the new index and the work): at most 4 t
     assert lb.peak <= 4 * stored, f"{lb.peak} bytes > 4 x the stored weight ({stored})"
     if layer.density <= 0.125:
         assert lb.peak < 4 * R * C, f"{lb.peak} bytes >= one dense {R}x{C} float32 ({4 * R * C})"
-    control = _LiveBytes()  # the measure sees a dense matrix when one is made
+    control = LiveBytes()  # the measure sees a dense matrix when one is made
     with control:
         layer.sparse_weight()
     assert control.peak >= 4 * R * C

@@ -30,7 +30,6 @@ __all__ = [
     "BlockSparse",
     "Semi24Sparse",
     "MaskedDense",
-    "block_from_units",
     "NMSparse",
     "DiagSparse",
     "block_transpose_meta",
@@ -250,10 +249,10 @@ class BlockSparse(SparseWeight):
         old_slot = torch.full((R // br, C // bc), -1, dtype=torch.long, device=self.values.device)
         old_slot[self._block_rows(), self.col_idx.long()] = torch.arange(self.col_idx.numel(),
                                                                          device=self.values.device)
-        new = block_from_units(units.to(self.values.device), (br, bc), self.values.dtype, (R, C))
-        rows, cols = torch.nonzero(units.to(self.values.device), as_tuple=True)
-        slot = old_slot[rows, cols]
-        return new.replace(values=self.move(self.values, slot), in_perm=self.in_perm, out_perm=self.out_perm), slot
+        rows, meta = _block_pattern(units.to(self.values.device), C // bc)
+        slot = old_slot[rows, meta[1]]
+        new = dataclasses.replace(self, values=self.move(self.values, slot), **dict(zip(self.index_names, meta)))
+        return new, slot
 
     def validate(self, where=""):
         R, C = self.shape
@@ -315,9 +314,7 @@ class NMSparse(SparseWeight):
     def row_chunks(self, parts: int):
         """About ``parts`` row ranges: DST's per-row work on ``[rows, C]`` tensors runs a range at a time, so those
         stay a fraction of one dense ``R x C``."""
-        R = self.shape[0]
-        step = max(1, -(-R // parts))
-        return [(r, min(R, r + step)) for r in range(0, R, step)]
+        return _row_ranges(self.shape[0], parts)
 
     def remap(self, units):
         R, C = self.shape
@@ -336,12 +333,10 @@ class NMSparse(SparseWeight):
     def move(t, slot):
         t = t.detach()
         out = torch.empty(slot.shape, dtype=t.dtype, device=t.device)
-        R = slot.shape[0]
-        step = max(1, -(-R // 16))  # row chunks: the clamped index is a small temporary
-        for r0 in range(0, R, step):
-            s = slot[r0:r0 + step]
-            torch.gather(t[r0:r0 + step], 1, s.clamp(min=0), out=out[r0:r0 + step])
-            out[r0:r0 + step].masked_fill_(s < 0, 0)
+        for r0, r1 in _row_ranges(slot.shape[0], 16):  # row chunks: the clamped index is a small temporary
+            s = slot[r0:r1]
+            torch.gather(t[r0:r1], 1, s.clamp(min=0), out=out[r0:r1])
+            out[r0:r1].masked_fill_(s < 0, 0)
         return out
 
     def validate(self, where=""):
@@ -499,17 +494,16 @@ class MaskedDense(SparseWeight):
     def _w(self, values):
         return self._v(values) * self.mask_
 
+    # the products are the dense ones of padst_ext.reference on the masked matrix (there is no kernel to call)
     def mm(self, x, bias=None, *, values=None, impl=None):
-        xp = x if self.in_perm is None else x[:, self.in_perm]
-        y = xp @ self._w(values).T
-        if self.out_perm is not None:
-            y = y[:, self.out_perm]
-        return y if bias is None else y + bias
+        from . import reference
+
+        return reference.linear(x, self._w(values), bias, self.in_perm, self.out_perm)
 
     def mm_t(self, dy, *, values=None, impl=None):
-        dz = dy if self.out_perm is None else dy[:, torch.argsort(self.out_perm)]
-        dxp = dz @ self._w(values)
-        return dxp if self.in_perm is None else dxp[:, torch.argsort(self.in_perm)]
+        from . import reference
+
+        return reference.linear_t(dy, self._w(values), self.in_perm, self.out_perm)
 
     def sddmm(self, dy, x, *, impl=None):
         from . import reference
@@ -536,6 +530,12 @@ class MaskedDense(SparseWeight):
         return torch.where(slot >= 0, t.detach(), torch.zeros((), dtype=t.dtype, device=t.device))
 
 
+def _row_ranges(R: int, parts: int):
+    """``[(r0, r1), ...]``: about ``parts`` equal ranges covering ``0..R``."""
+    step = max(1, -(-R // parts))
+    return [(r, min(R, r + step)) for r in range(0, R, step)]
+
+
 _OPS = None
 
 
@@ -548,25 +548,15 @@ def _ops():
     return _OPS
 
 
-def block_from_units(units: Tensor, block_size: Tuple[int, int], dtype: torch.dtype,
-                     shape: Tuple[int, int]) -> BlockSparse:
-    """The pattern of the block grid ``units [R/br, C/bc]`` with zero values (CSR and its CSC transpose, built once)."""
-    br, bc = block_size
-    R, C = shape
+def _block_pattern(units: Tensor, num_block_cols: int) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """(block-row of each block, (row_ptr, col_idx, col_ptr, row_idx_t, blk_t)) of the block grid ``units``: the CSR
+    (row-major: sorted columns) and its CSC transpose, built once."""
     units = units.to(torch.bool)
-    dev = units.device
-    rows, cols = torch.nonzero(units, as_tuple=True)  # row-major: CSR with sorted columns
-    row_ptr = torch.zeros(R // br + 1, dtype=torch.long, device=dev)
+    rows, cols = torch.nonzero(units, as_tuple=True)
+    row_ptr = torch.zeros(units.shape[0] + 1, dtype=torch.long, device=units.device)
     row_ptr[1:] = torch.cumsum(units.sum(1), 0)
     col_idx = cols.contiguous()
-    col_ptr, row_idx_t, blk_t = block_transpose_meta(row_ptr, col_idx, C // bc)
-    values = torch.zeros(rows.numel(), br, bc, dtype=dtype, device=dev)
-    return BlockSparse(values, row_ptr, col_idx, col_ptr, row_idx_t, blk_t, (R, C))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Block
-# ----------------------------------------------------------------------------------------------------------
+    return rows, (row_ptr, col_idx, *block_transpose_meta(row_ptr, col_idx, num_block_cols))
 
 
 def block_transpose_meta(row_ptr: Tensor, col_idx: Tensor, num_block_cols: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -591,9 +581,8 @@ def block_from_dense(dense: Tensor, block_mask: Tensor, block_size: Tuple[int, i
         raise ValueError(f"block_mask must have shape {(R // br, C // bc)}, got {tuple(block_mask.shape)}")
     block_mask = block_mask.to(device=dense.device, dtype=torch.bool)
     blocks = dense.reshape(R // br, br, C // bc, bc).transpose(1, 2)  # [nbr, nbc, br, bc]
-    rows, cols = torch.nonzero(block_mask, as_tuple=True)  # row-major order: CSR with sorted columns
-    w = block_from_units(block_mask, (br, bc), dense.dtype, (R, C))
-    return w.replace(values=blocks[rows, cols].contiguous())
+    rows, meta = _block_pattern(block_mask, C // bc)
+    return BlockSparse(blocks[rows, meta[1]].contiguous(), *meta, (R, C))
 
 
 def block_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, shape: Tuple[int, int]) -> Tensor:
