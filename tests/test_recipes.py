@@ -285,18 +285,24 @@ def test_train_gpt2_small_vocab_keeps_endoftext_and_saves_its_table(tmp_path, mo
     assert R.build_gpt2(32, 1, 2, 16).config.eos_token_id == R.GPT2_EOT
 
 
-def test_resume_from_a_crafted_or_corrupt_checkpoint_is_one_clear_error(tmp_path, monkeypatch, capsys):
-    """padst-train --resume: a malicious pickle in checkpoint.pt is refused without running, a corrupt one
-    is named, and the command-line entry point prints one line and exits 2 instead of a traceback."""
-    import os
-    import sys
-
+def _finished_vit_run(tmp_path, monkeypatch):
+    """(data dir, run dir) of a finished one-epoch ViT run on fake Fashion-MNIST, with the dataset cache in tmp_path."""
     monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
     d = tmp_path / "fm"
     d.mkdir()
     fake_fashion(d)
     out = tmp_path / "run"
     R.main(_vit_argv(d, out, extra=["--no-speed"]))
+    return d, out
+
+
+def test_resume_from_a_crafted_or_corrupt_checkpoint_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """padst-train --resume: a malicious pickle in checkpoint.pt is refused without running, a corrupt one
+    is named, and the command-line entry point prints one line and exits 2 instead of a traceback."""
+    import os
+    import sys
+
+    d, out = _finished_vit_run(tmp_path, monkeypatch)
     marker = tmp_path / "pwned"
 
     class RunsCode:
@@ -320,12 +326,7 @@ def test_resume_restores_outputs_cleans_orphans_and_refuses_other_arguments(tmp_
     """A metrics.csv lost to a kill (0 bytes) is written again from the checkpoint on --resume;
     the temporary files killed saves leave behind are deleted at start; a --resume with other training arguments is
     refused, naming each difference (runtime options such as --threads may change)."""
-    monkeypatch.setenv("PADST_CACHE", str(tmp_path / "cache"))
-    d = tmp_path / "fm"
-    d.mkdir()
-    fake_fashion(d)
-    out = tmp_path / "run"
-    R.main(_vit_argv(d, out, extra=["--no-speed"]))
+    d, out = _finished_vit_run(tmp_path, monkeypatch)
     metrics = (out / "metrics.csv").read_text()
     assert metrics.count("\n") >= 2
     (out / "metrics.csv").write_text("")  # what a SIGKILL in the middle of a non-atomic write left
