@@ -3,11 +3,17 @@
 // of kTB batch rows (tiles.h), NR outputs of a block line at a time against kTB/VW vectors of inputs.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
+#include <string>
+#include <type_traits>
 
 #include "block_mm_mr.h"
 #include "isa.h"
 #include "tiles.h"
+#include "tune.h"
 #include "vec.h"
 
 namespace padst::cpu::rk {
@@ -57,19 +63,80 @@ PADST_ALWAYS_INLINE void block_body(const float* xT, const BlockLine& L, int64_t
 template <int VW>
 inline constexpr int kBlockNR = VW >= 16 ? 8 : (VW == 8 ? 2 : 1);
 
-// Block lines, dispatched on the ISA; `lines` lines of L.outer outputs each.
+template <typename T>
+constexpr const char* dtype_name() {
+  if constexpr (std::is_same_v<T, float>) {
+    return "f32";
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return "bf16";
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return "f16";
+  } else {
+    return "other";
+  }
+}
+
+// The tuner's key for a call of a row-walking family: ISA, element type, threads, batch size class (its power of
+// two), then the family's own shape fields.
+template <typename T>
+std::string tune_key(const char* family, int64_t B, const std::string& shape) {
+  int lg = 0;
+  while ((int64_t{2} << lg) <= B) ++lg;
+  return std::string(family) + " " + isa_name(current_isa()) + " " + dtype_name<T>() + " t" +
+         std::to_string(at::get_num_threads()) + " B2^" + std::to_string(lg) + " " + shape;
+}
+
+// Block lines, dispatched on the ISA; `lines` lines of L.outer outputs each. The variant (tune.h) is chosen per
+// shape class among: the unpacked kernel (block_mm_mr.h; register tile mr x nrv vectors, packing, row panel, line
+// chunk) and the packed one above (kern=1). The packed one is the only kernel for outputs that are not whole vectors.
 template <typename T>
 void block_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const BlockLine& L, int64_t lines,
               const Store<T>& st) {
-  if (block_mm_mr(in, B, in_cols, gather, L, lines, st)) return;
   const Isa isa = current_isa();
-  drive(in, B, in_cols, gather, lines, 1, st,
-        [&](const float* xT, int64_t l0, int64_t l1, int64_t b0, int64_t tb, const Store<T>& s) {
-          dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {
-            constexpr int VW = decltype(k)::vw;
-            block_body<VW, kBlockNR<VW>>(xT, L, l0, l1, s, b0, tb);
+  const int vw = vec_floats(isa);
+  auto packed = [&] {
+    drive(in, B, in_cols, gather, lines, 1, st,
+          [&](const float* xT, int64_t l0, int64_t l1, int64_t b0, int64_t tb, const Store<T>& s) {
+            dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {
+              constexpr int VW = decltype(k)::vw;
+              block_body<VW, kBlockNR<VW>>(xT, L, l0, l1, s, b0, tb);
+            });
           });
-        });
+  };
+  if (L.outer % vw != 0) {
+    packed();
+    return;
+  }
+  // kern last: the unpacked kernel's parameters are searched first, then the packed kernel (which ignores them) is
+  // tried against the best of them.
+  const tune::Space space{{"mr", "nrv", "pack", "pf", "panel", "lt", "kern"},
+                          {{4, 6, 8, 12, 14}, {1, 2, 4}, {0, 1, 2, 3}, {0, 1, 2}, {1, 4, 16}, {0, 32, 256}, {0, 1}},
+                          {1, L.outer % (2 * vw) == 0 ? 1 : 0, 0, 0, 0, 0, 0}};
+  const int64_t ld = lines * L.outer;
+  auto plan_of = [](const tune::Point& p) { return MrPlan{p[0], p[1], p[2], p[4], p[5], p[3]}; };
+  auto valid = [&](const tune::Point& p) {
+    if (p[6] == 1) return true;
+    const MrPlan plan = plan_of(p);
+    const int64_t rows = static_cast<int64_t>(plan.mr) * plan.panel;
+    // prefetching applies to inputs read in place, pf=2 to identity ones
+    const bool in_place = plan.pack == 2 || (plan.pack == 0 && gather != nullptr &&
+                                             (in_cols * static_cast<int64_t>(sizeof(T))) % 4096 != 0);
+    if (plan.pf != 0 && (!in_place || (plan.pf == 2 && gather != nullptr))) return false;
+    // a panel's buffers stay within about half an L2
+    return mr_plan_valid(plan, vw, L.outer) &&
+           (plan.panel == 1 || rows * (in_cols + (st.scatter ? ld : 0)) * 4 <= (int64_t{1} << 20));
+  };
+  const std::string shape = "in" + std::to_string(in_cols) + " lines" + std::to_string(lines) + " o" +
+                            std::to_string(L.outer) + " i" + std::to_string(L.inner) + " nnzb" +
+                            std::to_string(L.ptr[lines] - L.ptr[0]) + (gather ? " gin" : "") +
+                            (st.scatter ? " gout" : "");
+  tune::choose(tune_key<T>(L.blk ? "block_mm_t" : "block_mm", B, shape), space, valid, [&](const tune::Point& p) {
+    if (p[6] == 1) {
+      packed();
+    } else {
+      block_mm_mr(in, B, in_cols, gather, L, lines, st, plan_of(p));
+    }
+  });
 }
 
 }  // namespace padst::cpu::rk

@@ -42,21 +42,51 @@ struct MrArgs {
   int64_t lines;
   Store<T> st;               // st.gather: inverse of st.scatter (needed when scatter is set)
   float* zrow;               // [MR][lines * outer] when st.scatter is set
-  float* xrow = nullptr;     // [MR + 1][xld]: the group's input rows, permuted, as float, or null: read in place
+  float* xrow = nullptr;     // [panel + 1][xld]: the panel's input rows, permuted, as float, or null
   int64_t xld = 0;
+  float* xt = nullptr;       // or the panel as register tiles: tile t's column c at xt[(t * in_cols + c) * MR + m]
+  int pf = 0;                // MrPlan::pf
 };
 
-template <int VW, int NRV, int MR, typename T>
-PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t line, int64_t o0) {
+// One variant of the kernel (tune.h chooses it per shape class; every variant sums in the same order).
+struct MrPlan {
+  int mr;      // batch rows per register tile
+  int nrv;     // output vectors per register tile
+  int pack;    // 0: pack the rows when it pays (see block_mm_mr), 1: always, 2: never (read in place),
+               // 3: pack each register tile column-major (a tile's MR values of a column adjacent, as BLIS packs A)
+  int panel;   // rows per panel, in register tiles: the panel's rows are packed once, then run line chunk by chunk
+  int lt_kb;   // weights per line chunk in KB (0: every line in one chunk)
+  int pf = 0;  // read in place: 1: prefetch the panel's rows into L2 first (a sequential stream), 2: prefetch the
+               // next block's input lines while computing one (identity input)
+};
+
+// Rows pr .. pr+MR-1 of the panel (batch rows b ..), outputs o0 .. o0+NRV*VW of line `line`. MRS: the register
+// tile height of the panel's column-major tiles (a.xt), of which these rows are part.
+template <int VW, int NRV, int MR, int MRS, typename T>
+PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t pr, int64_t line, int64_t o0) {
   using V = typename Vec<VW>::V;
   const BlockLine& L = *a.L;
   V acc[MR][NRV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NRV; ++v) acc[m][v] = V{};
-  if (a.xrow) {  // rows packed by mr_rows
+  if (a.xt) {  // column-major tiles: the MR values of a column adjacent, at fixed offsets from one pointer
+    const float* base = a.xt + (pr / MRS) * a.in_cols * MRS + pr % MRS;
     for (int64_t q = L.ptr[line]; q < L.ptr[line + 1]; ++q) {
       const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0;
-      const float* xq = a.xrow + L.idx[q] * L.inner;
+      const float* xq = base + L.idx[q] * L.inner * MRS;
+      for (int64_t i = 0; i < L.inner; ++i) {
+        V w[NRV];
+        for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
+        for (int m = 0; m < MR; ++m) {
+          const V xs = Vec<VW>::bcast(xq[i * MRS + m]);
+          for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
+        }
+      }
+    }
+  } else if (a.xrow) {  // rows packed by mr_panel; pr: the tile's first row in the panel
+    for (int64_t q = L.ptr[line]; q < L.ptr[line + 1]; ++q) {
+      const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0;
+      const float* xq = a.xrow + pr * a.xld + L.idx[q] * L.inner;
       for (int64_t i = 0; i < L.inner; ++i) {
         V w[NRV];
         for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
@@ -73,6 +103,12 @@ PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t line, in
       const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0;
       const int64_t c0 = L.idx[q] * L.inner;
       const int64_t* g = a.in_gather ? a.in_gather + c0 : nullptr;
+      if (a.pf == 2 && !g && q + 1 < L.ptr[line + 1]) {  // the next block's columns of the tile's rows
+        const int64_t cn = L.idx[q + 1] * L.inner;
+        for (int m = 0; m < MR; ++m)
+          for (int64_t c = 0; c < L.inner; c += 64 / static_cast<int64_t>(sizeof(T)))
+            __builtin_prefetch(rows[m] + cn + c, 0, 3);
+      }
       for (int64_t i = 0; i < L.inner; ++i) {
         V w[NRV];
         for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
@@ -88,7 +124,7 @@ PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t line, in
   const int64_t ld = a.lines * L.outer;
   for (int m = 0; m < MR; ++m) {
     if (a.st.scatter) {
-      for (int v = 0; v < NRV; ++v) Vec<VW>::store(a.zrow + m * ld + r0 + v * VW, acc[m][v]);
+      for (int v = 0; v < NRV; ++v) Vec<VW>::store(a.zrow + (pr + m) * ld + r0 + v * VW, acc[m][v]);
     } else {
       T* o = a.st.out + (b + m) * a.st.out_cols + r0;
       alignas(64) float tmp[NRV * VW];
@@ -110,20 +146,46 @@ PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t line, in
   }
 }
 
-// Batch rows b .. b+M-1: every line, output groups of NRV*VW (L.outer a multiple of it). No lambdas here: a
-// lambda's body would not inherit the caller's target attribute (it would be compiled for the baseline ISA).
-template <int VW, int NRV, int M, typename T>
-PADST_ALWAYS_INLINE void mr_rows(const MrArgs<T>& a, int64_t b) {
+// Lines [l0, l1) for the rows pr .. pr+M-1 of the panel (batch rows b ..): output groups of NRV*VW.
+// No lambdas here: a lambda's body would not inherit the caller's target attribute (it would be compiled for the
+// baseline ISA).
+template <int VW, int NRV, int M, int MRS, typename T>
+PADST_ALWAYS_INLINE void mr_lines(const MrArgs<T>& a, int64_t b, int64_t pr, int64_t l0, int64_t l1) {
+  for (int64_t line = l0; line < l1; ++line)
+    for (int64_t o0 = 0; o0 < a.L->outer; o0 += NRV * VW) mr_tile<VW, NRV, M, MRS>(a, b, pr, line, o0);
+}
+
+// A panel of n batch rows from b: its rows packed (when a.xrow is set), then line chunk by line chunk (lt lines),
+// register tile by register tile, then the finished rows written back (permuted output).
+template <int VW, int NRV, int MR, typename T>
+PADST_ALWAYS_INLINE void mr_panel(const MrArgs<T>& a, int64_t b, int64_t n, int64_t lt) {
   const BlockLine& L = *a.L;
   const int64_t ld = a.lines * L.outer;
-  // The M input rows as float, permuted, into rows xld apart (when block_mm_mr set a.xrow). Read in place, rows a
-  // multiple of 4 KB long (3072 floats) put the M values that one column step reads into a single L1 set.
-  if (a.xrow) {
-    for (int m = 0; m < M; ++m) {
+  // The rows as float, permuted, into rows xld apart. Read in place, rows a multiple of 4 KB long (3072 floats) put
+  // the M values that one column step reads into a single L1 set.
+  if (a.xt) {  // column-major register tiles, 64 columns at a time (a chunk of a tile stays in L1 while written)
+    for (int64_t t0 = 0; t0 < n; t0 += MR) {
+      const int64_t tn = std::min<int64_t>(MR, n - t0);
+      float* tile = a.xt + (t0 / MR) * a.in_cols * MR;
+      for (int64_t c0 = 0; c0 < a.in_cols; c0 += 64) {
+        const int64_t ce = std::min<int64_t>(a.in_cols, c0 + 64);
+        for (int64_t m = 0; m < tn; ++m) {
+          const T* row = a.in + (b + t0 + m) * a.in_cols;
+          float* xm = tile + m;
+          if (a.in_gather) {
+            for (int64_t c = c0; c < ce; ++c) xm[c * MR] = static_cast<float>(row[a.in_gather[c]]);
+          } else {
+            for (int64_t c = c0; c < ce; ++c) xm[c * MR] = static_cast<float>(row[c]);
+          }
+        }
+      }
+    }
+  } else if (a.xrow) {
+    for (int64_t m = 0; m < n; ++m) {
       const T* row = a.in + (b + m) * a.in_cols;
       float* xm = a.xrow + m * a.xld;
       if (a.in_gather) {
-        float* tmp = a.xrow + M * a.xld;  // the row in order first (a sequential read), then gathered from L1
+        float* tmp = a.xrow + n * a.xld;  // the row in order first (a sequential read), then gathered from L1
         for (int64_t c = 0; c < a.in_cols; ++c) tmp[c] = static_cast<float>(row[c]);
         for (int64_t c = 0; c < a.in_cols; ++c) xm[c] = tmp[a.in_gather[c]];
       } else {
@@ -131,10 +193,19 @@ PADST_ALWAYS_INLINE void mr_rows(const MrArgs<T>& a, int64_t b) {
       }
     }
   }
-  for (int64_t line = 0; line < a.lines; ++line)
-    for (int64_t o0 = 0; o0 < L.outer; o0 += NRV * VW) mr_tile<VW, NRV, M>(a, b, line, o0);
-  if (a.st.scatter) {  // write back the M finished rows by gathering
-    for (int m = 0; m < M; ++m) {
+  if (a.pf == 1 && !a.xt && !a.xrow) {  // the panel's rows into L2, as one sequential stream
+    const char* p0 = reinterpret_cast<const char*>(a.in + b * a.in_cols);
+    const int64_t bytes = n * a.in_cols * static_cast<int64_t>(sizeof(T));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p0 + off, 0, 2);
+  }
+  for (int64_t l0 = 0; l0 < a.lines; l0 += lt) {
+    const int64_t l1 = std::min(a.lines, l0 + lt);
+    int64_t r = 0;
+    for (; r + MR <= n; r += MR) mr_lines<VW, NRV, MR, MR>(a, b + r, r, l0, l1);
+    for (; r < n; ++r) mr_lines<VW, NRV, 1, MR>(a, b + r, r, l0, l1);
+  }
+  if (a.st.scatter) {  // write back the finished rows by gathering
+    for (int64_t m = 0; m < n; ++m) {
       T* o = a.st.out + (b + m) * a.st.out_cols;
       const float* z = a.zrow + m * ld;
       for (int64_t j = 0; j < ld; ++j) {
@@ -145,50 +216,68 @@ PADST_ALWAYS_INLINE void mr_rows(const MrArgs<T>& a, int64_t b) {
   }
 }
 
-template <int VW, int NRV, int MR, typename T>
-PADST_ALWAYS_INLINE void mr_body(const MrArgs<T>& a, int64_t b0, int64_t b1) {
-  int64_t b = b0;
-  for (; b + MR <= b1; b += MR) mr_rows<VW, NRV, MR>(a, b);
-  for (; b < b1; ++b) mr_rows<VW, NRV, 1>(a, b);
+// Registers the tile may take: MR*NRV accumulators, NRV weight vectors and a broadcast (32 vector registers with
+// AVX-512, 16 otherwise).
+template <int VW, int NRV, int MR>
+inline constexpr bool kMrFits = MR * NRV + NRV + 1 <= (VW >= 16 ? 32 : 16);
+
+// The variants block_mm_mr can run: the register tile fits and splits the block's outputs into whole vectors.
+inline bool mr_plan_valid(const MrPlan& p, int vw, int64_t outer) {
+  const int regs = vw >= 16 ? 32 : 16;
+  return p.mr * p.nrv + p.nrv + 1 <= regs && outer % (p.nrv * vw) == 0;
 }
 
-template <int VW>
-inline constexpr int kMR = 6;  // batch rows per register tile (12 measured no faster with AVX-512, and worse permuted)
-inline constexpr int kMRMax = 6;  // the most rows any variant takes: buffer sizes
-static_assert(kMR<4> <= kMRMax && kMR<8> <= kMRMax && kMR<16> <= kMRMax);
-
-// The unpacked block kernel, when the outputs of a block split into whole vectors; false when it cannot serve.
+// The unpacked block kernel for one variant (mr_plan_valid). Threads take whole panels.
 template <typename T>
-bool block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const BlockLine& L, int64_t lines,
-                 const Store<T>& st) {
+void block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const BlockLine& L, int64_t lines,
+                 const Store<T>& st, const MrPlan& plan) {
   const Isa isa = current_isa();
-  const int vw = vec_floats(isa);
-  const int nrv = L.outer % (2 * vw) == 0 ? 2 : (L.outer % vw == 0 ? 1 : 0);
-  if (nrv == 0 || B < kMRMax) return false;
   const int64_t ld = lines * L.outer;
-  const int64_t grain = std::max<int64_t>(kMRMax, (B / (4 * at::get_num_threads()) / kMRMax) * kMRMax);
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+  const int64_t P = static_cast<int64_t>(plan.mr) * plan.panel;
+  const int64_t npan = (B + P - 1) / P;
+  const int64_t wline = std::max<int64_t>(1, (L.ptr[lines] - L.ptr[0]) * L.wblock * 4 / std::max<int64_t>(1, lines));
+  const int64_t lt = plan.lt_kb == 0 ? lines : std::max<int64_t>(1, plan.lt_kb * 1024 / wline);
+  // Packing the rows costs one pass over them; it pays for every identity input (a plain copy, and conversion once
+  // instead of per use), and for a permuted one whose rows alias in L1 (a multiple of 4 KB); otherwise a permuted
+  // input is read in place (at 95% sparsity a column is used about once: a separate gathering pass would cost more
+  // than the index loads). pack = 1 / 2 force it on / off.
+  const bool pack = plan.pack == 1 ||
+                    (plan.pack == 0 && (gather == nullptr || (in_cols * static_cast<int64_t>(sizeof(T))) % 4096 == 0));
+  const int64_t grain = std::max<int64_t>(1, npan / (4 * at::get_num_threads()));
+  at::parallel_for(0, npan, grain, [&](int64_t p0, int64_t p1) {
     MrArgs<T> a{in, in_cols, gather, &L, lines, st, nullptr};
-    // Packing the rows of each group costs one pass over them; it pays for every identity input (a plain copy, and
-    // conversion once instead of per use), and for a permuted one whose rows alias in L1 (a multiple of 4 KB);
-    // otherwise a permuted input is read in place (at 95% sparsity a column is used about once: a separate
-    // gathering pass would cost more than the index loads).
-    const bool pack = gather == nullptr || (in_cols * static_cast<int64_t>(sizeof(T))) % 4096 == 0;
     a.xld = (in_cols + 15) / 16 * 16 + 16;  // not a multiple of 4 KB: the rows' columns fall into different L1 sets
-    const size_t xb = pack ? static_cast<size_t>((kMRMax + 1) * a.xld) : 0;
-    const size_t zb = st.scatter ? static_cast<size_t>(kMRMax * ld) : 0;
+    const size_t xb = plan.pack == 3 ? static_cast<size_t>(P * in_cols) : pack ? static_cast<size_t>((P + 1) * a.xld) : 0;
+    const size_t zb = st.scatter ? static_cast<size_t>(P * ld) : 0;
     c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
-    a.xrow = pack ? static_cast<float*>(buf.get()) : nullptr;
+    a.xrow = plan.pack != 3 && pack ? static_cast<float*>(buf.get()) : nullptr;
+    a.xt = plan.pack == 3 ? static_cast<float*>(buf.get()) : nullptr;
+    a.pf = plan.pf;
     a.zrow = zb ? static_cast<float*>(buf.get()) + xb : nullptr;
-    auto run = [&](auto nrv_c) {
+    const int64_t b1 = std::min(B, p1 * P);
+    auto run = [&](auto nrv_c, auto mr_c) {
       dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {
-        constexpr int VW = decltype(k)::vw;
-        mr_body<VW, decltype(nrv_c)::value, kMR<VW>>(a, b0, b1);
+        constexpr int VW = decltype(k)::vw, NRV = decltype(nrv_c)::value, MR = decltype(mr_c)::value;
+        if constexpr (kMrFits<VW, NRV, MR>) {
+          for (int64_t b = p0 * P; b < b1; b += P) mr_panel<VW, NRV, MR>(a, b, std::min(P, b1 - b), lt);
+        }
       });
     };
-    nrv == 2 ? run(std::integral_constant<int, 2>{}) : run(std::integral_constant<int, 1>{});
+    auto with_mr = [&](auto nrv_c) {
+      switch (plan.mr) {
+        case 4: run(nrv_c, std::integral_constant<int, 4>{}); break;
+        case 6: run(nrv_c, std::integral_constant<int, 6>{}); break;
+        case 8: run(nrv_c, std::integral_constant<int, 8>{}); break;
+        case 12: run(nrv_c, std::integral_constant<int, 12>{}); break;
+        default: run(nrv_c, std::integral_constant<int, 14>{}); break;
+      }
+    };
+    switch (plan.nrv) {
+      case 1: with_mr(std::integral_constant<int, 1>{}); break;
+      case 2: with_mr(std::integral_constant<int, 2>{}); break;
+      default: with_mr(std::integral_constant<int, 4>{}); break;
+    }
   });
-  return true;
 }
 
 }  // namespace padst::cpu::rk

@@ -1,0 +1,282 @@
+#include "tune.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <string>
+
+namespace padst::cpu::tune {
+namespace {
+
+// Measuring one shape class stops starting new candidates after this much time (the candidates' own runs included).
+constexpr double kBudgetMs = 400.0;
+// A candidate replaces the best so far only if it is this much faster: timing noise does not flip choices.
+constexpr double kMargin = 0.03;
+// A shape class whose default variant runs faster than this keeps it unmeasured: call overhead dominates, and the
+// measurement would be mostly noise.
+constexpr double kMinMs = 0.1;
+// Timed runs per candidate (after one untimed run), the minimum kept.
+constexpr int kReps = 3;
+
+struct Entry {
+  std::string point;       // point_name() of the choice
+  double default_ms = -1;  // measured times (-1: loaded from a cache, not measured in this process)
+  double best_ms = -1;
+  double tune_ms = -1;     // wall time spent measuring
+  int tried = 0;           // candidates measured
+};
+
+std::mutex g_mu;          // the maps below
+std::mutex g_measure_mu;  // one measurement at a time
+std::map<std::string, Entry> g_cache;               // key -> choice
+std::map<std::string, std::string> g_force;         // family (key prefix up to the first space) -> point name
+std::map<std::string, std::string> g_space;         // family -> its last call's space, as "name=v|v|..;.. default"
+std::atomic<int> g_enabled{-1};                     // -1: from the environment
+
+bool env_enabled() {
+  const char* v = std::getenv("PADST_CPU_TUNE");
+  if (v == nullptr) return true;
+  const std::string s(v);
+  return !(s == "0" || s == "off" || s == "false" || s == "OFF" || s == "False");
+}
+
+std::string family_of(const std::string& key) { return key.substr(0, key.find(' ')); }
+
+// The point named `name` ("a=1,b=2") in `space`, or an empty point when it is not one of its points.
+Point parse_point(const Space& space, const std::string& name) {
+  Point p(space.names.size());
+  std::vector<bool> seen(space.names.size(), false);
+  std::stringstream ss(name);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    const auto eq = item.find('=');
+    if (eq == std::string::npos) return {};
+    const std::string k = item.substr(0, eq);
+    int v = 0;
+    try {
+      v = std::stoi(item.substr(eq + 1));
+    } catch (...) {
+      return {};
+    }
+    size_t d = 0;
+    while (d < space.names.size() && k != space.names[d]) ++d;
+    if (d == space.names.size()) return {};
+    if (std::find(space.values[d].begin(), space.values[d].end(), v) == space.values[d].end()) return {};
+    p[d] = v;
+    seen[d] = true;
+  }
+  if (std::find(seen.begin(), seen.end(), false) != seen.end()) return {};
+  return p;
+}
+
+Point default_point(const Space& s) {
+  Point p(s.names.size());
+  for (size_t d = 0; d < p.size(); ++d) p[d] = s.values[d][s.def[d]];
+  return p;
+}
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Records the space of a family (for the "space" action: tests enumerate the variants). Called off the hot path.
+void note_space(const std::string& key, const Space& space, const Point& def) {
+  std::string desc;
+  for (size_t d = 0; d < space.names.size(); ++d) {
+    desc += (d ? ";" : "") + std::string(space.names[d]) + "=";
+    for (size_t i = 0; i < space.values[d].size(); ++i) desc += (i ? "|" : "") + std::to_string(space.values[d][i]);
+  }
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_space[family_of(key)] = desc + " " + point_name(space, def);
+}
+
+}  // namespace
+
+bool enabled() {
+  const int e = g_enabled.load(std::memory_order_relaxed);
+  return e < 0 ? env_enabled() : e != 0;
+}
+
+std::string point_name(const Space& space, const Point& p) {
+  std::string s;
+  for (size_t d = 0; d < p.size(); ++d) {
+    if (d) s += ',';
+    s += space.names[d];
+    s += '=';
+    s += std::to_string(p[d]);
+  }
+  return s;
+}
+
+Point choose(const std::string& key, const Space& space, const std::function<bool(const Point&)>& valid,
+             const std::function<void(const Point&)>& run) {
+  const Point def = default_point(space);
+  // Look up under the lock, run outside it: calls from several threads never wait for each other's kernels.
+  auto lookup = [&](std::string& forced) -> Point {
+    std::lock_guard<std::mutex> lock(g_mu);
+    const auto f = g_force.find(family_of(key));
+    if (f != g_force.end()) {
+      forced = f->second;
+      return {};
+    }
+    const auto it = g_cache.find(key);
+    if (it == g_cache.end()) return {};
+    return parse_point(space, it->second.point);  // empty when stale (e.g. a disk cache from another build)
+  };
+  std::string forced;
+  Point p = lookup(forced);
+  if (!forced.empty()) {
+    note_space(key, space, def);
+    p = parse_point(space, forced);
+    TORCH_CHECK_VALUE(!p.empty() && valid(p), "padst::_cpu_tune: the forced variant '", forced,
+                      "' is not a variant of this call (", key, "); its default: ", point_name(space, def),
+                      ", each parameter taking one of its listed values");
+    run(p);
+    return p;
+  }
+  if (!enabled()) {
+    run(def);
+    return def;
+  }
+  if (!p.empty() && valid(p)) {
+    run(p);
+    return p;
+  }
+  // Measure, one shape class at a time (another thread may have measured this one meanwhile).
+  std::lock_guard<std::mutex> measuring(g_measure_mu);
+  note_space(key, space, def);
+  p = lookup(forced);
+  if (forced.empty() && !p.empty() && valid(p)) {
+    run(p);
+    return p;
+  }
+
+  const double t_start = now_ms();
+  Point last;
+  auto time_point = [&](const Point& p, double give_up_ms) {
+    double t0 = now_ms();
+    run(p);  // untimed: first touch of buffers, caches
+    last = p;
+    double first = now_ms() - t0;
+    if (first > give_up_ms) return first;
+    double best = 1e300;
+    for (int r = 0; r < kReps; ++r) {
+      t0 = now_ms();
+      run(p);
+      best = std::min(best, now_ms() - t0);
+    }
+    return best;
+  };
+  Entry e;
+  Point best = def;
+  std::vector<Point> seen{def};
+  double best_ms = time_point(def, 1e300);
+  e.default_ms = best_ms;
+  e.tried = 1;
+  // Coordinate descent: each parameter in turn over its values, the others at the best point so far; a second pass
+  // when the first moved and the budget allows.
+  for (int pass = 0; pass < 2 && best_ms >= kMinMs; ++pass) {
+    const Point start = best;
+    for (size_t d = 0; d < space.names.size(); ++d) {
+      for (const int v : space.values[d]) {
+        if (now_ms() - t_start > kBudgetMs) break;
+        Point p = best;
+        if (p[d] == v) continue;
+        p[d] = v;
+        if (!valid(p) || std::find(seen.begin(), seen.end(), p) != seen.end()) continue;
+        seen.push_back(p);
+        const double t = time_point(p, 3 * best_ms);
+        ++e.tried;
+        if (t < best_ms * (1 - kMargin)) {
+          best = p;
+          best_ms = t;
+        }
+      }
+    }
+    if (best == start) break;
+  }
+  if (last != best) run(best);
+  e.point = point_name(space, best);
+  e.best_ms = best_ms;
+  e.tune_ms = now_ms() - t_start;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    g_cache[key] = e;
+  }
+  return best;
+}
+
+namespace {
+
+// torch.ops.padst._cpu_tune(action, arg): the tuner's state, for padst_ext.tuning (tests, benchmarks, the disk cache).
+//   "enabled"            -> "1" or "0"
+//   "on" / "off"         -> switches measuring on / off (off: every call runs the default point)
+//   "env"                -> back to PADST_CPU_TUNE
+//   "dump"               -> one line per shape class: key \t point \t default_ms \t best_ms \t tune_ms \t tried
+//   "clear"              -> forgets every choice
+//   "set"  "key\tpoint"  -> records a choice (a disk cache being loaded)
+//   "force" "family=point" / "family=" -> every call of the family runs `point` (tests), or stops forcing
+//   "space" "family"     -> the space of the family's last call: "name=v|v|...;name=... default-point"
+std::string cpu_tune_op(const std::string& action, const std::string& arg) {
+  if (action == "enabled") return enabled() ? "1" : "0";
+  if (action == "on" || action == "off") {
+    g_enabled.store(action == "on" ? 1 : 0);
+    return enabled() ? "1" : "0";
+  }
+  if (action == "env") {
+    g_enabled.store(-1);
+    return enabled() ? "1" : "0";
+  }
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (action == "dump") {
+    std::ostringstream os;
+    for (const auto& [k, e] : g_cache)
+      os << k << '\t' << e.point << '\t' << e.default_ms << '\t' << e.best_ms << '\t' << e.tune_ms << '\t' << e.tried
+         << '\n';
+    return os.str();
+  }
+  if (action == "space") {
+    const auto it = g_space.find(arg);
+    return it == g_space.end() ? "" : it->second;
+  }
+  if (action == "clear") {
+    g_cache.clear();
+    return "";
+  }
+  if (action == "set") {
+    const auto tab = arg.find('\t');
+    TORCH_CHECK_VALUE(tab != std::string::npos && tab > 0 && tab + 1 < arg.size(),
+                      "padst::_cpu_tune('set', arg): arg must be 'key<TAB>point', got '", arg, "'");
+    Entry e;
+    e.point = arg.substr(tab + 1);
+    g_cache[arg.substr(0, tab)] = e;
+    return "";
+  }
+  if (action == "force") {
+    const auto eq = arg.find('=');
+    TORCH_CHECK_VALUE(eq != std::string::npos && eq > 0,
+                      "padst::_cpu_tune('force', arg): arg must be 'family=point' or 'family=', got '", arg, "'");
+    const std::string fam = arg.substr(0, eq), point = arg.substr(eq + 1);
+    if (point.empty()) {
+      g_force.erase(fam);
+    } else {
+      g_force[fam] = point;
+    }
+    return "";
+  }
+  TORCH_CHECK_VALUE(false, "padst::_cpu_tune: unknown action '", action,
+                    "' (enabled, on, off, env, dump, clear, set, force, space)");
+}
+
+}  // namespace
+}  // namespace padst::cpu::tune
+
+TORCH_LIBRARY_FRAGMENT(padst, m) {
+  m.def("_cpu_tune(str action, str arg=\"\") -> str", &padst::cpu::tune::cpu_tune_op);
+}

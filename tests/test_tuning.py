@@ -1,0 +1,256 @@
+"""Per-machine tuning of the CPU kernels (csrc/cpu/tune.h, padst_ext.tuning).
+
+Every variant the tuner can choose is run by force and compared with the plain reference and, bit for bit, with the
+default variant (all variants sum in the same order); tuning itself is checked for what it records, for never
+changing a result, for its cost, its switches and its disk cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cases import assert_close_to_reference, make_case
+from padst_ext import ops, reference as ref, tuning
+
+T = torch.ops.padst._cpu_tune
+
+
+@pytest.fixture(autouse=True)
+def _clean_tuner():
+    """Each test starts with no choices, tuning as the environment says and nothing forced; and leaves it so."""
+    tuning.clear()
+    tuning.set_enabled(None)
+    T("force", "block_mm=")
+    T("force", "block_mm_t=")
+    yield
+    T("force", "block_mm=")
+    T("force", "block_mm_t=")
+    tuning.set_enabled(None)
+    tuning.clear()
+
+
+def _fwd(case, x, v, b, impl):
+    w = case.weight
+    return impl.block_mm(x, v, *w.meta(), b, case.in_perm, case.out_perm)
+
+
+def _dx(case, dy, v, impl):
+    w = case.weight
+    return impl.block_mm_t(dy, v, *w.meta(), case.in_perm, case.out_perm)
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def _space(family, call):
+    """A family's variants as the kernel describes them (recorded when a call measures)."""
+    tuning.clear()
+    call()
+    desc = T("space", family)
+    assert desc, "a measured call records its family's space"
+    dims, default = desc.split(" ")
+    names, values = [], []
+    for item in dims.split(";"):
+        name, vals = item.split("=")
+        names.append(name)
+        values.append([int(v) for v in vals.split("|")])
+    return names, values, default
+
+
+def _variants(names, values):
+    for combo in itertools.product(*values):
+        yield ",".join(f"{n}={v}" for n, v in zip(names, combo))
+
+
+def _check_every_variant(family, call, check_default) -> int:
+    """Runs `call` under every variant of `family`: each result bitwise equal to the default's, which is checked
+    against the reference. Returns how many variants ran."""
+    names, values, default = _space(family, call)
+    ran = 0
+    try:
+        T("force", f"{family}={default}")
+        y0 = call()
+        check_default(y0)
+        for variant in _variants(names, values):
+            T("force", f"{family}={variant}")
+            try:
+                y = call()
+            except ValueError as e:  # not a variant of this shape (register budget, vector split, buffer size)
+                assert "is not a variant of this call" in str(e)
+                continue
+            assert torch.equal(y, y0), f"{family}: variant {variant} differs from the default {default}"
+            ran += 1
+    finally:
+        T("force", f"{family}=")
+    return ran
+
+
+# (B, C, R, block, sparsity): whole-vector block outputs (32, 16 wide), batches that are not a multiple of any
+# register tile, rows a multiple of 4 KB (packed even when permuted), and a wide input that runs several line chunks.
+SHAPES = [
+    (70, 128, 96, (32, 32), 0.5),
+    (13, 2048, 32, (32, 16), 0.9),
+    (37, 64, 256, (16, 16), 0.5),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}->{s[2]}_b{s[3][0]}x{s[3][1]}")
+def test_every_block_variant_matches_reference_and_default(shape, dtype):
+    B, C, R, block, sparsity = shape
+    for perm in ("none", "both"):
+        case = make_case("block", B, C, R, sparsity=sparsity, block=block, perm=perm, dtype=dtype, bias=True)
+        v, x, b = case.weight.values, case.x, case.bias
+        dy = torch.randn(B, R, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+        ran = _check_every_variant(
+            "block_mm", lambda: _fwd(case, x, v, b, ops),
+            lambda y: assert_close_to_reference(y, _fwd(case, _f64(x), _f64(v), _f64(b), ref),
+                                                _fwd(case, x, v, b, ref), f"{perm} forward"))
+        ran_t = _check_every_variant(
+            "block_mm_t", lambda: _dx(case, dy, v, ops),
+            lambda d: assert_close_to_reference(d, _dx(case, _f64(dy), _f64(v), ref), _dx(case, dy, v, ref),
+                                                f"{perm} dx"))
+        # every parameter's values are exercised: far more than the handful a broken enumeration would run
+        assert ran >= 40 and ran_t >= 40, f"{perm}: only {ran} forward / {ran_t} dx variants ran"
+
+
+def test_tuning_records_a_choice_and_never_changes_the_result():
+    case = make_case("block", 600, 512, 768, sparsity=0.9, block=(32, 32), perm="both", bias=True)
+    v, x, b = case.weight.values, case.x, case.bias
+    with tuning.disabled():
+        y_off = _fwd(case, x, v, b, ops)
+    assert tuning.choices() == [], "tuning off measures nothing"
+    y_on = _fwd(case, x, v, b, ops)
+    (c,) = tuning.choices()
+    assert c["key"].startswith("block_mm ") and " gin" in c["key"] and " gout" in c["key"]
+    assert c["tried"] >= 1 and c["best_ms"] <= c["default_ms"]
+    assert c["tune_ms"] < 1000, f"tuning one shape class took {c['tune_ms']:.0f} ms"
+    assert torch.equal(y_on, y_off)
+    # the next call of the class looks the choice up (no new entry, the same result)
+    assert torch.equal(_fwd(case, x, v, b, ops), y_off)
+    assert len(tuning.choices()) == 1
+    # a batch of another size class is another shape class
+    _fwd(case, x[:100], v, b, ops)
+    assert len(tuning.choices()) == 2
+
+
+def test_small_calls_keep_the_default_unmeasured():
+    case = make_case("block", 16, 64, 64, sparsity=0.5, block=(32, 32))
+    _fwd(case, case.x, case.weight.values, None, ops)
+    (c,) = tuning.choices()
+    assert c["tried"] == 1 and c["variant"] == T("space", "block_mm").split(" ")[1]
+
+
+def test_forced_variant_that_does_not_fit_is_a_clear_error():
+    case = make_case("block", 64, 64, 64, sparsity=0.5, block=(16, 16))
+    T("force", "block_mm=mr=14,nrv=4,pack=0,pf=0,panel=1,lt=0,kern=0")
+    with pytest.raises(ValueError, match=r"forced variant 'mr=14,nrv=4.*' is not a variant of this call"):
+        _fwd(case, case.x, case.weight.values, None, ops)
+    T("force", "block_mm=mr=6,nrv=2,bogus=1")
+    with pytest.raises(ValueError, match="is not a variant"):
+        _fwd(case, case.x, case.weight.values, None, ops)
+
+
+def test_tune_op_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown action 'bogus'"):
+        T("bogus")
+    with pytest.raises(ValueError, match="key<TAB>point"):
+        T("set", "no tab here")
+    with pytest.raises(ValueError, match="family=point"):
+        T("force", "no equals sign")
+
+
+def _run(code: str, env: dict) -> str:
+    full = {**os.environ, **env}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+_CALL = """
+    import sys, torch, padst_ext
+    sys.path.insert(0, {tests!r})
+    from cases import make_case
+    from padst_ext import ops, tuning
+    case = make_case("block", 600, 512, 768, sparsity=0.9, block=(32, 32), perm="in")
+    w = case.weight
+    ops.block_mm(case.x, w.values, *w.meta(), None, case.in_perm, None)
+"""
+
+
+def test_environment_switch_turns_tuning_off():
+    tests = os.path.dirname(__file__)
+    out = _run(_CALL.format(tests=tests) + "\n    print(tuning.enabled(), len(tuning.choices()))",
+               {"PADST_CPU_TUNE": "0"})
+    assert out.split() == ["False", "0"]
+
+
+def test_disk_cache_round_trip(tmp_path):
+    tests = os.path.dirname(__file__)
+    cache = tmp_path / "tune.json"
+    env = {"PADST_CPU_TUNE_CACHE": str(cache)}
+    _run(_CALL.format(tests=tests), env)
+    data = json.loads(cache.read_text())
+    (machine, entries), = data["machines"].items()
+    assert machine == tuning.machine_id() and data["format"] == 1
+    (key, variant), = entries.items()
+    assert key.startswith("block_mm ")
+    # a second process takes the choice from the file and measures nothing
+    out = _run(_CALL.format(tests=tests) + "\n    import json; print(json.dumps(tuning.choices()))", env)
+    (c,) = json.loads(out.strip().splitlines()[-1])
+    assert c["key"] == key and c["variant"] == variant and c["tune_ms"] is None
+
+
+def test_disk_cache_that_is_not_one_is_refused(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"something": "else"}))
+    with pytest.raises(ValueError, match="is not a padst_ext tuning cache"):
+        tuning.load(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read the tuning cache"):
+        tuning.load(bad)
+
+
+def test_stale_cached_choice_is_measured_again():
+    """A cache written by another build may name a variant this build does not have: the call measures anew."""
+    case = make_case("block", 600, 512, 768, sparsity=0.9, block=(32, 32), perm="none")
+    _fwd(case, case.x, case.weight.values, None, ops)
+    (c,) = tuning.choices()
+    tuning.clear()
+    T("set", c["key"] + "\tmr=99,gone=1")
+    y = _fwd(case, case.x, case.weight.values, None, ops)
+    (c2,) = tuning.choices()
+    assert c2["tune_ms"] is not None and c2["variant"] != "mr=99,gone=1"
+    with tuning.disabled():
+        assert torch.equal(y, _fwd(case, case.x, case.weight.values, None, ops))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_block_variants_on_narrower_isas(isa):
+    """The register budget differs per ISA (16 vector registers below AVX-512): every variant that fits there too."""
+    order = ["base", "avx2", "avx512"]
+    before = torch.ops.padst._cpu_isa()
+    if order.index(isa) > order.index(before):
+        pytest.skip(f"CPU lacks {isa}")
+    torch.ops.padst._cpu_isa(isa)
+    try:
+        B, C, R, block, sparsity = SHAPES[0]
+        case = make_case("block", B, C, R, sparsity=sparsity, block=block, perm="both", bias=True)
+        v, x, b = case.weight.values, case.x, case.bias
+        ran = _check_every_variant(
+            "block_mm", lambda: _fwd(case, x, v, b, ops),
+            lambda y: assert_close_to_reference(y, _fwd(case, _f64(x), _f64(v), _f64(b), ref),
+                                                _fwd(case, x, v, b, ref), f"{isa} forward"))
+        assert ran >= 20, f"only {ran} variants ran"
+    finally:
+        torch.ops.padst._cpu_isa(before)
