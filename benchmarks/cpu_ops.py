@@ -12,6 +12,9 @@ of the other side is reported too. Then two more tables:
              issue cannot divide 768), identity and permuted (a permuted pattern reads x in a random order), every
              call from cold caches (a 64 MB buffer read before each, as the rest of a model would)
   exported   an exported SparseLinear (hard random permutation, bias) against nn.Linear, inference_mode
+Every padst forward and forward+backward with the default permutation is timed twice in the same round robin: with
+the variant the per-machine tuner chose (padst_ext.tuning; it measures on the first call of each shape class) and
+with tuning off (the fixed default variant); `tuned x` is their ratio, and the tuner's choices are listed.
 Ratios are dense time / time, so > 1 is faster than dense. Writes JSON to benchmarks/results/.
 
     python benchmarks/cpu_ops.py [--threads 2] [--batch 1024] [--reps 9] [--quick]
@@ -33,9 +36,17 @@ import torch
 import torch.nn.functional as Fn
 
 from padst_ext import formats as F
-from padst_ext import ops, reference
+from padst_ext import ops, reference, tuning
 
 HERE = Path(__file__).resolve().parent
+
+
+def untuned(fn):
+    """fn run with tuning off: the fixed default variant of every kernel."""
+    def run():
+        with tuning.disabled():
+            return fn()
+    return run
 
 
 def bench(fn, reps: int, warmup: int = 2) -> float:
@@ -138,6 +149,7 @@ def run_case(structure, B, C, R, sparsity, reps):
     csr = W.to_sparse_csr()
     fwd = {"dense_fwd_ms": lambda: Fn.linear(x, Wd),
            "padst_fwd_perm_ms": lambda: w_perm.mm(x),
+           "padst_fwd_perm_untuned_ms": untuned(lambda: w_perm.mm(x)),
            "padst_fwd_ident_ms": lambda: w_id.mm(x),
            "torch_csr_fwd_ms": lambda: (csr @ x.T).T}
     if w_id.supports_output_perm:
@@ -159,6 +171,7 @@ def run_case(structure, B, C, R, sparsity, reps):
     row.update(bench_group({
         "dense_fwdbwd_ms": lambda: torch.autograd.grad(Fn.linear(xr, Wr), (xr, Wr), dy),
         "padst_fwdbwd_perm_ms": lambda: torch.autograd.grad(w_perm.mm(xr, values=vr), (xr, vr), dy),
+        "padst_fwdbwd_perm_untuned_ms": untuned(lambda: torch.autograd.grad(w_perm.mm(xr, values=vr), (xr, vr), dy)),
     }, max(3, reps // 2)))
 
     # correctness guard for the figures: the timed kernel computes the right thing (against the plain reference)
@@ -213,7 +226,8 @@ def run_exported(structure, B, C, R, sparsity, reps):
     with torch.inference_mode():
         row = dict(structure=structure, B=B, C=C, R=R, sparsity=sparsity, density=round(model[0].density, 4),
                    perm_side=model[0].perm_side)
-        row.update(bench_group({"dense_fwd_ms": lambda: lin(x), "exported_fwd_ms": lambda: model(x)}, reps))
+        row.update(bench_group({"dense_fwd_ms": lambda: lin(x), "exported_fwd_ms": lambda: model(x),
+                                "exported_fwd_untuned_ms": untuned(lambda: model(x))}, reps))
     return row
 
 
@@ -255,12 +269,13 @@ def main(argv=None):
 
     hdr = (f"{'structure':<8} {'shape (BxC->R)':<17} {'dens':>6} {'side':>6} {'dense ms':>9} {'fwd ms':>8} "
            f"{'fwd x':>6} {'ident x':>7} {'perm/id':>7} {'other/id':>8} {'unfused/fused':>13} {'f+b x':>6} "
-           f"{'BSR x':>6} {'CSR x':>6}")
+           f"{'BSR x':>6} {'CSR x':>6} {'tuned x':>7} {'f+b tuned x':>11}")
     print(f"padst_ext CPU ops, {args.threads} threads, torch {torch.__version__}, {_cpu_name()}, "
           f"kernels: {torch.ops.padst._cpu_isa()}")
     print("ratios are dense time / time (> 1 = faster than dense F.linear); perm/id = permuted / identity time with "
           "the permutation on SparseLinear's default side (other/id: on the other side); unfused/fused = "
-          "materialising the permutation + identity kernel / fused kernel")
+          "materialising the permutation + identity kernel / fused kernel; tuned x = time with tuning off / on (fwd, "
+          "fwd+bwd)")
     print(hdr)
     print("-" * len(hdr))
     nan = float("nan")
@@ -275,7 +290,9 @@ def main(argv=None):
               f"{(o / r['padst_fwd_ident_ms']) if o else nan:>8.2f} "
               f"{(g / r['padst_fwd_perm_ms']) if g else nan:>13.2f} "
               f"{r['dense_fwdbwd_ms'] / r['padst_fwdbwd_perm_ms']:>6.2f} "
-              f"{(d / bsr) if bsr else nan:>6.2f} {d / r['torch_csr_fwd_ms']:>6.2f}")
+              f"{(d / bsr) if bsr else nan:>6.2f} {d / r['torch_csr_fwd_ms']:>6.2f} "
+              f"{r['padst_fwd_perm_untuned_ms'] / r['padst_fwd_perm_ms']:>7.2f} "
+              f"{r['padst_fwdbwd_perm_untuned_ms'] / r['padst_fwdbwd_perm_ms']:>11.2f}")
 
     print("\nN:M forward, batch 1 (one token): dense F.linear / padst")
     print(f"{'pattern':<8} {'C->R':<10} {'dense us':>9} {'ident us':>9} {'ident x':>8} {'perm us':>8} {'perm x':>7}")
@@ -286,11 +303,13 @@ def main(argv=None):
               f"{1e3 * r['padst_fwd_perm_ms']:>8.1f} {d / r['padst_fwd_perm_ms']:>7.2f}")
 
     print(f"\nexported SparseLinear (hard random permutation, bias), batch {B}, inference_mode: nn.Linear / exported")
-    print(f"{'structure':<9} {'C->R':<10} {'dens':>6} {'side':>6} {'dense ms':>9} {'export ms':>9} {'x':>6}")
+    print(f"{'structure':<9} {'C->R':<10} {'dens':>6} {'side':>6} {'dense ms':>9} {'export ms':>9} {'x':>6} "
+          f"{'tuned x':>7}")
     for r in exported:
         d = r["dense_fwd_ms"]
         print(f"{r['structure']:<9} {str(r['C']) + '->' + str(r['R']):<10} {r['density']:>6.3f} "
-              f"{r['perm_side'][:3]:>6} {d:>9.2f} {r['exported_fwd_ms']:>9.2f} {d / r['exported_fwd_ms']:>6.2f}")
+              f"{r['perm_side'][:3]:>6} {d:>9.2f} {r['exported_fwd_ms']:>9.2f} {d / r['exported_fwd_ms']:>6.2f} "
+              f"{r['exported_fwd_untuned_ms'] / r['exported_fwd_ms']:>7.2f}")
     print(f"\nhow far from the floor (forward with the default permutation): floor = max(FLOPs at dense F.linear's rate "
           f"on the row, bytes at {bw:.1f} GB/s, a 256 MB copy measured in this run)")
     print(f"{'structure':<8} {'shape (BxC->R)':<17} {'dens':>6} {'MFLOP':>7} {'MB':>6} {'GFLOP/s':>8} {'floor ms':>8} "
@@ -302,11 +321,23 @@ def main(argv=None):
         print(f"{r['structure']:<8} {r['B']}x{r['C']}->{r['R']:<8} {r['density']:>6.3f} {flops / 1e6:>7.0f} "
               f"{nbytes / 1e6:>6.1f} {flops / t / 1e6:>8.1f} {f_ms:>8.2f} {t:>7.2f} {t / f_ms:>7.2f}")
 
+    choices = tuning.choices()
+    print(f"\nper-machine tuning ({tuning.machine_id()}): the variant chosen per shape class, its kernel time and the "
+          "default's on the first call's data, and the time spent choosing")
+    print(f"{'default ms':>10} {'tuned ms':>8} {'margin':>6} {'tune ms':>7} {'tried':>5}  shape class -> variant")
+    for c in choices:
+        if c["tune_ms"] is None:
+            print(f"{'-':>10} {'-':>8} {'-':>6} {'-':>7} {'-':>5}  {c['key']} -> {c['variant']} (from a cache)")
+            continue
+        print(f"{c['default_ms']:>10.3f} {c['best_ms']:>8.3f} {c['default_ms'] / c['best_ms']:>6.2f} "
+              f"{c['tune_ms']:>7.0f} {c['tried']:>5}  {c['key']} -> {c['variant']}")
+
     meta = dict(threads=args.threads, bandwidth_gbs=round(bw, 2), torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), cpu=_cpu_name(), isa=torch.ops.padst._cpu_isa(), batch=B, reps=reps, quick=args.quick,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(meta=meta, rows=rows, batch1=batch1, exported=exported), indent=1))
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows, batch1=batch1, exported=exported, tuning=choices),
+                                   indent=1))
     print(f"wrote {args.out}")
 
 

@@ -21,6 +21,7 @@ from cases import assert_close_to_reference, make_case
 from padst_ext import ops, reference as ref, tuning
 
 T = torch.ops.padst._cpu_tune
+FAMILIES = ("block_mm", "block_mm_t", "nm_mm", "nm_mm_t", "diag_mm")
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +29,11 @@ def _clean_tuner():
     """Each test starts with no choices, tuning as the environment says and nothing forced; and leaves it so."""
     tuning.clear()
     tuning.set_enabled(None)
-    T("force", "block_mm=")
-    T("force", "block_mm_t=")
+    for fam in FAMILIES:
+        T("force", f"{fam}=")
     yield
-    T("force", "block_mm=")
-    T("force", "block_mm_t=")
+    for fam in FAMILIES:
+        T("force", f"{fam}=")
     tuning.set_enabled(None)
     tuning.clear()
 
@@ -235,9 +236,41 @@ def test_stale_cached_choice_is_measured_again():
         assert torch.equal(y, _fwd(case, case.x, case.weight.values, None, ops))
 
 
+# (structure, family of the forward, family of dx, B, C, R, make_case options): the N:M row kernel (batch tile, prefetch
+# distance) and the diagonal kernel (rows per step, output tile, rows packed at once), both forms of the diagonal
+# (tall and wide), permuted outputs, batches that are not a multiple of any tile.
+OTHER = [
+    ("nm", "nm_mm", "nm_mm_t", 70, 96, 80, dict(nm=(2, 8))),
+    ("nm", "nm_mm", "nm_mm_t", 600, 256, 512, dict(nm=(3, 32))),
+    ("diag", "diag_mm", "diag_mm", 70, 40, 96, dict(sparsity=0.75)),
+    ("diag", "diag_mm", "diag_mm", 131, 130, 50, dict(sparsity=0.5)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", OTHER, ids=lambda s: f"{s[0]}_{s[3]}x{s[4]}->{s[5]}")
+def test_every_nm_and_diagonal_variant_matches_reference_and_default(spec, dtype):
+    structure, fam, fam_t, B, C, R, opts = spec
+    for perm in ("none", "in") if structure == "nm" else ("none", "both"):
+        case = make_case(structure, B, C, R, perm=perm, dtype=dtype, bias=True, **opts)
+        w, x, b = case.weight, case.x, case.bias
+        dy = torch.randn(B, R, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+        w64 = w.to(dtype=torch.float64)
+        ran = _check_every_variant(
+            fam, lambda: w.mm(x, b),
+            lambda y: assert_close_to_reference(y, w64.mm(x.double(), _f64(b), impl=ref), w.mm(x, b, impl=ref),
+                                                f"{perm} forward"))
+        ran_t = _check_every_variant(
+            fam_t, lambda: w.mm_t(dy),
+            lambda d: assert_close_to_reference(d, w64.mm_t(dy.double(), impl=ref), w.mm_t(dy, impl=ref),
+                                                f"{perm} dx"))
+        assert ran >= 6 and ran_t >= 6, f"{perm}: only {ran} forward / {ran_t} dx variants ran"
+
+
 @pytest.mark.parametrize("isa", ["avx2", "base"])
-def test_block_variants_on_narrower_isas(isa):
-    """The register budget differs per ISA (16 vector registers below AVX-512): every variant that fits there too."""
+def test_variants_on_narrower_isas(isa):
+    """The register budget differs per ISA (16 vector registers below AVX-512): every variant that fits there runs
+    and matches, in each tuned family."""
     order = ["base", "avx2", "avx512"]
     before = torch.ops.padst._cpu_isa()
     if order.index(isa) > order.index(before):
@@ -245,12 +278,16 @@ def test_block_variants_on_narrower_isas(isa):
     torch.ops.padst._cpu_isa(isa)
     try:
         B, C, R, block, sparsity = SHAPES[0]
-        case = make_case("block", B, C, R, sparsity=sparsity, block=block, perm="both", bias=True)
-        v, x, b = case.weight.values, case.x, case.bias
-        ran = _check_every_variant(
-            "block_mm", lambda: _fwd(case, x, v, b, ops),
-            lambda y: assert_close_to_reference(y, _fwd(case, _f64(x), _f64(v), _f64(b), ref),
-                                                _fwd(case, x, v, b, ref), f"{isa} forward"))
-        assert ran >= 20, f"only {ran} variants ran"
+        specs = [("block", "block_mm", B, C, R, dict(block=block, sparsity=sparsity)),
+                 ("nm", "nm_mm", *OTHER[1][3:]), ("diag", "diag_mm", *OTHER[2][3:])]
+        for structure, fam, B, C, R, opts in specs:
+            case = make_case(structure, B, C, R, perm="in" if structure == "nm" else "both", bias=True, **opts)
+            w, x, b = case.weight, case.x, case.bias
+            w64 = w.to(dtype=torch.float64)
+            ran = _check_every_variant(
+                fam, lambda: w.mm(x, b),
+                lambda y: assert_close_to_reference(y, w64.mm(x.double(), _f64(b), impl=ref), w.mm(x, b, impl=ref),
+                                                    f"{isa} {structure} forward"))
+            assert ran >= 4, f"{structure}: only {ran} variants ran"
     finally:
         torch.ops.padst._cpu_isa(before)

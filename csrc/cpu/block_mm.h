@@ -3,9 +3,6 @@
 // of kTB batch rows (tiles.h), NR outputs of a block line at a time against kTB/VW vectors of inputs.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -14,6 +11,7 @@
 #include "isa.h"
 #include "tiles.h"
 #include "tune.h"
+#include "tune_key.h"
 #include "vec.h"
 
 namespace padst::cpu::rk {
@@ -62,29 +60,6 @@ PADST_ALWAYS_INLINE void block_body(const float* xT, const BlockLine& L, int64_t
 // Rows per group in block_body: enough FMA chains in flight with the fewest registers.
 template <int VW>
 inline constexpr int kBlockNR = VW >= 16 ? 8 : (VW == 8 ? 2 : 1);
-
-template <typename T>
-constexpr const char* dtype_name() {
-  if constexpr (std::is_same_v<T, float>) {
-    return "f32";
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return "bf16";
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return "f16";
-  } else {
-    return "other";
-  }
-}
-
-// The tuner's key for a call of a row-walking family: ISA, element type, threads, batch size class (its power of
-// two), then the family's own shape fields.
-template <typename T>
-std::string tune_key(const char* family, int64_t B, const std::string& shape) {
-  int lg = 0;
-  while ((int64_t{2} << lg) <= B) ++lg;
-  return std::string(family) + " " + isa_name(current_isa()) + " " + dtype_name<T>() + " t" +
-         std::to_string(at::get_num_threads()) + " B2^" + std::to_string(lg) + " " + shape;
-}
 
 // Block lines, dispatched on the ISA; `lines` lines of L.outer outputs each. The variant (tune.h) is chosen per
 // shape class among: the unpacked kernel (block_mm_mr.h; register tile mr x nrv vectors, packing, row panel, line

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #include <c10/core/CPUAllocator.h>
 
 #include <algorithm>
@@ -218,13 +219,11 @@ PADST_ALWAYS_INLINE void mr_panel(const MrArgs<T>& a, int64_t b, int64_t n, int6
 
 // Registers the tile may take: MR*NRV accumulators, NRV weight vectors and a broadcast (32 vector registers with
 // AVX-512, 16 otherwise).
-template <int VW, int NRV, int MR>
-inline constexpr bool kMrFits = MR * NRV + NRV + 1 <= (VW >= 16 ? 32 : 16);
+constexpr bool mr_fits(int mr, int nrv, int vw) { return mr * nrv + nrv + 1 <= (vw >= 16 ? 32 : 16); }
 
 // The variants block_mm_mr can run: the register tile fits and splits the block's outputs into whole vectors.
 inline bool mr_plan_valid(const MrPlan& p, int vw, int64_t outer) {
-  const int regs = vw >= 16 ? 32 : 16;
-  return p.mr * p.nrv + p.nrv + 1 <= regs && outer % (p.nrv * vw) == 0;
+  return mr_fits(p.mr, p.nrv, vw) && outer % (p.nrv * vw) == 0;
 }
 
 // The unpacked block kernel for one variant (mr_plan_valid). Threads take whole panels.
@@ -256,12 +255,15 @@ void block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
     a.zrow = zb ? static_cast<float*>(buf.get()) + xb : nullptr;
     const int64_t b1 = std::min(B, p1 * P);
     auto run = [&](auto nrv_c, auto mr_c) {
+      bool ran = false;
       dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {
         constexpr int VW = decltype(k)::vw, NRV = decltype(nrv_c)::value, MR = decltype(mr_c)::value;
-        if constexpr (kMrFits<VW, NRV, MR>) {
+        if constexpr (mr_fits(MR, NRV, VW)) {
           for (int64_t b = p0 * P; b < b1; b += P) mr_panel<VW, NRV, MR>(a, b, std::min(P, b1 - b), lt);
+          ran = true;
         }
       });
+      TORCH_INTERNAL_ASSERT(ran, "block_mm: variant mr=", plan.mr, " nrv=", plan.nrv, " has no kernel for this ISA");
     };
     auto with_mr = [&](auto nrv_c) {
       switch (plan.mr) {

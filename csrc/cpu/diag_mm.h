@@ -10,15 +10,20 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #include <c10/core/CPUAllocator.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "isa.h"
 #include "tiles.h"
+#include "tune.h"
+#include "tune_key.h"
 #include "vec.h"
 
 namespace padst::cpu::rk {
@@ -31,6 +36,8 @@ inline constexpr int kDiagMR = VW >= 16 ? 8 : (VW == 8 ? 6 : 3);
 constexpr int diag_nrv(int vw) { return vw == 4 ? 4 : 2; }
 template <int VW>
 inline constexpr int kDiagNRV = diag_nrv(VW);
+// The register tiles a variant may take: at most 24 accumulators with AVX-512 (32 registers), 12 otherwise (16).
+constexpr bool diag_fits(int mr, int nrv, int vw) { return mr * nrv <= (vw >= 16 ? 24 : 12); }
 
 template <typename T>
 struct DiagArgs {
@@ -244,37 +251,70 @@ PADST_ALWAYS_INLINE void diag_body(const DiagArgs<T>& a, int64_t b0, int64_t b1)
 }
 
 // Diagonal forward / dx (see DiagArgs): the values repacked by chunk (DiagPacked), a.xbuf / a.zrow allocated here.
+// The variant (tune.h) is chosen per shape class: batch rows per step (mr), the values each output tile reaches
+// (tile_kb of L2), and the rows packed at once (group; 0: 64 in the shifted form with an identity output, else mr).
 template <typename T>
 void diag_mm(const DiagArgs<T>& proto, int64_t B) {
-  constexpr int64_t MR = kDiagMR<16>;  // the most rows any variant takes at once
-  static_assert(kDiagMR<4> <= MR && kDiagMR<8> <= MR, "the per-thread buffers are sized for kDiagMR<16> rows");
   const Isa isa = current_isa();
-  const int64_t grain = std::max<int64_t>(MR, (B / (4 * at::get_num_threads()) / MR) * MR);
+  const int vw = vec_floats(isa);
+  const int def_mr = vw >= 16 ? kDiagMR<16> : (vw == 8 ? kDiagMR<8> : kDiagMR<4>);
+  const int nrv = diag_nrv(vw);
+  const tune::Space space{{"mr", "tile_kb", "group"},
+                          {{3, 4, 6, 8, 12}, {256, 64, 1024}, {0, 16, 64}},
+                          {def_mr == 3 ? 0 : (def_mr == 6 ? 2 : 3), 0, 0}};
+  auto group_of = [&](const tune::Point& p) -> int64_t {
+    return p[2] != 0 ? p[2] : (proto.shifted && !proto.st.scatter ? 64 : std::max<int64_t>(kDiagMR<16>, p[0]));
+  };
+  // accumulators within the register budget of kDiagFits; whole register tiles in a group
+  auto valid = [&](const tune::Point& p) { return diag_fits(p[0], nrv, vw) && group_of(p) >= p[0]; };
+  const int64_t W = nrv * vw;  // outputs per chunk
+  const DiagPacked packed = diag_pack_values(proto, W);
   // Output tiles sized so the values they reach (about K * L * tile / P floats in the shifted form, K * tile in the
-  // direct form) take ~256 KB of L2; the shifted form packs 64 rows at once (64 short rows in L2) so each tile's
+  // direct form) take tile_kb of L2; the shifted form packs 64 rows at once (64 short rows in L2) so each tile's
   // values serve them all; the direct form reads a whole (long) input row per chunk, so it packs MR rows.
   const int64_t vbytes = proto.shifted ? proto.K * proto.L * 4 / proto.P : proto.K * 4;  // per output
-  const int64_t tile = std::max<int64_t>(kDiagW, (256 << 10) / std::max<int64_t>(vbytes, 1));
-  const int64_t group = proto.shifted && !proto.st.scatter ? 64 : MR;
-  const int64_t W = diag_nrv(vec_floats(isa)) * vec_floats(isa);  // outputs per chunk of the variant that runs
-  const DiagPacked packed = diag_pack_values(proto, W);
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    DiagArgs<T> a = proto;
-    a.group = group;
-    a.tile = tile;
-    a.pv = packed.v.data();
-    a.px = packed.x.data();
-    a.pptr = packed.ptr.data();
-    a.xld = (proto.in_cols + 2 * kDiagW + 15) / 16 * 16;
-    const size_t xb = static_cast<size_t>(group * a.xld), zb = proto.st.scatter ? static_cast<size_t>(group * proto.nout) : 0;
-    c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
-    a.xbuf = static_cast<float*>(buf.get()) + kDiagW;
-    a.zrow = zb ? static_cast<float*>(buf.get()) + xb : nullptr;
-    dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {
-      constexpr int VW = decltype(k)::vw;
-      diag_body<VW, kDiagMR<VW>>(a, b0, b1);
+  auto run = [&](const tune::Point& p) {
+    const int64_t MR = p[0], group = group_of(p);
+    const int64_t tile = std::max<int64_t>(kDiagW, (int64_t{p[1]} << 10) / std::max<int64_t>(vbytes, 1));
+    const int64_t grain = std::max<int64_t>(MR, (B / (4 * at::get_num_threads()) / MR) * MR);
+    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+      DiagArgs<T> a = proto;
+      a.group = group;
+      a.tile = tile;
+      a.pv = packed.v.data();
+      a.px = packed.x.data();
+      a.pptr = packed.ptr.data();
+      a.xld = (proto.in_cols + 2 * kDiagW + 15) / 16 * 16;
+      const size_t xb = static_cast<size_t>(group * a.xld),
+                   zb = proto.st.scatter ? static_cast<size_t>(group * proto.nout) : 0;
+      c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
+      a.xbuf = static_cast<float*>(buf.get()) + kDiagW;
+      a.zrow = zb ? static_cast<float*>(buf.get()) + xb : nullptr;
+      auto body = [&](auto mr_c) {
+        bool ran = false;
+        dispatch_isa(isa, [&](auto k) PADST_ISA_BODY {
+          constexpr int VW = decltype(k)::vw, M = decltype(mr_c)::value;
+          if constexpr (diag_fits(M, kDiagNRV<VW>, VW)) {
+            diag_body<VW, M>(a, b0, b1);
+            ran = true;
+          }
+        });
+        TORCH_INTERNAL_ASSERT(ran, "diag_mm: variant mr=", MR, " has no kernel for this ISA");
+      };
+      switch (MR) {
+        case 3: body(std::integral_constant<int, 3>{}); break;
+        case 4: body(std::integral_constant<int, 4>{}); break;
+        case 6: body(std::integral_constant<int, 6>{}); break;
+        case 8: body(std::integral_constant<int, 8>{}); break;
+        default: body(std::integral_constant<int, 12>{}); break;
+      }
     });
-  });
+  };
+  const std::string shape = "in" + std::to_string(proto.in_cols) + " out" + std::to_string(proto.nout) + " K" +
+                            std::to_string(proto.K) + " L" + std::to_string(proto.L) + " P" +
+                            std::to_string(proto.P) + (proto.shifted ? " shifted" : " direct") +
+                            (proto.in_gather ? " gin" : "") + (proto.st.scatter ? " gout" : "");
+  tune::choose(tune_key<T>("diag_mm", B, shape), space, valid, run);
 }
 
 }  // namespace padst::cpu::rk

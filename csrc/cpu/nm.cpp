@@ -203,7 +203,7 @@ at::Tensor nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Te
       if constexpr (kVecType<scalar_t>) {
         if (B >= kMinVecBatch) {
           const at::Tensor vf = float_values(vc);
-          rk::rows_mm(xc.data_ptr<scalar_t>(), B, C, nullptr, vf.data_ptr<float>(), kern::NmRows<idx_t>{idx, K}, R,
+          rk::rows_mm("nm_mm", xc.data_ptr<scalar_t>(), B, C, nullptr, vf.data_ptr<float>(), kern::NmRows<idx_t>{idx, K}, R,
                       rk::Store<scalar_t>{y.data_ptr<scalar_t>(), R, nullptr, bc ? bc->data_ptr<scalar_t>() : nullptr});
           return;
         }
@@ -277,7 +277,7 @@ at::Tensor nm_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at:
           // dx[b, c] = sum over the entries (r, k) with col_idx[r, k] = c of values[r, k] * dy[b, r]: the gathered-row
           // kernel over the columns of the (cached) transposed pattern.
           const at::Tensor vf = float_values(vc);
-          rk::rows_mm(dyc.data_ptr<scalar_t>(), B, R, nullptr, vf.data_ptr<float>(),
+          rk::rows_mm("nm_mm_t", dyc.data_ptr<scalar_t>(), B, R, nullptr, vf.data_ptr<float>(),
                       kern::NmColRowsStored{t->ptr.data(), t->src.data(), t->val.data()}, C,
                       rk::Store<scalar_t>{dx.data_ptr<scalar_t>(), C, nullptr, nullptr});
           return;

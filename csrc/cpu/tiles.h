@@ -21,18 +21,18 @@ inline constexpr int64_t kTB = 32;
 // xT[c*kTB + t] = in[b0 + t, gather ? gather[c] : c] as float, zero for t >= tb.
 // Identity: by strips of columns (below). Permuted: row by row (measured faster: a permuted column order would touch
 // 32 new input lines per column).
-template <typename T>
+template <int64_t TB = kTB, typename T>
 PADST_ALWAYS_INLINE void pack_body(const T* in, int64_t in_cols, const int64_t* gather, int64_t b0, int64_t tb,
                                    float* xT) {
   const T* base = in + b0 * in_cols;
   if (gather) {
     // Row by row: the gathered reads stay within one input row (L1), the index array is read once per row.
-    for (int64_t t = 0; t < kTB; ++t) {
+    for (int64_t t = 0; t < TB; ++t) {
       const T* row = base + t * in_cols;
       if (t < tb) {
-        for (int64_t c = 0; c < in_cols; ++c) xT[c * kTB + t] = static_cast<float>(row[gather[c]]);
+        for (int64_t c = 0; c < in_cols; ++c) xT[c * TB + t] = static_cast<float>(row[gather[c]]);
       } else {
-        for (int64_t c = 0; c < in_cols; ++c) xT[c * kTB + t] = 0.0f;
+        for (int64_t c = 0; c < in_cols; ++c) xT[c * TB + t] = 0.0f;
       }
     }
     return;
@@ -44,22 +44,22 @@ PADST_ALWAYS_INLINE void pack_body(const T* in, int64_t in_cols, const int64_t* 
   constexpr int64_t kStrip = 16;
   for (int64_t c0 = 0; c0 < in_cols; c0 += kStrip) {
     const int64_t cn = in_cols - c0 < kStrip ? in_cols - c0 : kStrip;
-    float* out = xT + c0 * kTB;
-    for (int64_t t = 0; t < kTB; ++t) {
+    float* out = xT + c0 * TB;
+    for (int64_t t = 0; t < TB; ++t) {
       if (t < tb) {
         const T* row = base + t * in_cols + c0;
-        for (int64_t j = 0; j < cn; ++j) out[j * kTB + t] = static_cast<float>(row[j]);
+        for (int64_t j = 0; j < cn; ++j) out[j * TB + t] = static_cast<float>(row[j]);
       } else {
-        for (int64_t j = 0; j < cn; ++j) out[j * kTB + t] = 0.0f;
+        for (int64_t j = 0; j < cn; ++j) out[j * TB + t] = 0.0f;
       }
     }
   }
 }
 
 // pack_body compiled for `isa` (one per element type, shared by every driver).
-template <typename T>
+template <int64_t TB = kTB, typename T>
 void pack_tile(Isa isa, const T* in, int64_t in_cols, const int64_t* gather, int64_t b0, int64_t tb, float* xT) {
-  dispatch_isa(isa, [&](auto) PADST_ISA_BODY { pack_body(in, in_cols, gather, b0, tb, xT); });
+  dispatch_isa(isa, [&](auto) PADST_ISA_BODY { pack_body<TB>(in, in_cols, gather, b0, tb, xT); });
 }
 
 // Where results go: out[(b0 + t) * out_cols + dst(r)] = acc + bias[dst(r)].
@@ -78,12 +78,12 @@ struct Store {
 // instead of one 4-byte store per cache line of a column of `out`.
 inline constexpr int64_t kZW = 64;  // rows per output group (a block line is at most kZW rows, else split)
 
-template <int VW>
+template <int VW, int64_t TB = kTB>
 PADST_ALWAYS_INLINE void put(float* z, int64_t j, const typename Vec<VW>::V* acc) {
-  constexpr int NV = kTB / VW;
-  alignas(64) float tmp[kTB];
+  constexpr int NV = TB / VW;
+  alignas(64) float tmp[TB];
   for (int v = 0; v < NV; ++v) Vec<VW>::store(tmp + v * VW, acc[v]);
-  for (int64_t t = 0; t < kTB; ++t) z[t * kZW + j] = tmp[t];
+  for (int64_t t = 0; t < TB; ++t) z[t * kZW + j] = tmp[t];
 }
 
 // out[b0 + t, dst(r0 + j)] = z[t][j] + bias[dst(r0 + j)] for j < n, t < tb.
@@ -135,23 +135,23 @@ void write_back(const Store<T>& s, int64_t b0, int64_t t0, int64_t t1) {
 // computes rows [r0, r1) of one packed tile. Many tiles: threads take whole tiles (each packs its own); few tiles
 // (small batches): the tile is packed once and threads split the rows. A permuted output (st.gather set) whose
 // tile fits in 4 MB is collected whole and written back by gathering.
-template <typename T, typename Run>
+template <int64_t TB = kTB, typename T, typename Run>
 void drive(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, int64_t nrows, int64_t row_grain,
            const Store<T>& st, const Run& run) {
   const Isa isa = current_isa();
-  auto pack = [&](int64_t b0, int64_t tb, float* xT) { pack_tile(isa, in, in_cols, gather, b0, tb, xT); };
-  const bool whole = st.gather != nullptr && st.out_cols * kTB * static_cast<int64_t>(sizeof(float)) <= (4 << 20);
-  const size_t xbytes = static_cast<size_t>(in_cols * kTB) * sizeof(float) + 64;
-  const size_t zbytes = whole ? static_cast<size_t>(st.out_cols * kTB) * sizeof(float) + 64 : 0;
-  const int64_t nbt = (B + kTB - 1) / kTB;
+  auto pack = [&](int64_t b0, int64_t tb, float* xT) { pack_tile<TB>(isa, in, in_cols, gather, b0, tb, xT); };
+  const bool whole = st.gather != nullptr && st.out_cols * TB * static_cast<int64_t>(sizeof(float)) <= (4 << 20);
+  const size_t xbytes = static_cast<size_t>(in_cols * TB) * sizeof(float) + 64;
+  const size_t zbytes = whole ? static_cast<size_t>(st.out_cols * TB) * sizeof(float) + 64 : 0;
+  const int64_t nbt = (B + TB - 1) / TB;
   if (nbt >= 2 * at::get_num_threads()) {
     at::parallel_for(0, nbt, 1, [&](int64_t begin, int64_t end) {
       c10::DataPtr buf = c10::GetCPUAllocator()->allocate(xbytes + zbytes);
       float* xT = static_cast<float*>(buf.get());
       Store<T> s = st;
-      s.zfull = whole ? xT + in_cols * kTB + 16 : nullptr;
+      s.zfull = whole ? xT + in_cols * TB + 16 : nullptr;
       for (int64_t bt = begin; bt < end; ++bt) {
-        const int64_t b0 = bt * kTB, tb = std::min(kTB, B - b0);
+        const int64_t b0 = bt * TB, tb = std::min(TB, B - b0);
         pack(b0, tb, xT);
         run(xT, 0, nrows, b0, tb, s);
         if (whole) write_back(s, b0, 0, tb);
@@ -162,9 +162,9 @@ void drive(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, int64
   c10::DataPtr buf = c10::GetCPUAllocator()->allocate(xbytes + zbytes);
   float* xT = static_cast<float*>(buf.get());
   Store<T> s = st;
-  s.zfull = whole ? xT + in_cols * kTB + 16 : nullptr;
+  s.zfull = whole ? xT + in_cols * TB + 16 : nullptr;
   for (int64_t bt = 0; bt < nbt; ++bt) {
-    const int64_t b0 = bt * kTB, tb = std::min(kTB, B - b0);
+    const int64_t b0 = bt * TB, tb = std::min(TB, B - b0);
     pack(b0, tb, xT);
     at::parallel_for(0, nrows, row_grain, [&](int64_t r0, int64_t r1) { run(xT, r0, r1, b0, tb, s); });
     if (whole) at::parallel_for(0, tb, 1, [&](int64_t t0, int64_t t1) { write_back(s, b0, t0, t1); });

@@ -8,8 +8,11 @@ candidates on that call's own data (coordinate descent under a time budget, a fe
 fastest; later calls of the class look the choice up. Every variant sums in the same order, so the choice never
 changes a result: outputs are bitwise the same with tuning on or off.
 
-Which families are tuned: the block forward and dx kernel (``block_mm`` / ``block_mm_t``, float32, bfloat16 and
-float16 with the outputs of a block whole SIMD vectors). The others run their fixed variant.
+Families tuned (float32, bfloat16, float16; batches of 8 rows or more): the block forward and dx kernel
+(``block_mm`` / ``block_mm_t``: register tile, packing, row panel, line chunk, prefetching, or the packed kernel),
+the N:M forward and dx (``nm_mm`` / ``nm_mm_t``: batch tile, prefetch distance) and the diagonal forward and dx
+(``diag_mm``: rows per step, output tile, rows packed at once). The weight-gradient kernels run their fixed
+variant. Calls whose default variant takes under 0.1 ms keep it unmeasured (call overhead dominates them).
 
 Switches:
   ``PADST_CPU_TUNE=0``         tuning off: every call runs the fixed default variant (deterministic choice of kernel)
