@@ -174,13 +174,15 @@ at::Tensor block_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at:
     using A = acc_t<scalar_t>;
     if constexpr (kVecType<scalar_t>) {
       if (x.size(0) >= kMinVecBatch) {
-        // Each block transposed to [bc][br]: the br outputs of one input column contiguous.
-        const at::Tensor vt = values.transpose(1, 2).to(at::kFloat).contiguous();
+        // The blocks as stored ([br][bc]: outputs bc apart) for the packed kernel; the unpacked one gets each block
+        // transposed to [bc][br] (the br outputs of one input column contiguous).
+        const at::Tensor vf = float_values(values);
         const rk::BlockLine line{m.row_ptr.data_ptr<int64_t>(), m.col_idx.data_ptr<int64_t>(), nullptr,
-                                 vt.data_ptr<float>(), m.bc, m.br, m.br, m.br * m.bc};
+                                 vf.data_ptr<float>(), m.bc, m.br, 1, m.br * m.bc, m.bc};
         rk::block_mm(xc.data_ptr<scalar_t>(), x.size(0), m.C, perm_ptr(p.pin, false), line, m.nbr,
                      rk::Store<scalar_t>{y.data_ptr<scalar_t>(), m.R, perm_ptr(p.pout, true),
-                                         bc_ ? bc_->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false)});
+                                         bc_ ? bc_->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false)},
+                     [&] { return values.transpose(1, 2).to(at::kFloat).contiguous(); });
         return;
       }
     }
@@ -213,7 +215,8 @@ at::Tensor block_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const 
                                  m.blk_t.data_ptr<int64_t>(), vf.data_ptr<float>(), m.br, m.bc, m.bc, m.br * m.bc};
         rk::block_mm(dyc.data_ptr<scalar_t>(), dy.size(0), m.R, perm_ptr(p.pout, true), line, m.nbc,
                      rk::Store<scalar_t>{dx.data_ptr<scalar_t>(), m.C, perm_ptr(p.pin, false), nullptr,
-                                         perm_ptr(p.pin, true)});
+                                         perm_ptr(p.pin, true)},
+                     [&] { return vf; });  // already output-contiguous
         return;
       }
     }

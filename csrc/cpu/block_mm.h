@@ -27,13 +27,13 @@ PADST_ALWAYS_INLINE void block_group(const float* xT, const BlockLine& L, int64_
     for (int j = 0; j < NV; ++j) acc[n][j] = V{};
   for (int64_t q = L.ptr[line]; q < L.ptr[line + 1]; ++q) {
     const float* xq = xT + L.idx[q] * L.inner * kTB;
-    const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0;
+    const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0 * L.ostride;
     for (int64_t i = 0; i < L.inner; ++i) {
       V xv[NV];
       for (int j = 0; j < NV; ++j) xv[j] = Vec<VW>::load(xq + i * kTB + j * VW);
       const float* wi = wq + i * L.wstride;
       for (int n = 0; n < NR; ++n) {
-        const float w = wi[n];  // vector * scalar: a broadcast the compiler can fold into the FMA's memory operand
+        const float w = wi[n * L.ostride];  // vector * scalar: a broadcast folded into the FMA's memory operand
         for (int j = 0; j < NV; ++j) acc[n][j] += xv[j] * w;
       }
     }
@@ -64,9 +64,13 @@ inline constexpr int kBlockNR = VW >= 16 ? 8 : (VW == 8 ? 2 : 1);
 // Block lines, dispatched on the ISA; `lines` lines of L.outer outputs each. The variant (tune.h) is chosen per
 // shape class among: the unpacked kernel (block_mm_mr.h; register tile mr x nrv vectors, packing, row panel, line
 // chunk) and the packed one above (kern=1). The packed one is the only kernel for outputs that are not whole vectors.
-template <typename T>
+// L's weights may have strided outputs (L.ostride > 1: a forward's blocks as stored, [br][bc]); the packed kernel
+// reads them as they are, the unpacked one reads output-contiguous weights: `contiguous()` returns them (a float
+// tensor, [blocks][inner][outer]), made by each run of an unpacked variant that needs them, so that the tuner
+// counts their cost (at a batch of a few rows it is most of the call).
+template <typename T, typename Contiguous>
 void block_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const BlockLine& L, int64_t lines,
-              const Store<T>& st) {
+              const Store<T>& st, const Contiguous& contiguous) {
   const Isa isa = current_isa();
   const int vw = vec_floats(isa);
   auto packed = [&] {
@@ -108,8 +112,15 @@ void block_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, co
   tune::choose(tune_key<T>(L.blk ? "block_mm_t" : "block_mm", B, shape), space, valid, [&](const tune::Point& p) {
     if (p[6] == 1) {
       packed();
-    } else {
+    } else if (L.ostride == 1) {
       block_mm_mr(in, B, in_cols, gather, L, lines, st, plan_of(p));
+    } else {
+      const auto w = contiguous();
+      BlockLine Lc = L;
+      Lc.w = w.template data_ptr<float>();
+      Lc.wstride = L.outer;
+      Lc.ostride = 1;
+      block_mm_mr(in, B, in_cols, gather, Lc, lines, st, plan_of(p));
     }
   });
 }

@@ -32,6 +32,7 @@ struct BlockLine {
   int64_t outer;          // br forward, bc dx: the outputs of one block
   int64_t wstride;        // stride between inner indices in a block's weights
   int64_t wblock;         // floats per block
+  int64_t ostride = 1;    // stride between outputs (the unpacked kernel needs 1: vectors of outputs)
 };
 
 template <typename T>

@@ -12,7 +12,7 @@ Families tuned (float32, bfloat16, float16; batches of 8 rows or more): the bloc
 (``block_mm`` / ``block_mm_t``: register tile, packing, row panel, line chunk, prefetching, or the packed kernel),
 the N:M forward and dx (``nm_mm`` / ``nm_mm_t``: batch tile, prefetch distance) and the diagonal forward and dx
 (``diag_mm``: rows per step, output tile, rows packed at once). The weight-gradient kernels run their fixed
-variant. Calls whose default variant takes under 0.1 ms keep it unmeasured (call overhead dominates them).
+variant. Calls whose default variant takes under 20 us keep it unmeasured (call overhead dominates them).
 
 Switches:
   ``PADST_CPU_TUNE=0``         tuning off: every call runs the fixed default variant (deterministic choice of kernel)
