@@ -134,7 +134,7 @@ def test_tuning_records_a_choice_and_never_changes_the_result():
     (c,) = tuning.choices()
     assert c["key"].startswith("block_mm ") and " gin" in c["key"] and " gout" in c["key"]
     assert c["tried"] >= 1 and c["best_ms"] <= c["default_ms"]
-    assert c["tune_ms"] < 1000, f"tuning one shape class took {c['tune_ms']:.0f} ms"
+    assert c["tune_ms"] is not None  # its cost is a benchmark figure (cpu_ops.py prints it), never asserted here
     assert torch.equal(y_on, y_off)
     # the next call of the class looks the choice up (no new entry, the same result)
     assert torch.equal(_fwd(case, x, v, b, ops), y_off)
@@ -145,10 +145,24 @@ def test_tuning_records_a_choice_and_never_changes_the_result():
 
 
 def test_small_calls_keep_the_default_unmeasured():
-    case = make_case("block", 16, 64, 64, sparsity=0.5, block=(32, 32))
-    _fwd(case, case.x, case.weight.values, None, ops)
-    (c,) = tuning.choices()
-    assert c["tried"] == 1 and c["variant"] == T("space", "block_mm").split(" ")[1]
+    """A shape class whose default runs faster than the threshold (20 us, tune.cpp kMinMs) is not searched: call
+    overhead dominates it. Checked without timing anything: the threshold is moved above and below any call."""
+    case = make_case("block", 8, 64, 64, sparsity=0.5, block=(32, 32))
+    before = T("min_ms")
+    try:
+        T("min_ms", "1e9")
+        _fwd(case, case.x, case.weight.values, None, ops)
+        (c,) = tuning.choices()
+        assert c["tried"] == 1 and c["variant"] == T("space", "block_mm").split(" ")[1]
+        tuning.clear()
+        T("min_ms", "0")
+        _fwd(case, case.x, case.weight.values, None, ops)
+        (c,) = tuning.choices()
+        assert c["tried"] > 1
+    finally:
+        T("min_ms", before)
+    with pytest.raises(ValueError, match="a number >= 0"):
+        T("min_ms", "-1")
 
 
 def test_forced_variant_that_does_not_fit_is_a_clear_error():

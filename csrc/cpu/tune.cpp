@@ -22,9 +22,10 @@ namespace {
 constexpr double kBudgetMs = 400.0;
 // A candidate replaces the best so far only if it is this much faster: timing noise does not flip choices.
 constexpr double kMargin = 0.03;
-// A shape class whose default variant runs faster than this keeps it unmeasured: call overhead dominates, and the
-// measurement would be mostly noise.
+// A shape class whose default variant runs faster than this (ms) keeps it unmeasured: call overhead dominates, and
+// the measurement would be mostly noise. Settable through _cpu_tune("min_ms", value) (tests).
 constexpr double kMinMs = 0.02;
+std::atomic<double> g_min_ms{kMinMs};
 // Timed runs per candidate (after one untimed run), the minimum kept.
 constexpr int kReps = 3;
 // Alternating runs of the default and the chosen variant that confirm a change.
@@ -204,7 +205,7 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
   e.tried = 1;
   // Coordinate descent: each parameter in turn over its values, the others at the best point so far; a second pass
   // when the first moved and the budget allows.
-  for (int pass = 0; pass < 2 && best_ms >= kMinMs; ++pass) {
+  for (int pass = 0; pass < 2 && best_ms >= g_min_ms.load(); ++pass) {
     const Point start = best;
     for (size_t d = 0; d < space.names.size(); ++d) {
       for (const int v : space.values[d]) {
@@ -263,11 +264,24 @@ namespace {
 //   "set"  "key\tpoint"  -> records a choice (a disk cache being loaded)
 //   "force" "family=point" / "family=" -> every call of the family runs `point` (tests), or stops forcing
 //   "space" "family"     -> the space of the family's last call: "name=v|v|...;name=... default-point"
+//   "min_ms" [value]     -> the default-time threshold under which a class is not searched (sets it when given)
 std::string cpu_tune_op(const std::string& action, const std::string& arg) {
   if (action == "enabled") return enabled() ? "1" : "0";
   if (action == "on" || action == "off") {
     g_enabled.store(action == "on" ? 1 : 0);
     return enabled() ? "1" : "0";
+  }
+  if (action == "min_ms") {
+    if (!arg.empty()) {
+      double v = -1;
+      try {
+        v = std::stod(arg);
+      } catch (...) {
+      }
+      TORCH_CHECK_VALUE(v >= 0, "padst::_cpu_tune('min_ms', arg): arg must be a number >= 0 (ms), got '", arg, "'");
+      g_min_ms.store(v);
+    }
+    return std::to_string(g_min_ms.load());
   }
   if (action == "env") {
     g_enabled.store(-1);
@@ -311,7 +325,7 @@ std::string cpu_tune_op(const std::string& action, const std::string& arg) {
     return "";
   }
   TORCH_CHECK_VALUE(false, "padst::_cpu_tune: unknown action '", action,
-                    "' (enabled, on, off, env, dump, clear, set, force, space)");
+                    "' (enabled, on, off, env, dump, clear, set, force, space, min_ms)");
 }
 
 }  // namespace
