@@ -5,6 +5,7 @@
 // Permuted outputs are written back by gathering from a row / tile buffer, never scattered value by value.
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 
 #include "isa.h"
@@ -43,5 +44,29 @@ struct Vec {
   static PADST_ALWAYS_INLINE V bcast(float s) { return V{} + s; }
   static PADST_ALWAYS_INLINE void store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 };
+
+// out[j * ldo + i] = a[i * lda + j] for an 8x8 tile of floats: three butterfly stages of two-vector shuffles (32-bit
+// pairs, 64-bit, 128-bit), the way AVX code transposes (unpack, shuffle, permute2f128); compiled per ISA by inlining.
+PADST_ALWAYS_INLINE void transpose8x8(const float* a, int64_t lda, float* o, int64_t ldo) {
+  f32x8 r[8], s[8], u[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], a + i * lda, sizeof(f32x8));
+  for (int i = 0; i < 8; i += 2) {
+    s[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+    s[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int h = 0; h < 8; h += 4) {   // rows h .. h+3
+    for (int c = 0; c < 2; ++c) {    // even (s[h], s[h+2]) / odd (s[h+1], s[h+3]) columns
+      u[h + c] = __builtin_shufflevector(s[h + c], s[h + c + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[h + c + 2] = __builtin_shufflevector(s[h + c], s[h + c + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  // u[k] (k < 4) holds rows 0-3 of columns k and k+4, u[k+4] rows 4-7 of them (k: 0 -> 0/4, 1 -> 1/5, 2 -> 2/6, 3 -> 3/7)
+  for (int k = 0; k < 4; ++k) {
+    const f32x8 lo = __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    const f32x8 hi = __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    std::memcpy(o + k * ldo, &lo, sizeof(f32x8));
+    std::memcpy(o + (k + 4) * ldo, &hi, sizeof(f32x8));
+  }
+}
 
 }  // namespace padst::cpu::rk
