@@ -80,7 +80,7 @@ PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t pr, int6
         V w[NRV];
         for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
         for (int m = 0; m < MR; ++m) {
-          const V xs = Vec<VW>::bcast(xq[i * MRS + m]);
+          const float xs = xq[i * MRS + m];  // a scalar operand: one broadcast folded into the load (vec.h)
           for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
         }
       }
@@ -93,7 +93,7 @@ PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t pr, int6
         V w[NRV];
         for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
         for (int m = 0; m < MR; ++m) {
-          const V xs = Vec<VW>::bcast(xq[m * a.xld + i]);
+          const float xs = xq[m * a.xld + i];
           for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
         }
       }

@@ -40,19 +40,19 @@ PADST_ALWAYS_INLINE void rows_body(const float* xT, const float* vals, const E& 
         if (rows.at(r, q + ahead, cp, vp))
           for (int64_t l = 0; l < TB; l += 16) __builtin_prefetch(xT + cp * TB + l);
       }
-      const V w0 = Vec<VW>::bcast(ok0 ? vals[v0] : 0.0f), w1 = Vec<VW>::bcast(ok1 ? vals[v1] : 0.0f);
+      const float w0 = ok0 ? vals[v0] : 0.0f, w1 = ok1 ? vals[v1] : 0.0f;  // scalar operands (vec.h bcast)
       const float* x0 = xT + (ok0 ? c0 : 0) * TB;
       const float* x1 = xT + (ok1 ? c1 : 0) * TB;
       for (int j = 0; j < NV; ++j) {
-        a[j] += w0 * Vec<VW>::load(x0 + j * VW);
-        b[j] += w1 * Vec<VW>::load(x1 + j * VW);
+        a[j] += Vec<VW>::load(x0 + j * VW) * w0;
+        b[j] += Vec<VW>::load(x1 + j * VW) * w1;
       }
     }
     if (q < e) {
       int64_t c0 = 0, v0 = 0;
       if (rows.at(r, q, c0, v0)) {
-        const V w0 = Vec<VW>::bcast(vals[v0]);
-        for (int j = 0; j < NV; ++j) a[j] += w0 * Vec<VW>::load(xT + c0 * TB + j * VW);
+        const float w0 = vals[v0];
+        for (int j = 0; j < NV; ++j) a[j] += Vec<VW>::load(xT + c0 * TB + j * VW) * w0;
       }
     }
     for (int j = 0; j < NV; ++j) a[j] += b[j];

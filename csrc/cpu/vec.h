@@ -41,6 +41,9 @@ struct Vec {
     std::memcpy(&v, p, sizeof(V));
     return v;
   }
+  // Every lane s (+0 for s = -0). It costs a scalar add before the broadcast (adding +0 is not an identity for -0,
+  // and the other spellings GCC turns into lane-by-lane inserts): hot loops multiply by the scalar instead
+  // (`v * s`), which GCC compiles to a broadcast folded into the load.
   static PADST_ALWAYS_INLINE V bcast(float s) { return V{} + s; }
   static PADST_ALWAYS_INLINE void store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 };
