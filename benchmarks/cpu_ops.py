@@ -178,7 +178,7 @@ def run_case(structure, B, C, R, sparsity, reps):
         "dense_fwdbwd_ms": lambda: torch.autograd.grad(Fn.linear(xr, Wr), (xr, Wr), dy),
         "padst_fwdbwd_perm_ms": lambda: torch.autograd.grad(w_perm.mm(xr, values=vr), (xr, vr), dy),
         "padst_fwdbwd_perm_untuned_ms": untuned(lambda: torch.autograd.grad(w_perm.mm(xr, values=vr), (xr, vr), dy)),
-    }, max(3, reps // 2)))
+    }, reps))
 
     # correctness guard for the figures: the timed kernel computes the right thing (against the plain reference)
     row["max_abs_err"] = float((w_perm.mm(x) - w_perm.mm(x, impl=reference)).abs().max())

@@ -111,14 +111,19 @@ PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t pr, int6
           for (int64_t c = 0; c < L.inner; c += 64 / static_cast<int64_t>(sizeof(T)))
             __builtin_prefetch(rows[m] + cn + c, 0, 3);
       }
-      for (int64_t i = 0; i < L.inner; ++i) {
+      // one loop per case: a test of g in the loop cost a branch and register moves per column step
+      auto step = [&](int64_t i, int64_t src) PADST_ISA_BODY {
         V w[NRV];
         for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
-        const int64_t src = g ? g[i] : c0 + i;
         for (int m = 0; m < MR; ++m) {
           const float xs = static_cast<float>(rows[m][src]);
           for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
         }
+      };
+      if (g) {
+        for (int64_t i = 0; i < L.inner; ++i) step(i, g[i]);
+      } else {
+        for (int64_t i = 0; i < L.inner; ++i) step(i, c0 + i);
       }
     }
   }
