@@ -21,7 +21,7 @@ namespace {
 // Measuring one shape class stops starting new candidates after this much time (the candidates' own runs included).
 constexpr double kBudgetMs = 400.0;
 // A candidate replaces the best so far only if it is this much faster: timing noise does not flip choices.
-constexpr double kMargin = 0.03;
+constexpr double kMargin = 0.05;
 // A shape class whose default variant runs faster than this (ms) keeps it unmeasured: call overhead dominates, and
 // the measurement would be mostly noise. Settable through _cpu_tune("min_ms", value) (tests).
 constexpr double kMinMs = 0.02;
@@ -37,6 +37,7 @@ struct Entry {
   double best_ms = -1;
   double tune_ms = -1;     // wall time spent measuring
   int tried = 0;           // candidates measured
+  Point parsed;            // `point` parsed in the space of the key's calls (filled at the first lookup)
 };
 
 std::mutex g_mu;          // the maps below
@@ -149,7 +150,10 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
     }
     const auto it = g_cache.find(key);
     if (it == g_cache.end()) return {};
-    return parse_point(space, it->second.point);  // empty when stale (e.g. a disk cache from another build)
+    // parsed once per entry (a key's calls all have the same space); empty when stale (e.g. a disk cache from
+    // another build)
+    if (it->second.parsed.empty()) it->second.parsed = parse_point(space, it->second.point);
+    return it->second.parsed;
   };
   std::string forced;
   Point p = lookup(forced);
@@ -225,25 +229,28 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
     }
     if (best == start) break;
   }
-  // Confirm a change against the default, alternating them (the descent's times came minutes of noise apart):
-  // keep it only if its median is still faster by the margin.
+  // Confirm a change against the default in alternating pairs (the descent's times came many runs of noise apart):
+  // keep it only if its median is still faster by the margin and it won nearly every pair.
   if (best != def) {
     std::vector<double> tb, td;
+    int wins = 0;
     for (int r = 0; r < kConfirm; ++r) {
       td.push_back(timed(def));
       tb.push_back(timed(best));
+      wins += tb.back() < td.back();
     }
     std::sort(tb.begin(), tb.end());
     std::sort(td.begin(), td.end());
     e.default_ms = td[kConfirm / 2];
     best_ms = tb[kConfirm / 2];
-    if (!(best_ms < e.default_ms * (1 - kMargin))) {
+    if (!(best_ms < e.default_ms * (1 - kMargin)) || wins < kConfirm - 1) {
       best = def;
       best_ms = e.default_ms;
     }
   }
   if (last != best) run(best);
   e.point = point_name(space, best);
+  e.parsed = best;
   e.best_ms = best_ms;
   e.tune_ms = now_ms() - t_start;
   {
