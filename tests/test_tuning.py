@@ -1,8 +1,8 @@
 """Per-machine tuning of the CPU kernels (csrc/cpu/tune.h, padst_ext.tuning).
 
-Every variant the tuner can choose is run by force and compared with the plain reference and, bit for bit, with the
-default variant (all variants sum in the same order); tuning itself is checked for what it records, for never
-changing a result, for its cost, its switches and its disk cache.
+Every variant the tuner can choose is run by force and compared with the plain reference and, element for element
+(torch.equal), with the default variant (all variants sum in the same order); tuning itself is checked for what it
+records, for never changing a result, its switches and its disk cache (its cost is a benchmark figure).
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def _variants(names, values):
 
 
 def _check_every_variant(family, call, check_default) -> int:
-    """Runs `call` under every variant of `family`: each result bitwise equal to the default's, which is checked
-    against the reference. Returns how many variants ran."""
+    """Runs `call` under every variant of `family`: each result equal, element for element, to the default's, which
+    is checked against the reference. Returns how many variants ran."""
     names, values, default = _space(family, call)
     ran = 0
     try:

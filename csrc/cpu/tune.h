@@ -8,7 +8,7 @@
 // (one parameter at a time, the others at their best so far) under a time budget, so a shape class costs a few dozen
 // kernel calls at most (a class whose default runs in under 20 us keeps it unmeasured). Every variant computes the
 // same sums in the same order, so the choice never changes a result (tests/test_tuning.py runs every variant and
-// compares it with the reference and, bit for bit, with the default).
+// compares it with the reference and, element for element, with the default).
 //
 // PADST_CPU_TUNE=0 (or torch.ops.padst._cpu_tune("off"), padst_ext.tuning.set_enabled(False)) turns tuning off:
 // every call then runs the default point. padst_ext.tuning keeps the choices on disk when PADST_CPU_TUNE_CACHE names

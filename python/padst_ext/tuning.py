@@ -6,7 +6,7 @@ Xeon. As oneDNN, FBGEMM and ATLAS do, the variant is chosen on the machine that 
 class (ISA, dtype, threads, batch size class, the layer's shape, sparsity and permutation sides) times the
 candidates on that call's own data (coordinate descent under a time budget, a few hundred ms at most) and keeps the
 fastest; later calls of the class look the choice up. Every variant sums in the same order, so the choice never
-changes a result: outputs are bitwise the same with tuning on or off.
+changes a result: outputs are the same, element for element, with tuning on or off.
 
 Families tuned (float32, bfloat16, float16; batches of 8 rows or more): the block forward and dx kernel
 (``block_mm`` / ``block_mm_t``: register tile, packing, row panel, line chunk, prefetching, or the packed kernel),
