@@ -236,6 +236,17 @@ def test_disk_cache_that_is_not_one_is_refused(tmp_path):
         tuning.load(bad)
 
 
+def test_unreadable_cache_file_warns_at_import_and_is_left_alone(tmp_path):
+    bad = tmp_path / "notes.json"
+    bad.write_text("{not json")
+    code = "import warnings; warnings.simplefilter('always'); import padst_ext; print('imported')"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PADST_CPU_TUNE_CACHE": str(bad)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "imported" in out.stdout, out.stderr
+    assert "PADST_CPU_TUNE_CACHE" in out.stderr and "cannot read the tuning cache" in out.stderr
+    assert bad.read_text() == "{not json"
+
+
 def test_stale_cached_choice_is_measured_again():
     """A cache written by another build may name a variant this build does not have: the call measures anew."""
     case = make_case("block", 600, 512, 768, sparsity=0.9, block=(32, 32), perm="none")

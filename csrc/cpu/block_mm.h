@@ -1,6 +1,7 @@
-// Block forward and dx: block_mm() runs the unpacked kernel (block_mm_mr.h) when a block's outputs split into whole
-// vectors, else the packed kernel here, kept for block sides that are not whole vectors (e.g. 12x20): per packed tile
-// of kTB batch rows (tiles.h), NR outputs of a block line at a time against kTB/VW vectors of inputs.
+// Block forward and dx: block_mm() has the tuner (tune.h) choose, per shape class, between the variants of the
+// unpacked kernel (block_mm_mr.h) and the packed kernel here, when a block's outputs split into whole vectors; the
+// packed kernel alone otherwise (e.g. 12x20 blocks): per packed tile of kTB batch rows (tiles.h), NR outputs of a
+// block line at a time against kTB/VW vectors of inputs, the weights read as scalars at any output stride.
 #pragma once
 
 #include <cstdint>

@@ -1,14 +1,15 @@
-// Block forward and dx without packing: the GEMM micro-kernel orientation. MR batch rows x NRV*VW outputs of one
-// block line in registers; per input column of a block, NRV weight vectors (the outputs of one block row/column are
-// contiguous in the weights) times MR scalars read straight from the input rows (through the input permutation).
-// Outputs are stored as vectors into the output rows (identity) or into a row buffer that is written back by gathering
-// (permuted). Neither the input nor the output is transposed, which is what the packed kernels pay for most.
-// block_mm.h runs it when the outputs of a block split into whole vectors, its packed kernel otherwise (e.g. 12x20).
+// Block forward and dx in the GEMM micro-kernel orientation: MR batch rows x NRV*VW outputs of one block line in
+// registers; per input column of a block, NRV weight vectors (the outputs of one block row/column contiguous in the
+// weights) times MR scalars of the input rows (through the input permutation). The rows are read in place, or copied
+// first (as float, permuted) into rows with a padded stride or into column-major register tiles; a panel of rows can
+// run the lines chunk by chunk. Outputs are stored as vectors into the output rows (identity) or into a row buffer
+// written back by gathering (permuted). MrPlan is one variant; block_mm.h has the tuner choose one per shape class
+// when the outputs of a block split into whole vectors, and runs its packed kernel otherwise (e.g. 12x20).
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -43,7 +44,7 @@ struct MrArgs {
   const BlockLine* L;
   int64_t lines;
   Store<T> st;               // st.gather: inverse of st.scatter (needed when scatter is set)
-  float* zrow;               // [MR][lines * outer] when st.scatter is set
+  float* zrow;               // [panel rows][lines * outer] when st.scatter is set
   float* xrow = nullptr;     // [panel + 1][xld]: the panel's input rows, permuted, as float, or null
   int64_t xld = 0;
   float* xt = nullptr;       // or the panel as register tiles: tile t's column c at xt[(t * in_cols + c) * MR + m]

@@ -1,5 +1,6 @@
-// The packed batch tile of the row-walking kernels (rows_mm.h, and block_mm.h's packed variant): kTB = 32 batch rows
-// of the input packed transposed (xT[c][t], the input permutation gathered while packing), the Store that takes
+// The packed batch tile of the row-walking kernels (rows_mm.h, and block_mm.h's packed variant): TB batch rows (kTB
+// = 32 unless a tuned variant says otherwise: the N:M kernel's TB is one of its variant's parameters) of the input
+// packed transposed (xT[c][t], the input permutation gathered while packing), the Store that takes
 // results to the output (through the output permutation; also used by block_mm_mr.h and diag_mm.h), and drive(),
 // which runs a kernel over every tile of the batch.
 #pragma once

@@ -143,10 +143,18 @@ def save(path: str | os.PathLike) -> int:
 
 
 def _setup_from_env() -> None:
+    """At import: load PADST_CPU_TUNE_CACHE and save back to it at exit. A file that cannot be read as a cache is
+    left alone (a warning names it): importing padst_ext never fails over it, and it is never overwritten."""
     path = os.environ.get(CACHE_ENV)
     if not path:
         return
-    load(path)
+    try:
+        load(path)
+    except (OSError, ValueError) as e:
+        import warnings
+
+        warnings.warn(f"{CACHE_ENV}={path!r} is not used: {e}", stacklevel=2)
+        return
     atexit.register(_save_at_exit, path)
 
 
