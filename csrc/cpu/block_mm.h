@@ -99,8 +99,7 @@ void block_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, co
     const MrPlan plan = plan_of(p);
     const int64_t rows = static_cast<int64_t>(plan.mr) * plan.panel;
     // prefetching applies to inputs read in place, pf=2 to identity ones
-    const bool in_place = plan.pack == 2 || (plan.pack == 0 && gather != nullptr &&
-                                             (in_cols * static_cast<int64_t>(sizeof(T))) % 4096 != 0);
+    const bool in_place = mr_reads_in_place(plan, gather != nullptr, in_cols * sizeof(T));
     if (plan.pf != 0 && (!in_place || (plan.pf == 2 && gather != nullptr))) return false;
     // a panel's buffers stay within about half an L2
     return mr_plan_valid(plan, vw, L.outer) &&

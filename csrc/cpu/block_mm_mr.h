@@ -18,6 +18,7 @@
 
 #include "isa.h"
 #include "tiles.h"
+#include "tune.h"
 #include "vec.h"
 
 namespace padst::cpu::rk {
@@ -233,6 +234,15 @@ inline bool mr_plan_valid(const MrPlan& p, int vw, int64_t outer) {
   return mr_fits(p.mr, p.nrv, vw) && outer % (p.nrv * vw) == 0;
 }
 
+// Whether a variant reads its input rows in place (pack = 2, or 0 and it does not pay), else it copies them first
+// (rows with a padded stride, or column-major tiles for pack = 3). Packing the rows costs one pass over them; by
+// default (pack = 0) it is done for every identity input (a plain copy, and conversion once instead of per use), and
+// for a permuted one whose rows alias in L1 (a multiple of 4 KB); otherwise a permuted input is read in place (at 95%
+// sparsity a column is used about once: a separate gathering pass would cost more than the index loads).
+inline bool mr_reads_in_place(const MrPlan& p, bool gathered, int64_t row_bytes) {
+  return p.pack == 2 || (p.pack == 0 && gathered && row_bytes % 4096 != 0);
+}
+
 // The unpacked block kernel for one variant (mr_plan_valid). Threads take whole panels.
 template <typename T>
 void block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const BlockLine& L, int64_t lines,
@@ -243,12 +253,7 @@ void block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
   const int64_t npan = (B + P - 1) / P;
   const int64_t wline = std::max<int64_t>(1, (L.ptr[lines] - L.ptr[0]) * L.wblock * 4 / std::max<int64_t>(1, lines));
   const int64_t lt = plan.lt_kb == 0 ? lines : std::max<int64_t>(1, plan.lt_kb * 1024 / wline);
-  // Packing the rows costs one pass over them; it pays for every identity input (a plain copy, and conversion once
-  // instead of per use), and for a permuted one whose rows alias in L1 (a multiple of 4 KB); otherwise a permuted
-  // input is read in place (at 95% sparsity a column is used about once: a separate gathering pass would cost more
-  // than the index loads). pack = 1 / 2 force it on / off.
-  const bool pack = plan.pack == 1 ||
-                    (plan.pack == 0 && (gather == nullptr || (in_cols * static_cast<int64_t>(sizeof(T))) % 4096 == 0));
+  const bool pack = plan.pack != 3 && !mr_reads_in_place(plan, gather != nullptr, in_cols * sizeof(T));
   const int64_t grain = std::max<int64_t>(1, npan / (4 * at::get_num_threads()));
   at::parallel_for(0, npan, grain, [&](int64_t p0, int64_t p1) {
     MrArgs<T> a{in, in_cols, gather, &L, lines, st, nullptr};
@@ -256,7 +261,7 @@ void block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
     const size_t xb = plan.pack == 3 ? static_cast<size_t>(P * in_cols) : pack ? static_cast<size_t>((P + 1) * a.xld) : 0;
     const size_t zb = st.scatter ? static_cast<size_t>(P * ld) : 0;
     c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
-    a.xrow = plan.pack != 3 && pack ? static_cast<float*>(buf.get()) : nullptr;
+    a.xrow = pack ? static_cast<float*>(buf.get()) : nullptr;
     a.xt = plan.pack == 3 ? static_cast<float*>(buf.get()) : nullptr;
     a.pf = plan.pf;
     a.zrow = zb ? static_cast<float*>(buf.get()) + xb : nullptr;
@@ -272,20 +277,9 @@ void block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
       });
       TORCH_INTERNAL_ASSERT(ran, "block_mm: variant mr=", plan.mr, " nrv=", plan.nrv, " has no kernel for this ISA");
     };
-    auto with_mr = [&](auto nrv_c) {
-      switch (plan.mr) {
-        case 4: run(nrv_c, std::integral_constant<int, 4>{}); break;
-        case 6: run(nrv_c, std::integral_constant<int, 6>{}); break;
-        case 8: run(nrv_c, std::integral_constant<int, 8>{}); break;
-        case 12: run(nrv_c, std::integral_constant<int, 12>{}); break;
-        default: run(nrv_c, std::integral_constant<int, 14>{}); break;
-      }
-    };
-    switch (plan.nrv) {
-      case 1: with_mr(std::integral_constant<int, 1>{}); break;
-      case 2: with_mr(std::integral_constant<int, 2>{}); break;
-      default: with_mr(std::integral_constant<int, 4>{}); break;
-    }
+    tune::with_value<1, 2, 4>("block_mm nrv", plan.nrv, [&](auto nrv_c) {
+      tune::with_value<4, 6, 8, 12, 14>("block_mm mr", plan.mr, [&](auto mr_c) { run(nrv_c, mr_c); });
+    });
   });
 }
 

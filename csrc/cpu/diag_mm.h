@@ -301,13 +301,7 @@ void diag_mm(const DiagArgs<T>& proto, int64_t B) {
         });
         TORCH_INTERNAL_ASSERT(ran, "diag_mm: variant mr=", MR, " has no kernel for this ISA");
       };
-      switch (MR) {
-        case 3: body(std::integral_constant<int, 3>{}); break;
-        case 4: body(std::integral_constant<int, 4>{}); break;
-        case 6: body(std::integral_constant<int, 6>{}); break;
-        case 8: body(std::integral_constant<int, 8>{}); break;
-        default: body(std::integral_constant<int, 12>{}); break;
-      }
+      tune::with_value<3, 4, 6, 8, 12>("diag_mm mr", p[0], body);
     });
   };
   const std::string shape = "in" + std::to_string(proto.in_cols) + " out" + std::to_string(proto.nout) + " K" +

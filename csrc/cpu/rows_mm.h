@@ -86,11 +86,7 @@ void rows_mm(const char* family, const T* in, int64_t B, int64_t in_cols, const 
   const std::string shape = "in" + std::to_string(in_cols) + " rows" + std::to_string(nrows) + " nnz" +
                             std::to_string(nnz) + (gather ? " gin" : "") + (st.scatter ? " gout" : "");
   tune::choose(tune_key<T>(family, B, shape), space, valid, [&](const tune::Point& p) {
-    switch (p[0]) {
-      case 16: run(std::integral_constant<int64_t, 16>{}, p[1]); break;
-      case 64: run(std::integral_constant<int64_t, 64>{}, p[1]); break;
-      default: run(std::integral_constant<int64_t, 32>{}, p[1]); break;
-    }
+    tune::with_value<16, 32, 64>("nm_mm tb", p[0], [&](auto tb_c) { run(tb_c, p[1]); });
   });
 }
 

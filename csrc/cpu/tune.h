@@ -15,9 +15,12 @@
 // a file (keyed by CPU model and ISA).
 #pragma once
 
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace padst::cpu::tune {
@@ -43,5 +46,13 @@ bool enabled();
 
 // "mr=6,nrv=2,..." for a point of `space`.
 std::string point_name(const Space& space, const Point& p);
+
+// A chosen parameter as a compile-time constant: f(std::integral_constant<int, V>{}) for the V of Vs equal to v
+// (a parameter's space lists only values the kernel instantiates; any other is an internal error).
+template <int... Vs, typename F>
+void with_value(const char* what, int v, F&& f) {
+  const bool hit = ((v == Vs ? (f(std::integral_constant<int, Vs>{}), true) : false) || ...);
+  TORCH_INTERNAL_ASSERT(hit, what, "=", v, " has no compiled kernel");
+}
 
 }  // namespace padst::cpu::tune
