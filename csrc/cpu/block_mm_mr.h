@@ -50,6 +50,7 @@ struct MrArgs {
   int64_t xld = 0;
   float* xt = nullptr;       // or the panel as register tiles: tile t's column c at xt[(t * in_cols + c) * MR + m]
   int pf = 0;                // MrPlan::pf
+  int64_t rows = 0;          // batch rows of `in` (the last tile's prefetch stops there)
 };
 
 // One variant of the kernel (tune.h chooses it per shape class; every variant sums in the same order).
@@ -61,7 +62,9 @@ struct MrPlan {
   int panel;   // rows per panel, in register tiles: the panel's rows are packed once, then run line chunk by chunk
   int lt_kb;   // weights per line chunk in KB (0: every line in one chunk)
   int pf = 0;  // read in place: 1: prefetch the panel's rows into L2 first (a sequential stream), 2: prefetch the
-               // next block's input lines while computing one (identity input)
+               // next block's input lines while computing one (identity input), 3: prefetch the next register
+               // tile's rows into L2, a slice per output group of this tile (a sequential stream hidden behind the
+               // compute; the in-place reads of a tile then hit L2: fc1 90% 3-30% faster on the Xeon)
 };
 
 // Rows pr .. pr+MR-1 of the panel (batch rows b ..), outputs o0 .. o0+NRV*VW of line `line`. MRS: the register
@@ -100,32 +103,47 @@ PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t pr, int6
         }
       }
     }
-  } else {  // in place, through the permutation (one index load per input column for MR rows)
+  } else if (a.in_gather) {  // in place, through the permutation (one index load per input column for MR rows)
     const T* rows[MR];
     for (int m = 0; m < MR; ++m) rows[m] = a.in + (b + m) * a.in_cols;
     for (int64_t q = L.ptr[line]; q < L.ptr[line + 1]; ++q) {
       const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0;
-      const int64_t c0 = L.idx[q] * L.inner;
-      const int64_t* g = a.in_gather ? a.in_gather + c0 : nullptr;
-      if (a.pf == 2 && !g && q + 1 < L.ptr[line + 1]) {  // the next block's columns of the tile's rows
-        const int64_t cn = L.idx[q + 1] * L.inner;
-        for (int m = 0; m < MR; ++m)
-          for (int64_t c = 0; c < L.inner; c += 64 / static_cast<int64_t>(sizeof(T)))
-            __builtin_prefetch(rows[m] + cn + c, 0, 3);
-      }
-      // one loop per case: a test of g in the loop cost a branch and register moves per column step
-      auto step = [&](int64_t i, int64_t src) PADST_ISA_BODY {
+      const int64_t* g = a.in_gather + L.idx[q] * L.inner;
+      for (int64_t i = 0; i < L.inner; ++i) {
         V w[NRV];
         for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
+        const int64_t src = g[i];
         for (int m = 0; m < MR; ++m) {
           const float xs = static_cast<float>(rows[m][src]);
           for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
         }
-      };
-      if (g) {
-        for (int64_t i = 0; i < L.inner; ++i) step(i, g[i]);
-      } else {
-        for (int64_t i = 0; i < L.inner; ++i) step(i, c0 + i);
+      }
+    }
+  } else {  // in place, identity: the rows are in_cols apart, addressed in groups of 3 (base[k] + j * in_cols), so
+            // that a tile takes (MR + 2) / 3 base pointers and 3 column counters, not MR row pointers (which GCC
+            // spilled from MR = 8 on, at one reload per row and column step: fc2 90% 7% slower at MR = 12)
+    constexpr int G = (MR + 2) / 3;
+    const int64_t s = a.in_cols;
+    const T* base[G];
+    for (int k = 0; k < G; ++k) base[k] = a.in + (b + 3 * k) * s;
+    for (int64_t q = L.ptr[line]; q < L.ptr[line + 1]; ++q) {
+      const float* wq = L.w + (L.blk ? L.blk[q] : q) * L.wblock + o0;
+      const int64_t c0 = L.idx[q] * L.inner;
+      if (a.pf == 2 && q + 1 < L.ptr[line + 1]) {  // the next block's columns of the tile's rows
+        const int64_t cn = L.idx[q + 1] * L.inner;
+        for (int m = 0; m < MR; ++m)
+          for (int64_t c = 0; c < L.inner; c += 64 / static_cast<int64_t>(sizeof(T)))
+            __builtin_prefetch(base[m / 3] + (m % 3) * s + cn + c, 0, 3);
+      }
+      const T* bq[G];
+      for (int k = 0; k < G; ++k) bq[k] = base[k] + c0;
+      for (int64_t i = 0; i < L.inner; ++i) {
+        V w[NRV];
+        for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * L.wstride + v * VW);
+        for (int m = 0; m < MR; ++m) {
+          const float xs = static_cast<float>(bq[m / 3][i + (m % 3) * s]);
+          for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
+        }
       }
     }
   }
@@ -160,8 +178,24 @@ PADST_ALWAYS_INLINE void mr_tile(const MrArgs<T>& a, int64_t b, int64_t pr, int6
 // baseline ISA).
 template <int VW, int NRV, int M, int MRS, typename T>
 PADST_ALWAYS_INLINE void mr_lines(const MrArgs<T>& a, int64_t b, int64_t pr, int64_t l0, int64_t l1) {
+  // pf = 3: the next tile's rows into L2, a slice before each output group, spread over this tile's work (one copy
+  // of mr_tile: a second inlined copy made GCC spill a weight vector in both). Prefetching this tile's output rows
+  // for writing as well, and storing a permuted output straight from the registers instead of through zrow, were
+  // tried: no faster, and 7-20% slower, at fc2 on the Xeon.
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int64_t slice = 0;
+  if (a.pf == 3 && l0 == 0) {
+    p = reinterpret_cast<const char*>(a.in + (b + M) * a.in_cols);
+    end = reinterpret_cast<const char*>(a.in + std::min(b + 2 * M, a.rows) * a.in_cols);
+    const int64_t groups = (l1 - l0) * (a.L->outer / (NRV * VW));
+    slice = end > p ? ((end - p) / groups + 63) / 64 * 64 : 0;
+  }
   for (int64_t line = l0; line < l1; ++line)
-    for (int64_t o0 = 0; o0 < a.L->outer; o0 += NRV * VW) mr_tile<VW, NRV, M, MRS>(a, b, pr, line, o0);
+    for (int64_t o0 = 0; o0 < a.L->outer; o0 += NRV * VW) {
+      for (int64_t off = 0; off < slice && p < end; off += 64, p += 64) __builtin_prefetch(p, 0, 2);
+      mr_tile<VW, NRV, M, MRS>(a, b, pr, line, o0);
+    }
 }
 
 // A panel of n batch rows from b: its rows packed (when a.xrow is set), then line chunk by line chunk (lt lines),
@@ -172,21 +206,25 @@ PADST_ALWAYS_INLINE void mr_panel(const MrArgs<T>& a, int64_t b, int64_t n, int6
   const int64_t ld = a.lines * L.outer;
   // The rows as float, permuted, into rows xld apart. Read in place, rows a multiple of 4 KB long (3072 floats) put
   // the M values that one column step reads into a single L1 set.
-  if (a.xt) {  // column-major register tiles, 64 columns at a time (a chunk of a tile stays in L1 while written)
+  if (a.xt) {  // column-major register tiles: per column, one index and the tile's MR rows, stored side by side
     for (int64_t t0 = 0; t0 < n; t0 += MR) {
-      const int64_t tn = std::min<int64_t>(MR, n - t0);
       float* tile = a.xt + (t0 / MR) * a.in_cols * MR;
-      for (int64_t c0 = 0; c0 < a.in_cols; c0 += 64) {
-        const int64_t ce = std::min<int64_t>(a.in_cols, c0 + 64);
-        for (int64_t m = 0; m < tn; ++m) {
-          const T* row = a.in + (b + t0 + m) * a.in_cols;
-          float* xm = tile + m;
-          if (a.in_gather) {
-            for (int64_t c = c0; c < ce; ++c) xm[c * MR] = static_cast<float>(row[a.in_gather[c]]);
-          } else {
-            for (int64_t c = c0; c < ce; ++c) xm[c * MR] = static_cast<float>(row[c]);
-          }
+      const T* r0 = a.in + (b + t0) * a.in_cols;
+      if (t0 + MR <= n) {
+        // rows addressed in groups of 3 from (MR + 2) / 3 bases (as mr_tile's identity reads): few registers
+        constexpr int G = (MR + 2) / 3;
+        const int64_t s = a.in_cols;
+        const T* base[G];
+        for (int k = 0; k < G; ++k) base[k] = r0 + 3 * k * s;
+        for (int64_t c = 0; c < a.in_cols; ++c) {
+          const int64_t src = a.in_gather ? a.in_gather[c] : c;
+          float* tc = tile + c * MR;
+          for (int m = 0; m < MR; ++m) tc[m] = static_cast<float>(base[m / 3][src + (m % 3) * s]);
         }
+      } else {
+        for (int64_t m = 0; m < n - t0; ++m)
+          for (int64_t c = 0; c < a.in_cols; ++c)
+            tile[c * MR + m] = static_cast<float>(r0[m * a.in_cols + (a.in_gather ? a.in_gather[c] : c)]);
       }
     }
   } else if (a.xrow) {
@@ -264,6 +302,7 @@ void block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather,
     a.xrow = pack ? static_cast<float*>(buf.get()) : nullptr;
     a.xt = plan.pack == 3 ? static_cast<float*>(buf.get()) : nullptr;
     a.pf = plan.pf;
+    a.rows = B;
     a.zrow = zb ? static_cast<float*>(buf.get()) + xb : nullptr;
     const int64_t b1 = std::min(B, p1 * P);
     auto run = [&](auto nrv_c, auto mr_c) {

@@ -5,7 +5,8 @@
 // ...), one of whose points is the fixed default. At the first call of a shape class (the family's key: ISA, dtype,
 // threads, batch size class, the layer's shape, sparsity and permutation sides) choose() times the candidates on
 // that very call's data and keeps the fastest; later calls of the class look it up. The search is coordinate descent
-// (one parameter at a time, the others at their best so far) under a time budget, so a shape class costs a few dozen
+// (one parameter at a time, the others at their best so far) from the best of the default and the family's seeds,
+// under a time budget, so a shape class costs a few dozen
 // kernel calls at most (a class whose default runs in under 20 us keeps it unmeasured). Every variant computes the
 // same sums in the same order, so the choice never changes a result (tests/test_tuning.py runs every variant and
 // compares it with the reference and, element for element, with the default).
@@ -25,11 +26,14 @@
 
 namespace padst::cpu::tune {
 
-// A parameter space: dims[d] takes values[d][0..], default point `def` (indices into values).
+// A parameter space: dims[d] takes values[d][0..], default point `def` (indices into values). `seeds`: points (values,
+// not indices) measured before the descent, whose parameters only pay together (the block kernel's in-place reads
+// with a tall register tile: each alone is no faster than the default, so one parameter at a time never finds them).
 struct Space {
   std::vector<const char*> names;
   std::vector<std::vector<int>> values;
   std::vector<int> def;
+  std::vector<std::vector<int>> seeds = {};
 };
 
 // A point of the space: one value (not index) per parameter.
