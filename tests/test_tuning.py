@@ -72,11 +72,11 @@ def _variants(names, values):
         yield ",".join(f"{n}={v}" for n, v in zip(names, combo))
 
 
-def _check_every_variant(family, call, check_default) -> int:
+def _check_every_variant(family, call, check_default) -> list:
     """Runs `call` under every variant of `family`: each result equal, element for element, to the default's, which
-    is checked against the reference. Returns how many variants ran."""
+    is checked against the reference. Returns the variants that ran."""
     names, values, default = _space(family, call)
-    ran = 0
+    ran = []
     try:
         T("force", f"{family}={default}")
         y0 = call()
@@ -89,7 +89,7 @@ def _check_every_variant(family, call, check_default) -> int:
                 assert "is not a variant of this call" in str(e)
                 continue
             assert torch.equal(y, y0), f"{family}: variant {variant} differs from the default {default}"
-            ran += 1
+            ran.append(variant)
     finally:
         T("force", f"{family}=")
     return ran
@@ -121,7 +121,10 @@ def test_every_block_variant_matches_reference_and_default(shape, dtype):
             lambda d: assert_close_to_reference(d, _dx(case, _f64(dy), _f64(v), ref), _dx(case, dy, v, ref),
                                                 f"{perm} dx"))
         # every parameter's values are exercised: far more than the handful a broken enumeration would run
-        assert ran >= 40 and ran_t >= 40, f"{perm}: only {ran} forward / {ran_t} dx variants ran"
+        assert len(ran) >= 40 and len(ran_t) >= 40, f"{perm}: only {len(ran)} forward / {len(ran_t)} dx variants ran"
+        # each kernel ran: line by line (kern=0), input block by input block (kern=2), the packed one (kern=1)
+        for kern in (0, 1, 2):
+            assert any(f"kern={kern}" in v for v in ran) and any(f"kern={kern}" in v for v in ran_t), kern
 
 
 def test_tuning_records_a_choice_and_never_changes_the_result():
@@ -289,7 +292,7 @@ def test_every_nm_and_diagonal_variant_matches_reference_and_default(spec, dtype
             fam_t, lambda: w.mm_t(dy),
             lambda d: assert_close_to_reference(d, w64.mm_t(dy.double(), impl=ref), w.mm_t(dy, impl=ref),
                                                 f"{perm} dx"))
-        assert ran >= 6 and ran_t >= 6, f"{perm}: only {ran} forward / {ran_t} dx variants ran"
+        assert len(ran) >= 6 and len(ran_t) >= 6, f"{perm}: only {len(ran)} forward / {len(ran_t)} dx variants ran"
 
 
 @pytest.mark.parametrize("isa", ["avx2", "base"])
@@ -313,6 +316,6 @@ def test_variants_on_narrower_isas(isa):
                 fam, lambda: w.mm(x, b),
                 lambda y: assert_close_to_reference(y, w64.mm(x.double(), _f64(b), impl=ref), w.mm(x, b, impl=ref),
                                                     f"{isa} {structure} forward"))
-            assert ran >= 4, f"{structure}: only {ran} variants ran"
+            assert len(ran) >= 4, f"{structure}: only {len(ran)} variants ran"
     finally:
         torch.ops.padst._cpu_isa(before)

@@ -205,10 +205,13 @@ at::Tensor block_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at:
         const at::Tensor vf = float_values(values);
         const rk::BlockLine line{m.row_ptr.data_ptr<int64_t>(), m.col_idx.data_ptr<int64_t>(), nullptr,
                                  vf.data_ptr<float>(), m.bc, m.br, 1, m.br * m.bc, m.bc};
+        // the same blocks by block-column (input block): line = block-row, weights through blk_t
+        const rk::BlockLine by_col{m.col_ptr.data_ptr<int64_t>(), m.row_idx_t.data_ptr<int64_t>(),
+                                   m.blk_t.data_ptr<int64_t>(), vf.data_ptr<float>(), m.bc, m.br, 1, m.br * m.bc, m.bc};
         rk::block_mm(xc.data_ptr<scalar_t>(), x.size(0), m.C, perm_ptr(p.pin, false), line, m.nbr,
                      rk::Store<scalar_t>{y.data_ptr<scalar_t>(), m.R, perm_ptr(p.pout, true),
                                          bc_ ? bc_->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false)},
-                     [&] { return transposed_float_blocks(values); });
+                     [&] { return transposed_float_blocks(values); }, &by_col, m.nbc);
         return;
       }
     }
@@ -239,10 +242,13 @@ at::Tensor block_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const 
         const at::Tensor vf = float_values(values);  // [nnzb][br][bc]: the bc outputs of one dy column contiguous
         const rk::BlockLine line{m.col_ptr.data_ptr<int64_t>(), m.row_idx_t.data_ptr<int64_t>(),
                                  m.blk_t.data_ptr<int64_t>(), vf.data_ptr<float>(), m.br, m.bc, m.bc, m.br * m.bc};
+        // the same blocks by block-row (dy's input block): line = block-column, weights in place
+        const rk::BlockLine by_row{m.row_ptr.data_ptr<int64_t>(), m.col_idx.data_ptr<int64_t>(), nullptr,
+                                   vf.data_ptr<float>(), m.br, m.bc, m.bc, m.br * m.bc};
         rk::block_mm(dyc.data_ptr<scalar_t>(), dy.size(0), m.R, perm_ptr(p.pout, true), line, m.nbc,
                      rk::Store<scalar_t>{dx.data_ptr<scalar_t>(), m.C, perm_ptr(p.pin, false), nullptr,
                                          perm_ptr(p.pin, true)},
-                     [&] { return vf; });  // already output-contiguous
+                     [&] { return vf; }, &by_row, m.nbr);  // already output-contiguous
         return;
       }
     }

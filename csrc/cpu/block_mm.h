@@ -64,14 +64,16 @@ inline constexpr int kBlockNR = VW >= 16 ? 8 : (VW == 8 ? 2 : 1);
 
 // Block lines, dispatched on the ISA; `lines` lines of L.outer outputs each. The variant (tune.h) is chosen per
 // shape class among: the unpacked kernel (block_mm_mr.h; register tile mr x nrv vectors, packing, row panel, line
-// chunk) and the packed one above (kern=1). The packed one is the only kernel for outputs that are not whole vectors.
+// chunk, prefetch), the same register tile walking the blocks input block by input block (kern=2, when `cols` gives
+// the blocks by input block: ncols input blocks, idx = their line) and the packed one above (kern=1). The packed one
+// is the only kernel for outputs that are not whole vectors.
 // L's weights may have strided outputs (L.ostride > 1: a forward's blocks as stored, [br][bc]); the packed kernel
 // reads them as they are, the unpacked one reads output-contiguous weights: `contiguous()` returns them (a float
 // tensor, [blocks][inner][outer]), made by each run of an unpacked variant that needs them, so that the tuner
 // counts their cost (at a batch of a few rows it is most of the call).
 template <typename T, typename Contiguous>
 void block_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const BlockLine& L, int64_t lines,
-              const Store<T>& st, const Contiguous& contiguous) {
+              const Store<T>& st, const Contiguous& contiguous, const BlockLine* cols = nullptr, int64_t ncols = 0) {
   const Isa isa = current_isa();
   const int vw = vec_floats(isa);
   auto packed = [&] {
@@ -94,15 +96,18 @@ void block_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, co
   // default 1.65-1.8x, and neither change alone faster).
   const int nrv = L.outer % (2 * vw) == 0 ? 2 : 1;
   const tune::Space space{{"mr", "nrv", "pack", "pf", "panel", "lt", "kern"},
-                          {{4, 6, 8, 12, 14}, {1, 2, 4}, {0, 1, 2, 3}, {0, 1, 2, 3}, {1, 4, 16}, {0, 32, 256}, {0, 1}},
+                          {{4, 6, 8, 12, 14}, {1, 2, 4}, {0, 1, 2, 3}, {0, 1, 2, 3}, {1, 4, 16}, {0, 32, 256}, {0, 1, 2}},
                           {1, nrv == 2 ? 1 : 0, 0, 0, 0, 0, 0},
                           {{12, nrv, 2, 0, 1, 0, 0}, {12, nrv, 2, 3, 1, 0, 0}, {8, nrv, 2, 3, 1, 0, 0},
-                           {12, nrv, 3, 0, 1, 0, 0}, {12, nrv, 1, 0, 1, 0, 0}}};
+                           {12, nrv, 3, 0, 1, 0, 0}, {12, nrv, 1, 0, 1, 0, 0}, {12, nrv, 0, 0, 1, 0, 2},
+                           {8, nrv, 0, 0, 1, 0, 2}}};
   const int64_t ld = lines * L.outer;
-  auto plan_of = [](const tune::Point& p) { return MrPlan{p[0], p[1], p[2], p[4], p[5], p[3]}; };
+  auto plan_of = [](const tune::Point& p) { return MrPlan{p[0], p[1], p[2], p[4], p[5], p[6] == 2, p[3]}; };
   auto valid = [&](const tune::Point& p) {
     if (p[6] == 1) return true;
     const MrPlan plan = plan_of(p);
+    // input-block order: the register tile only (its reads are in place, its rows one register tile)
+    if (plan.cols) return cols && p[2] == 0 && p[3] == 0 && p[4] == 1 && p[5] == 0 && mr_plan_valid(plan, vw, L.outer);
     const int64_t rows = static_cast<int64_t>(plan.mr) * plan.panel;
     // prefetching applies to inputs read in place, pf=2 to identity ones
     const bool in_place = mr_reads_in_place(plan, gather != nullptr, in_cols * sizeof(T));
@@ -119,14 +124,22 @@ void block_mm(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, co
     if (p[6] == 1) {
       packed();
     } else if (L.ostride == 1) {
-      block_mm_mr(in, B, in_cols, gather, L, lines, st, plan_of(p));
+      block_mm_mr(in, B, in_cols, gather, L, lines, st, plan_of(p), cols, ncols);
     } else {
       const auto w = contiguous();
       BlockLine Lc = L;
       Lc.w = w.template data_ptr<float>();
       Lc.wstride = L.outer;
       Lc.ostride = 1;
-      block_mm_mr(in, B, in_cols, gather, Lc, lines, st, plan_of(p));
+      if (cols) {  // the same output-contiguous blocks, by input block
+        BlockLine Kc = *cols;
+        Kc.w = Lc.w;
+        Kc.wstride = L.outer;
+        Kc.ostride = 1;
+        block_mm_mr(in, B, in_cols, gather, Lc, lines, st, plan_of(p), &Kc, ncols);
+      } else {
+        block_mm_mr(in, B, in_cols, gather, Lc, lines, st, plan_of(p));
+      }
     }
   });
 }

@@ -3,7 +3,8 @@
 // weights) times MR scalars of the input rows (through the input permutation). The rows are read in place, or copied
 // first (as float, permuted) into rows with a padded stride or into column-major register tiles; a panel of rows can
 // run the lines chunk by chunk. Outputs are stored as vectors into the output rows (identity) or into a row buffer
-// written back by gathering (permuted). MrPlan is one variant; block_mm.h has the tuner choose one per shape class
+// written back by gathering (permuted). Or (MrPlan::cols) the tile walks the blocks input block by input block,
+// reading each input row once and in order, with its outputs in the row buffer. MrPlan is one variant; block_mm.h has the tuner choose one per shape class
 // when the outputs of a block split into whole vectors, and runs its packed kernel otherwise (e.g. 12x20).
 #pragma once
 
@@ -51,6 +52,8 @@ struct MrArgs {
   float* xt = nullptr;       // or the panel as register tiles: tile t's column c at xt[(t * in_cols + c) * MR + m]
   int pf = 0;                // MrPlan::pf
   int64_t rows = 0;          // batch rows of `in` (the last tile's prefetch stops there)
+  const BlockLine* cols = nullptr;  // MrPlan::cols: the blocks by input block (idx: their line), else null
+  int64_t ncols = 0;
 };
 
 // One variant of the kernel (tune.h chooses it per shape class; every variant sums in the same order).
@@ -61,6 +64,8 @@ struct MrPlan {
                // 3: pack each register tile column-major (a tile's MR values of a column adjacent, as BLIS packs A)
   int panel;   // rows per panel, in register tiles: the panel's rows are packed once, then run line chunk by chunk
   int lt_kb;   // weights per line chunk in KB (0: every line in one chunk)
+  bool cols = false;  // input block by input block (MrArgs::cols), accumulating into the tile's output rows in
+                      // zrow (the others: line by line, in registers); the rows read in place, pack/pf/panel/lt unused
   int pf = 0;  // read in place: 1: prefetch the panel's rows into L2 first (a sequential stream), 2: prefetch the
                // next block's input lines while computing one (identity input), 3: prefetch the next register
                // tile's rows into L2, a slice per output group of this tile (a sequential stream hidden behind the
@@ -198,6 +203,63 @@ PADST_ALWAYS_INLINE void mr_lines(const MrArgs<T>& a, int64_t b, int64_t pr, int
     }
 }
 
+// MrPlan::cols: rows pr .. pr+MR-1 of the panel (batch rows b ..), every output of the tile accumulated in zrow, input
+// block by input block: each input row is read once, in order (the line-by-line kernel reads a tile's rows in its
+// blocks' random order, about once per block at 95%: from DRAM, what the hardware prefetchers cannot predict), and
+// a block's outputs are loaded from zrow and stored back around its columns. The same sums in the same order as
+// mr_tile: a line's blocks come in ascending input block, each block's columns in order, from +0.
+template <int VW, int NRV, int MR, typename T>
+PADST_ALWAYS_INLINE void mr_cols(const MrArgs<T>& a, int64_t b, int64_t pr) {
+  using V = typename Vec<VW>::V;
+  const BlockLine& L = *a.L;
+  const BlockLine& K = *a.cols;
+  const int64_t ld = a.lines * L.outer;
+  float* z = a.zrow + pr * ld;
+  std::memset(z, 0, sizeof(float) * MR * ld);
+  constexpr int G = (MR + 2) / 3;  // identity rows: in groups of 3 (see mr_tile)
+  const int64_t s = a.in_cols;
+  const T* base[G];
+  for (int k = 0; k < G; ++k) base[k] = a.in + (b + 3 * k) * s;
+  for (int64_t cb = 0; cb < a.ncols; ++cb) {
+    const int64_t c0 = cb * K.inner;
+    for (int64_t q = K.ptr[cb]; q < K.ptr[cb + 1]; ++q) {
+      const float* wb = K.w + (K.blk ? K.blk[q] : q) * K.wblock;
+      float* zl = z + K.idx[q] * L.outer;
+      for (int64_t o0 = 0; o0 < L.outer; o0 += NRV * VW) {
+        V acc[MR][NRV];
+        for (int m = 0; m < MR; ++m)
+          for (int v = 0; v < NRV; ++v) acc[m][v] = Vec<VW>::load(zl + m * ld + o0 + v * VW);
+        const float* wq = wb + o0;
+        if (a.in_gather) {
+          const int64_t* g = a.in_gather + c0;
+          for (int64_t i = 0; i < K.inner; ++i) {
+            V w[NRV];
+            for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * K.wstride + v * VW);
+            const int64_t src = g[i];
+            for (int m = 0; m < MR; ++m) {
+              const float xs = static_cast<float>(base[m / 3][src + (m % 3) * s]);
+              for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
+            }
+          }
+        } else {
+          const T* bq[G];
+          for (int k = 0; k < G; ++k) bq[k] = base[k] + c0;
+          for (int64_t i = 0; i < K.inner; ++i) {
+            V w[NRV];
+            for (int v = 0; v < NRV; ++v) w[v] = Vec<VW>::load(wq + i * K.wstride + v * VW);
+            for (int m = 0; m < MR; ++m) {
+              const float xs = static_cast<float>(bq[m / 3][i + (m % 3) * s]);
+              for (int v = 0; v < NRV; ++v) acc[m][v] += w[v] * xs;
+            }
+          }
+        }
+        for (int m = 0; m < MR; ++m)
+          for (int v = 0; v < NRV; ++v) Vec<VW>::store(zl + m * ld + o0 + v * VW, acc[m][v]);
+      }
+    }
+  }
+}
+
 // A panel of n batch rows from b: its rows packed (when a.xrow is set), then line chunk by line chunk (lt lines),
 // register tile by register tile, then the finished rows written back (permuted output).
 template <int VW, int NRV, int MR, typename T>
@@ -240,16 +302,30 @@ PADST_ALWAYS_INLINE void mr_panel(const MrArgs<T>& a, int64_t b, int64_t n, int6
       }
     }
   }
-  if (a.pf == 1 && !a.xt && !a.xrow) {  // the panel's rows into L2, as one sequential stream
-    const char* p0 = reinterpret_cast<const char*>(a.in + b * a.in_cols);
-    const int64_t bytes = n * a.in_cols * static_cast<int64_t>(sizeof(T));
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p0 + off, 0, 2);
-  }
-  for (int64_t l0 = 0; l0 < a.lines; l0 += lt) {
-    const int64_t l1 = std::min(a.lines, l0 + lt);
+  if (a.cols) {  // input block by input block into zrow, then written out (below, or here for the identity)
     int64_t r = 0;
-    for (; r + MR <= n; r += MR) mr_lines<VW, NRV, MR, MR>(a, b + r, r, l0, l1);
-    for (; r < n; ++r) mr_lines<VW, NRV, 1, MR>(a, b + r, r, l0, l1);
+    for (; r + MR <= n; r += MR) mr_cols<VW, NRV, MR>(a, b + r, r);
+    for (; r < n; ++r) mr_cols<VW, NRV, 1>(a, b + r, r);
+    if (!a.st.scatter) {
+      for (int64_t m = 0; m < n; ++m) {
+        T* o = a.st.out + (b + m) * a.st.out_cols;
+        const float* z = a.zrow + m * ld;
+        for (int64_t j = 0; j < ld; ++j)
+          o[j] = static_cast<T>(z[j] + (a.st.bias ? static_cast<float>(a.st.bias[j]) : 0.0f));
+      }
+    }
+  } else {
+    if (a.pf == 1 && !a.xt && !a.xrow) {  // the panel's rows into L2, as one sequential stream
+      const char* p0 = reinterpret_cast<const char*>(a.in + b * a.in_cols);
+      const int64_t bytes = n * a.in_cols * static_cast<int64_t>(sizeof(T));
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p0 + off, 0, 2);
+    }
+    for (int64_t l0 = 0; l0 < a.lines; l0 += lt) {
+      const int64_t l1 = std::min(a.lines, l0 + lt);
+      int64_t r = 0;
+      for (; r + MR <= n; r += MR) mr_lines<VW, NRV, MR, MR>(a, b + r, r, l0, l1);
+      for (; r < n; ++r) mr_lines<VW, NRV, 1, MR>(a, b + r, r, l0, l1);
+    }
   }
   if (a.st.scatter) {  // write back the finished rows by gathering
     for (int64_t m = 0; m < n; ++m) {
@@ -284,24 +360,28 @@ inline bool mr_reads_in_place(const MrPlan& p, bool gathered, int64_t row_bytes)
 // The unpacked block kernel for one variant (mr_plan_valid). Threads take whole panels.
 template <typename T>
 void block_mm_mr(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, const BlockLine& L, int64_t lines,
-                 const Store<T>& st, const MrPlan& plan) {
+                 const Store<T>& st, const MrPlan& plan, const BlockLine* cols = nullptr, int64_t ncols = 0) {
+  TORCH_INTERNAL_ASSERT(!plan.cols || cols, "block_mm: the input-block order needs the blocks by input block");
   const Isa isa = current_isa();
   const int64_t ld = lines * L.outer;
   const int64_t P = static_cast<int64_t>(plan.mr) * plan.panel;
   const int64_t npan = (B + P - 1) / P;
   const int64_t wline = std::max<int64_t>(1, (L.ptr[lines] - L.ptr[0]) * L.wblock * 4 / std::max<int64_t>(1, lines));
   const int64_t lt = plan.lt_kb == 0 ? lines : std::max<int64_t>(1, plan.lt_kb * 1024 / wline);
-  const bool pack = plan.pack != 3 && !mr_reads_in_place(plan, gather != nullptr, in_cols * sizeof(T));
+  const bool pack = !plan.cols && plan.pack != 3 && !mr_reads_in_place(plan, gather != nullptr, in_cols * sizeof(T));
+  const bool tiles = !plan.cols && plan.pack == 3;
   const int64_t grain = std::max<int64_t>(1, npan / (4 * at::get_num_threads()));
   at::parallel_for(0, npan, grain, [&](int64_t p0, int64_t p1) {
     MrArgs<T> a{in, in_cols, gather, &L, lines, st, nullptr};
     a.xld = (in_cols + 15) / 16 * 16 + 16;  // not a multiple of 4 KB: the rows' columns fall into different L1 sets
-    const size_t xb = plan.pack == 3 ? static_cast<size_t>(P * in_cols) : pack ? static_cast<size_t>((P + 1) * a.xld) : 0;
-    const size_t zb = st.scatter ? static_cast<size_t>(P * ld) : 0;
+    const size_t xb = tiles ? static_cast<size_t>(P * in_cols) : pack ? static_cast<size_t>((P + 1) * a.xld) : 0;
+    const size_t zb = st.scatter || plan.cols ? static_cast<size_t>(P * ld) : 0;
     c10::DataPtr buf = c10::GetCPUAllocator()->allocate((xb + zb) * sizeof(float) + 64);
     a.xrow = pack ? static_cast<float*>(buf.get()) : nullptr;
-    a.xt = plan.pack == 3 ? static_cast<float*>(buf.get()) : nullptr;
-    a.pf = plan.pf;
+    a.xt = tiles ? static_cast<float*>(buf.get()) : nullptr;
+    a.pf = plan.cols ? 0 : plan.pf;
+    a.cols = plan.cols ? cols : nullptr;
+    a.ncols = ncols;
     a.rows = B;
     a.zrow = zb ? static_cast<float*>(buf.get()) + xb : nullptr;
     const int64_t b1 = std::min(B, p1 * P);
