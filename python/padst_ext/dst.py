@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .nn import SparseLinear
+from .nn import SparseLinear, copy_full_into, full_tensor
 from .structures import check_int
 
 __all__ = ["DST", "erk_densities", "apply_erk"]
@@ -254,16 +254,18 @@ class DST:
         frac = self.fraction(step)
         record = {"step": step + 1, "fraction": frac, "layers": {}}
         for i, (name, layer) in enumerate(self.layers):
-            w = layer.sparse
+            # under FSDP2 the values and their moments are sharded DTensors: the update works on them whole (the
+            # same on every rank) and each rank writes back its shard
+            w = layer.sparse.replace(values=full_tensor(layer.values.detach()))
             g, grow_scores[i] = grow_scores[i].to(w.values.device), None  # dropped once used
             new_w, slot = w.remap(layer.structure.update(w, g, frac))
             del g
             state = self.optimizer.state.get(layer.values, {})
             for k, v in state.items():
                 if isinstance(v, Tensor) and v.shape == layer.values.shape:
-                    moved = w.move(v, slot)
+                    moved = w.move(full_tensor(v), slot)
                     if moved.shape == v.shape:
-                        v.copy_(moved)
+                        copy_full_into(v, moved)
                     else:
                         state[k] = moved
             layer.set_sparse(new_w)

@@ -42,6 +42,32 @@ __all__ = ["SparseLinear", "sparsify", "export", "permutation_penalty", "harden_
            "permutation_parameters", "param_groups", "permutation_report"]
 
 PERM_SIDES = ("input", "output", "auto")
+
+
+def _dtensor():
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # pragma: no cover - a torch without DTensor
+        return None, None
+    return DTensor, distribute_tensor
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """``t`` whole on every rank: a sharded DTensor (FSDP2's parameters and optimizer states between steps) is
+    gathered, any other tensor returned as it is."""
+    DTensor, _ = _dtensor()
+    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def copy_full_into(dst: Tensor, full: Tensor) -> None:
+    """``dst.copy_(full)`` in place; for a sharded DTensor, each rank copies its own shard of ``full`` (the same on
+    every rank) into its local storage."""
+    DTensor, distribute_tensor = _dtensor()
+    if DTensor is not None and isinstance(dst, DTensor):
+        dst.to_local().copy_(distribute_tensor(full.to(dst.dtype), dst.device_mesh, dst.placements,
+                                               src_data_rank=None).to_local())
+    else:
+        dst.copy_(full)
 _PHASES = ("none", "soft", "hard")
 
 
@@ -175,7 +201,7 @@ class SparseLinear(nn.Module):
         if "values" in self._parameters:
             # same Parameter object (optimizers and DDP keep tracking it), in place when the shape allows
             if self.values.shape == values.shape:
-                self.values.data.copy_(values)
+                copy_full_into(self.values.data, values)
             else:
                 self.values.data = values.detach().clone()
         else:
@@ -530,7 +556,9 @@ class SparseLinear(nn.Module):
             z = self.soft(z, self._lam())
             if self.bias is not None:
                 z = z + self.bias
-        return z.reshape(*lead, self.out_features)
+        # a 2-D input's output is returned as it is, not as a view (FSDP2 warns of views: an in-place op on one
+        # would skip its pre-backward hook)
+        return z if x.dim() == 2 else z.reshape(*lead, self.out_features)
 
     def _lam(self) -> float:
         return self.cur_lambda if self.penalty_in_backward else 0.0
