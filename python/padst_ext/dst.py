@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .nn import SparseLinear, copy_full_into, full_tensor
+from ._sharding import copy_full_into, full_tensor
+from .nn import SparseLinear
 from .structures import check_int
 
 __all__ = ["DST", "erk_densities", "apply_erk"]
@@ -256,7 +257,7 @@ class DST:
         for i, (name, layer) in enumerate(self.layers):
             # under FSDP2 the values and their moments are sharded DTensors: the update works on them whole (the
             # same on every rank) and each rank writes back its shard
-            w = layer.sparse.replace(values=full_tensor(layer.values.detach()))
+            w = layer.sparse  # whole (gathered) when FSDP2 shards the values
             g, grow_scores[i] = grow_scores[i].to(w.values.device), None  # dropped once used
             new_w, slot = w.remap(layer.structure.update(w, g, frac))
             del g

@@ -36,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import formats as F
 from . import permutation as P
+from ._sharding import copy_full_into, full_tensor, is_sharded
 from .structures import Structure, check_int, make_structure
 
 __all__ = ["SparseLinear", "sparsify", "export", "permutation_penalty", "harden_all", "SparsifyReport",
@@ -44,30 +45,7 @@ __all__ = ["SparseLinear", "sparsify", "export", "permutation_penalty", "harden_
 PERM_SIDES = ("input", "output", "auto")
 
 
-def _dtensor():
-    try:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-    except ImportError:  # pragma: no cover - a torch without DTensor
-        return None, None
-    return DTensor, distribute_tensor
 
-
-def full_tensor(t: Tensor) -> Tensor:
-    """``t`` whole on every rank: a sharded DTensor (FSDP2's parameters and optimizer states between steps) is
-    gathered, any other tensor returned as it is."""
-    DTensor, _ = _dtensor()
-    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
-
-
-def copy_full_into(dst: Tensor, full: Tensor) -> None:
-    """``dst.copy_(full)`` in place; for a sharded DTensor, each rank copies its own shard of ``full`` (the same on
-    every rank) into its local storage."""
-    DTensor, distribute_tensor = _dtensor()
-    if DTensor is not None and isinstance(dst, DTensor):
-        dst.to_local().copy_(distribute_tensor(full.to(dst.dtype), dst.device_mesh, dst.placements,
-                                               src_data_rank=None).to_local())
-    else:
-        dst.copy_(full)
 _PHASES = ("none", "soft", "hard")
 
 
@@ -219,6 +197,8 @@ class SparseLinear(nn.Module):
         """The structured weight ``S`` as its sparse-weight object (logical frame, no permutation), viewing this
         layer's ``values`` parameter and index buffers."""
         tensors = (self._parameters["values"],) + tuple(self._buffers[n] for n in self.structure.buffer_names)
+        if is_sharded(tensors[0]):  # FSDP2 between steps: the values whole (not cached: the shards change)
+            return self.structure.wrap(full_tensor(tensors[0]), dict(zip(self.structure.buffer_names, tensors[1:])))
         return self._cached("_sparse_cache", tensors, lambda: self.structure.wrap(
             tensors[0], dict(zip(self.structure.buffer_names, tensors[1:]))))
 

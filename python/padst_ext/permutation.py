@@ -21,6 +21,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from ._sharding import copy_full_into, full_tensor
+
 __all__ = ["sinkhorn", "l1_l2_penalty", "l1_l2_penalty_grad", "with_penalty_grad", "harden", "assignment",
            "assignment_scores", "assignment_logits", "weight_preserving_rounding", "lambda_ramp", "SoftPermutation",
            "INITS", "HARDEN_MODES"]
@@ -221,10 +223,10 @@ class SoftPermutation(nn.Module):
         """Restart from :func:`assignment_logits` of ``score [d, d]`` (in place: optimizers keep the parameter)."""
         if score.shape != (self.d, self.d):
             raise ValueError(f"score must have shape {(self.d, self.d)}, got {tuple(score.shape)}")
-        self.logits.copy_(assignment_logits(score, scale, generator=generator).to(self.logits))
+        copy_full_into(self.logits, assignment_logits(score, scale, generator=generator).to(self.logits.dtype))
 
     def matrix(self) -> Tensor:
-        return sinkhorn(self.logits, self.n_iters, self.tau)
+        return sinkhorn(full_tensor(self.logits), self.n_iters, self.tau)  # whole, if FSDP2 shards the logits
 
     def forward(self, x: Tensor, penalty_lambda: float = 0.0) -> Tensor:
         """``x @ M.T`` along the last dimension (``x[..., perm]`` in the hard limit). With ``penalty_lambda``, the
