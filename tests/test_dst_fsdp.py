@@ -40,13 +40,17 @@ def _batches():
             for _ in range(STEPS)]
 
 
-def _train(model, opt, rank=None):
+def _dst(model, opt, harden_at=0.5):
     from padst_ext import DST
 
-    dst = DST(model, opt, algorithm="rigl", update_interval=2, drop_fraction=0.4, drop_schedule="constant",
-              total_steps=STEPS, seed=5, harden_at=0.5)
+    return DST(model, opt, algorithm="rigl", update_interval=2, drop_fraction=0.4, drop_schedule="constant",
+               total_steps=STEPS, seed=5, harden_at=harden_at)
+
+
+def _train(model, opt, rank=None, dst=None, start=0, stop=STEPS):
+    dst = dst or _dst(model, opt)
     losses = []
-    for x, y in _batches():
+    for x, y in _batches()[start:stop]:
         if rank is not None:  # each rank its half of the batch
             x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
         loss = nn.functional.cross_entropy(model(x), y)
@@ -119,3 +123,110 @@ def test_dst_under_fsdp2_matches_one_process(tmp_path, structure, kw):
             torch.testing.assert_close(s0[k], v, rtol=1e-3, atol=1e-4, msg=k)
         else:
             assert torch.equal(s0[k], v), f"{k}: the pattern differs from the one-process run"
+
+
+# -- checkpoints through torch.distributed.checkpoint (padst_ext.distributed) ---------------------------------------
+CK_KINDS = [("block", dict(block_size=8)), ("nm", dict(n=2, m=8)),
+            # saved in the soft phase, hardened after the resume (harden_at=0.75 of 8 steps: step 6)
+            ("block", dict(block_size=8, permute=True, perm_warmup=1))]
+CK_IDS = [k + ("+perm" if kw.get("permute") else "") for k, kw in CK_KINDS]
+
+
+def _fsdp_model(structure, kw, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    from padst_ext import SparseLinear
+
+    model = _model(structure, kw)
+    for m in model:
+        if isinstance(m, SparseLinear):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _ckpt_worker(rank: int, init_file: str, out_dir: str, structure: str, kw: dict, mode: str) -> None:
+    """mode "save": 4 steps, a DCP checkpoint, 4 more steps (the uninterrupted run); "resume": a fresh model loads the
+    checkpoint and runs the last 4 steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from padst_ext import distributed as pdist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        model = _fsdp_model(structure, kw, mesh)
+        ck = os.path.join(out_dir, "ck")
+        half = STEPS // 2
+        if mode == "save":
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            dst = _dst(model, opt, harden_at=0.75)
+            _train(model, opt, rank, dst, 0, half)
+            pdist.save(ck, model, opt, dst)
+            torch.save(_state(model), os.path.join(out_dir, f"mid{rank}.pt"))
+        else:
+            pdist.prepare(ck, model)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            dst = _dst(model, opt, harden_at=0.75)
+            pdist.load(ck, model, opt, dst)
+        _, losses = _train(model, opt, rank, dst, half, STEPS)
+        state = _state(model)
+        state["_losses"] = losses
+        state["_step"] = torch.tensor(dst.step)
+        torch.save(state, os.path.join(out_dir, f"{mode}{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("structure,kw", CK_KINDS, ids=CK_IDS)
+def test_dcp_checkpoint_resumes_on_two_ranks_and_loads_in_one_process(tmp_path, structure, kw):
+    from padst_ext import distributed as pdist
+
+    for mode, init in (("save", "init_a"), ("resume", "init_b")):
+        mp.spawn(_ckpt_worker, args=(str(tmp_path / init), str(tmp_path), structure, kw, mode), nprocs=WORLD,
+                 join=True)
+    # 2 -> 2: the resumed run continues exactly as the uninterrupted one (same values, patterns, permutations,
+    # optimizer moments behind them, DST clock and generator: the losses and the final states are equal)
+    for rank in range(WORLD):
+        full = torch.load(tmp_path / f"save{rank}.pt", weights_only=True)
+        resumed = torch.load(tmp_path / f"resume{rank}.pt", weights_only=True)
+        assert full.keys() == resumed.keys()
+        for k in full:
+            assert torch.equal(full[k], resumed[k]), f"rank {rank}: {k} differs after the 2 -> 2 resume"
+    if kw.get("permute"):  # the resumed run hardened after the load, on both ranks alike
+        assert any(k.endswith(".perm") for k in full)
+    # 2 -> 1: one process without a process group loads the same model, bit for bit
+    mid = torch.load(tmp_path / "mid0.pt", weights_only=True)
+    torch.set_num_threads(1)
+    model = _model(structure, kw)
+    pdist.load(tmp_path / "ck", model)
+    one = _state(model)
+    assert one.keys() == mid.keys()
+    for k in mid:
+        assert torch.equal(one[k], mid[k]), f"{k} differs after the 2 -> 1 load"
+
+
+def test_dcp_checkpoint_errors_name_the_problem(tmp_path):
+    from padst_ext import distributed as pdist
+
+    with pytest.raises(FileNotFoundError, match="padst_meta.pt"):
+        pdist.load(tmp_path, _model("block", dict(block_size=8)))
+    model = _model("block", dict(block_size=8, permute=True, perm_warmup=1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pdist.save(tmp_path / "ck", model, opt)
+    other = _model("nm", dict(n=2, m=8))
+    with pytest.raises(ValueError, match="config is"):
+        pdist.load(tmp_path / "ck", other)
+    with pytest.raises(ValueError, match="are not this model's"):
+        pdist.load(tmp_path / "ck", nn.Sequential(nn.Linear(16, 4)))
+    from padst_ext import harden_all
+
+    same = _model("block", dict(block_size=8, permute=True, perm_warmup=1))
+    harden_all(same, force=True)
+    with pytest.raises(ValueError, match="prepare"):
+        pdist.load(tmp_path / "ck", same, torch.optim.Adam(same.parameters(), lr=1e-2))
+    with pytest.raises(ValueError, match="no DST state"):
+        pdist.load(tmp_path / "ck", model, opt, dst=_dst(model, opt))
