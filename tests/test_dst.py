@@ -317,3 +317,25 @@ def test_bad_arguments():
 
 def test_package_exports():
     assert padst_ext.DST is DST
+
+
+def test_suspended_dst_does_not_count_optimizer_steps():
+    """Steps taken inside ``dst.suspended()`` (DCP's state-dict helpers step a fresh optimizer once) neither update
+    the pattern nor advance DST's step; afterwards DST counts again."""
+    from torch import nn as tnn
+
+    from padst_ext import DST, sparsify
+
+    torch.manual_seed(0)
+    model = tnn.Sequential(tnn.Linear(16, 32), tnn.ReLU(), tnn.Linear(32, 32), tnn.ReLU(), tnn.Linear(32, 8))
+    sparsify(model, "block", 0.5, block_size=8, permute=False, from_weights=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = DST(model, opt, algorithm="set", update_interval=1, drop_fraction=0.5, total_steps=10, seed=0)
+    with dst.suspended():
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    assert dst.step == 0 and dst.history == []
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    assert dst.step == 1 and len(dst.history) == 1

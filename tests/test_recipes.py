@@ -355,3 +355,47 @@ def test_outputs_are_written_atomically(tmp_path):
         D.save_atomic("new contents\n", path, writer=failing)
     assert path.read_text() == "old\n"
     assert not list(tmp_path.glob("metrics.csv.*.tmp"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_train_vit_fsdp_under_torchrun_resumes_on_two_and_one_processes(tmp_path):
+    """``padst-train vit --fsdp`` under torchrun (2 processes, gloo): it trains, process 0 writes the outputs and a
+    DCP checkpoint folder, and ``--resume`` loads that checkpoint on 2 and on 1 process into the same model (the same
+    test accuracy; the exact continuation of a sharded run is tests/test_dst_fsdp.py's)."""
+    import os
+    import subprocess
+    import sys
+
+    d = tmp_path / "fm"
+    d.mkdir()
+    fake_fashion(d)
+    out = tmp_path / "run"
+    env = dict(os.environ, PADST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+
+    def torchrun(n, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
+               "padst_ext.experiments.recipes", *_vit_argv(d, out, epochs=2, extra=["--fsdp", *extra])]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    log = torchrun(2)
+    assert log.count("[padst-train] epoch") == 2 and "2 processes" in log  # printed by process 0 only
+    s = json.loads((out / "summary.json").read_text())
+    assert s["processes"] == 2 and s["sharding"] == "fsdp2" and 0 <= s["test_acc"] <= 1
+    assert (out / "checkpoint" / "padst_meta.pt").is_file() and (out / "run_state.pt").is_file()
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,train_loss")
+    for n in (2, 1):
+        log = torchrun(n, "--resume")
+        assert f"at epoch 2 on {n} processes" in log and "[padst-train] epoch" not in log
+        again = json.loads((out / "summary.json").read_text())
+        assert again["test_acc"] == s["test_acc"] and again["processes"] == n
+        assert (out / "metrics.csv").read_text().splitlines() == rows
+
+
+def test_fsdp_outside_torchrun_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit, match="runs under torchrun"):
+        R.main(_vit_argv(tmp_path, tmp_path / "run", extra=["--fsdp"]))

@@ -16,10 +16,11 @@ from . import dst  # noqa: E402
 from . import semi_structured  # noqa: E402
 from . import tuning  # noqa: E402
 from .dst import DST  # noqa: E402
+from . import distributed  # noqa: E402
 
 __version__ = "0.1.0"
 tuning._setup_from_env()
 WITH_CUDA = _extension.WITH_CUDA
 
-__all__ = ["formats", "ops", "permutation", "reference", "structures", "nn", "dst", "semi_structured", "tuning", "DST", "SparseLinear", "sparsify", "export",
+__all__ = ["formats", "ops", "permutation", "reference", "structures", "nn", "dst", "semi_structured", "tuning", "distributed", "DST", "SparseLinear", "sparsify", "export",
            "harden_all", "permutation_penalty", "permutation_parameters", "permutation_report", "param_groups", "WITH_CUDA", "__version__"]

@@ -17,7 +17,9 @@ load, so a checkpoint saved on N ranks loads on N, on another number, or in one 
 
 ``prepare`` gives each layer the phase it had at the save (a hardened layer drops its soft logits and gains its
 ``perm`` buffer), so that the model holds the tensors the checkpoint has and the optimizer is built over the same
-parameters. A layer whose phase differs at ``load`` with an optimizer given is an error that says so.
+parameters. Without it, ``load`` hardens a soft layer that was saved hard (its logits stay in the optimizer, unused,
+as in the run that hardened it: the optimizer built at the start of a run takes such a checkpoint); a layer saved
+in its soft phase that is not soft now needs ``prepare`` before the optimizer is built, and ``load`` says so.
 """
 
 from __future__ import annotations
@@ -52,6 +54,44 @@ def _split(msd: dict):
     return {k: v for k, v in msd.items() if not k.endswith(_EXTRA)}, extra
 
 
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 leaves the root module's parameters unsharded after a forward without backward (an evaluation): the
+    state dicts name the sharded parameters the optimizer holds, so every FSDP module is resharded first."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - a torch without FSDP2
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+@contextlib.contextmanager
+def _live_params(model: nn.Module, optimizer):
+    """The optimizer's groups without the parameters the model no longer has (a hardened layer's soft logits: the
+    optimizer keeps them, without gradients from then on), which DCP's state dicts cannot name; put back after."""
+    if optimizer is None:
+        yield
+        return
+    live = {id(p) for p in model.parameters()}
+    kept = [g["params"] for g in optimizer.param_groups]
+    dead = {p: optimizer.state.pop(p) for g in kept for p in g if id(p) not in live and p in optimizer.state}
+    for g in optimizer.param_groups:
+        g["params"] = [p for p in g["params"] if id(p) in live]
+    try:
+        yield
+    finally:
+        for g, params in zip(optimizer.param_groups, kept):
+            g["params"] = params
+        optimizer.state.update(dead)
+
+
+def _suspended(dst):
+    """DCP's state-dict helpers step a fresh optimizer once (zero gradients, learning rate 0) to create its state:
+    that step must not count for DST (an update, the permutations' clocks)."""
+    return dst.suspended() if dst is not None else contextlib.nullcontext()
+
+
 def _state_dicts(model: nn.Module, optimizer):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
@@ -66,13 +106,15 @@ def save(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Op
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
-    msd, osd = _state_dicts(model, optimizer)
-    tensors, extra = _split(msd)
-    state = {"model": tensors}
-    if osd is not None:
-        state["optim"] = osd
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=str(path), no_dist=not _dist_on())
+    _reshard(model)
+    with _live_params(model, optimizer), _suspended(dst):
+        msd, osd = _state_dicts(model, optimizer)
+        tensors, extra = _split(msd)
+        state = {"model": tensors}
+        if osd is not None:
+            state["optim"] = osd
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=str(path), no_dist=not _dist_on())
     if _rank() == 0:
         meta = {"version": 1, "extra": extra, "dst": dst.state_dict() if dst is not None else None,
                 "world_size": torch.distributed.get_world_size() if _dist_on() else 1}
@@ -128,7 +170,9 @@ def load(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Op
     """Loads the checkpoint folder ``path`` into ``model`` (and ``optimizer``, ``dst``) as they are sharded now: on
     every rank of a distributed run (a collective), or in one process. The layers' phases must match the checkpoint's
     (:func:`prepare`, before the optimizer is built); without an optimizer, ``load`` sets them itself. Without
-    ``dst`` the checkpoint's DST state is not read (a model loaded for evaluation or export)."""
+    ``dst`` the checkpoint's DST state is not read (a model loaded for evaluation or export); a DST attached to the
+    optimizer must be given (a fresh optimizer is stepped once, at learning rate 0, to create its state, and DST
+    must not count that step)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -137,26 +181,30 @@ def load(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Op
     meta = _meta(path)
     for name, layer, ex in _layers(model, meta["extra"]):
         if layer.phase != ex["phase"]:
-            if optimizer is not None:
+            # a soft layer saved hard drops its logits (the optimizer keeps them unused, as in the run that hardened
+            # it); a layer saved soft needs its logits in the optimizer, so before the optimizer is built
+            if optimizer is not None and ex["phase"] == "soft":
                 raise ValueError(f"layer {name!r} is in its {layer.phase!r} permutation phase but was saved in "
-                                 f"{ex['phase']!r}: call padst_ext.distributed.prepare(path, model) before building "
-                                 "the optimizer")
+                                 f"'soft': call padst_ext.distributed.prepare(path, model) before building the "
+                                 "optimizer")
             layer._set_phase(ex["phase"])
     if dst is not None and meta["dst"] is None:
         raise ValueError(f"checkpoint {path} has no DST state to load into dst (it was saved without one)")
-    msd, osd = _state_dicts(model, optimizer)
-    tensors, _ = _split(msd)
-    state = {"model": tensors}
-    if osd is not None:
-        state["optim"] = osd
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
-    # the extra states (phase, clocks, records) with the tensors: SparseLinear's loader checks the pattern and the
-    # permutation it is given as it does for any state dict
-    full = dict(state["model"])
-    full.update(meta["extra"])
-    set_model_state_dict(model, full, options=StateDictOptions(strict=True))
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+    _reshard(model)
+    with _live_params(model, optimizer), _suspended(dst):
+        msd, osd = _state_dicts(model, optimizer)
+        tensors, _ = _split(msd)
+        state = {"model": tensors}
+        if osd is not None:
+            state["optim"] = osd
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
+        # the extra states (phase, clocks, records) with the tensors: SparseLinear's loader checks the pattern and
+        # the permutation it is given as it does for any state dict
+        full = dict(state["model"])
+        full.update(meta["extra"])
+        set_model_state_dict(model, full, options=StateDictOptions(strict=True))
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optim"])
     if dst is not None:
         dst.load_state_dict(meta["dst"])

@@ -12,6 +12,8 @@ loss) and harden on their own schedule in the post-hook.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import numbers
 from typing import Dict, List, Optional, Tuple
@@ -154,6 +156,21 @@ class DST:
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         self._arm(self.step)
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Optimizer steps inside do not count for DST (no update, no clock): for code that steps the optimizer
+        for its own purposes, as ``torch.distributed.checkpoint``'s state-dict helpers do (a zero-gradient step at
+        learning rate 0 to create a fresh optimizer's state)."""
+        for h in self._hooks:
+            h.remove()
+        self._disarm()
+        try:
+            yield self
+        finally:
+            self._hooks = [self.optimizer.register_step_pre_hook(self._pre_step),
+                           self.optimizer.register_step_post_hook(self._post_step)]
+            self._arm(self.step)
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def is_update_step(self, step: int) -> bool:

@@ -13,6 +13,7 @@ and writes ``metrics.csv``, ``summary.json`` and ``checkpoint.pt`` (resumable wi
     padst-train vit --quick                                   # a short run (about 2 minutes on 2 cores)
     padst-train vit --structure nm --sparsity 0.95 --permute --algorithm rigl --epochs 10
     padst-train gpt2 --structure block --sparsity 0.9 --steps 2000
+    torchrun --standalone --nproc_per_node 2 -m padst_ext.experiments.recipes vit --fsdp --quick   # FSDP2
 """
 
 from __future__ import annotations
@@ -139,6 +140,15 @@ def _check_same_training(path: Path, saved: Dict, now: Dict) -> None:
                                 f"the same ones, or train into a new --out.")
 
 
+def write_metrics(rows: List[Dict], out: Path) -> None:
+    """``out/metrics.csv``: one row per evaluation, the union of the rows' columns."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    D.write_text_atomic(buf.getvalue(), out / "metrics.csv")
+
+
 class Run:
     """What both tasks share: the optimizer (AdamW, one-cycle schedule), DST over the sparse layers, and the
     output folder (``checkpoint.pt`` written atomically after every evaluation, ``metrics.csv``)."""
@@ -187,11 +197,7 @@ class Run:
         return self.done
 
     def _write_metrics(self) -> None:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in self.rows for k in r)))
-        w.writeheader()
-        w.writerows(self.rows)
-        D.write_text_atomic(buf.getvalue(), self.out / "metrics.csv")
+        write_metrics(self.rows, self.out)
 
     def save(self, done: int, row: Dict) -> None:
         self.done = done
@@ -215,8 +221,9 @@ def permutation_row(model: nn.Module) -> Dict:
                 perm_converged=s["converged"], perm_deadline=s["deadline"])
 
 
-def summarize(model: nn.Module, args, sparse_layers: List[str], out: Path, summary: Dict) -> Dict:
-    """Adds the sparse layers' realised density, writes ``summary.json`` and prints the closing lines."""
+def summarize(model: nn.Module, args, sparse_layers: List[str], out: Path, summary: Dict, write: bool = True) -> Dict:
+    """Adds the sparse layers' realised density, writes ``summary.json`` and prints the closing lines (``write``:
+    False on the processes of a sharded run other than the first, which compute the same summary collectively)."""
     permute = bool(args.permute and args.structure not in ("dense", "unstructured"))
     summary = dict(structure=args.structure, sparsity=args.sparsity, permute=permute, algorithm=args.algorithm,
                    seed=args.seed, sparse_layers=len(sparse_layers), threads=args.threads, device=args.device,
@@ -229,6 +236,8 @@ def summarize(model: nn.Module, args, sparse_layers: List[str], out: Path, summa
         summary["permutation"] = permutation_report(model)
         summary["permutation"]["summary"].update(total_steps=getattr(args, "total_steps", None),
                                                  deadline_step=args.harden_step)
+    if not write:
+        return summary
     D.write_text_atomic(json.dumps(summary, indent=1), out / "summary.json")
     metric = ", ".join(f"{k.replace('_', ' ')} {summary[k]:.4f}" for k in ("test_acc", "test_ppl") if k in summary)
     msg = f"[padst-train] {out.name}: {metric}"
@@ -242,7 +251,9 @@ def summarize(model: nn.Module, args, sparse_layers: List[str], out: Path, summa
         msg += (f"; vs the dense twin: training step {summary['train_speedup']:.2f}x, inference "
                 f"{summary['infer_speedup']:.2f}x ({args.threads} threads)")
     print(msg)
-    print(f"[padst-train] wrote {out}/summary.json, metrics.csv, checkpoint.pt")
+    print(f"[padst-train] wrote {out}/summary.json, metrics.csv, "
+          + ("checkpoint/ (torch.distributed.checkpoint) and run_state.pt" if getattr(args, "fsdp", False)
+             else "checkpoint.pt"))
     return summary
 
 
@@ -519,6 +530,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--data-dir", default=None, help="a folder with the four Fashion-MNIST IDX gz files")
     v.add_argument("--infer-batch", type=int, default=512)
     v.add_argument("--quick", action="store_true", help="a short run: width 96, depth 4, one epoch")
+    v.add_argument("--fsdp", action="store_true",
+                   help="shard the model with FSDP2 over the processes torchrun starts (gloo on the CPU, NCCL with "
+                        "--device cuda); --batch-size is the global batch; see padst_ext.experiments.fsdp")
     g = sub.add_parser("gpt2", help="a small GPT-2 on English Wikipedia text")
     _common(g, width=128, depth=4, heads=4, lr=1e-3)
     g.add_argument("--steps", type=int, default=2000)
@@ -550,6 +564,10 @@ def main(argv=None) -> Dict:
             args.width, args.depth, args.heads = 96, 4, 3
             args.epochs = args.epochs if "--epochs" in given else 1
             args.update_interval = min(args.update_interval, 50)
+        if args.fsdp:
+            from .fsdp import train_vit as train_vit_fsdp
+
+            return train_vit_fsdp(args)
         return train_vit(args)
     if args.quick:
         args.steps = args.steps if "--steps" in given else 300
