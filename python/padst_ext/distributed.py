@@ -100,12 +100,11 @@ def _state_dicts(model: nn.Module, optimizer):
     return get_state_dict(model, optimizer)
 
 
-def save(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, dst=None) -> None:
-    """Writes the checkpoint folder ``path``: on every rank of a distributed run (a collective), or in one process.
-    Call it between steps (after ``optimizer.step()``), not while a DST update's gradients are being gathered."""
-    import torch.distributed.checkpoint as dcp
-
-    path = Path(path)
+@contextlib.contextmanager
+def _dcp_state(model: nn.Module, optimizer, dst):
+    """The state DCP saves or loads in place (``{"model": tensors, "optim": ...}``) and the model's extra states
+    (not tensors of fixed shape: padst_meta.pt), built from the resharded model with the optimizer's live
+    parameters and DST suspended; the context stays open while DCP and the setters use them."""
     _reshard(model)
     with _live_params(model, optimizer), _suspended(dst):
         msd, osd = _state_dicts(model, optimizer)
@@ -113,8 +112,17 @@ def save(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Op
         state = {"model": tensors}
         if osd is not None:
             state["optim"] = osd
-        with _quiet_single_process():
-            dcp.save(state, checkpoint_id=str(path), no_dist=not _dist_on())
+        yield state, extra
+
+
+def save(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, dst=None) -> None:
+    """Writes the checkpoint folder ``path``: on every rank of a distributed run (a collective), or in one process.
+    Call it between steps (after ``optimizer.step()``), not while a DST update's gradients are being gathered."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    with _dcp_state(model, optimizer, dst) as (state, extra), _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(path), no_dist=not _dist_on())
     if _rank() == 0:
         meta = {"version": 1, "extra": extra, "dst": dst.state_dict() if dst is not None else None,
                 "world_size": torch.distributed.get_world_size() if _dist_on() else 1}
@@ -190,13 +198,7 @@ def load(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Op
             layer._set_phase(ex["phase"])
     if dst is not None and meta["dst"] is None:
         raise ValueError(f"checkpoint {path} has no DST state to load into dst (it was saved without one)")
-    _reshard(model)
-    with _live_params(model, optimizer), _suspended(dst):
-        msd, osd = _state_dicts(model, optimizer)
-        tensors, _ = _split(msd)
-        state = {"model": tensors}
-        if osd is not None:
-            state["optim"] = osd
+    with _dcp_state(model, optimizer, dst) as (state, _):
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
         # the extra states (phase, clocks, records) with the tensors: SparseLinear's loader checks the pattern and

@@ -15,7 +15,6 @@ not made (``--no-speed``): time it in one process.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -26,11 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import distributed as pdist
-from ..dst import DST
-from ..nn import param_groups
 from . import data as D
-from .recipes import (_check_same_training, _permutation_schedule, batches, build_models, evaluate, permutation_row,
-                      run_name, summarize, write_metrics)
+from .recipes import (_check_same_training, batches, build_models, epoch_order, evaluate, optimization,
+                      permutation_row, run_name, summarize, vit_data, write_metrics)
 
 
 def _init(args):
@@ -76,16 +73,7 @@ def _train_vit(args, device, rank: int, world: int) -> Dict:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
-    ds = D.fashion_mnist(args.data_dir)
-    xtr, ytr = D.image_split(ds, "train", valid=args.valid, seed=0)
-    xva, yva = D.image_split(ds, "valid", valid=args.valid, seed=0)
-    xte, yte = D.image_split(ds, "test")
-    if args.train_subset:
-        xtr, ytr = xtr[:args.train_subset], ytr[:args.train_subset]
-    steps_per_epoch = math.ceil(xtr.shape[0] / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    _permutation_schedule(args, total_steps)
-
+    (xtr, ytr), (xva, yva), (xte, yte), _, total_steps = vit_data(args)
     model, sparse_layers, _ = build_models(args)
     model.to(device)
     _shard(model, device, world)
@@ -93,15 +81,7 @@ def _train_vit(args, device, rank: int, world: int) -> Dict:
     # the optimizer over the model as built (soft layers with their logits), as at the start of the run: a
     # checkpoint's hardened layers drop their logits at the load and the optimizer keeps them unused, as it did
     resuming = args.resume and (ck / pdist.META).is_file() and state_file.is_file()
-    groups = param_groups(model, lr=args.lr, weight_decay=args.weight_decay, perm_lr=args.perm_lr,
-                          soft_steps=args.harden_step - args.perm_warmup)
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps,
-                                                pct_start=0.1)
-    dst = None
-    if sparse_layers:
-        dst = DST(model, opt, algorithm=args.algorithm, update_interval=args.update_interval,
-                  drop_fraction=args.drop_fraction, total_steps=total_steps, seed=args.seed)
+    opt, sched, dst = optimization(model, sparse_layers, total_steps, args)
     done, rows = 0, []
     if resuming:
         st = D.load_checkpoint(state_file, required=("scheduler", "done", "rows", "args"))
@@ -112,9 +92,7 @@ def _train_vit(args, device, rank: int, world: int) -> Dict:
         if lead:
             print(f"[padst-train] resumed {ck} at epoch {done} on {world} processes")
 
-    gen = torch.Generator().manual_seed(args.seed)
-    for _ in range(done):  # the same shuffles as an uninterrupted run
-        torch.randperm(xtr.shape[0], generator=gen)
+    gen = epoch_order(args.seed, xtr.shape[0], done)
     for epoch in range(done, args.epochs):
         model.train()
         t0 = time.perf_counter()

@@ -140,6 +140,22 @@ def _check_same_training(path: Path, saved: Dict, now: Dict) -> None:
                                 f"the same ones, or train into a new --out.")
 
 
+def optimization(model: nn.Module, sparse_layers: List[str], total_steps: int, args):
+    """The optimizer (AdamW), its one-cycle schedule and DST over the sparse layers (None without any)."""
+    # the soft permutations' logits in their own group: their own learning rate and no weight decay (which would
+    # pull them towards the uniform matrix)
+    groups = param_groups(model, lr=args.lr, weight_decay=args.weight_decay, perm_lr=args.perm_lr,
+                          soft_steps=args.harden_step - args.perm_warmup)
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps,
+                                                pct_start=0.1)
+    dst = None
+    if sparse_layers:
+        dst = DST(model, opt, algorithm=args.algorithm, update_interval=args.update_interval,
+                  drop_fraction=args.drop_fraction, total_steps=total_steps, seed=args.seed)
+    return opt, sched, dst
+
+
 def write_metrics(rows: List[Dict], out: Path) -> None:
     """``out/metrics.csv``: one row per evaluation, the union of the rows' columns."""
     buf = io.StringIO()
@@ -155,17 +171,7 @@ class Run:
 
     def __init__(self, model: nn.Module, sparse_layers: List[str], total_steps: int, args, out: Path):
         self.model, self.out, self.args = model, out, args
-        # the soft permutations' logits in their own group: their own learning rate and no weight decay (which
-        # would pull them towards the uniform matrix)
-        groups = param_groups(model, lr=args.lr, weight_decay=args.weight_decay, perm_lr=args.perm_lr,
-                              soft_steps=args.harden_step - args.perm_warmup)
-        self.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=[g["lr"] for g in groups],
-                                                         total_steps=total_steps, pct_start=0.1)
-        self.dst = None
-        if sparse_layers:
-            self.dst = DST(model, self.opt, algorithm=args.algorithm, update_interval=args.update_interval,
-                           drop_fraction=args.drop_fraction, total_steps=total_steps, seed=args.seed)
+        self.opt, self.sched, self.dst = optimization(model, sparse_layers, total_steps, args)
         self.rows: List[Dict] = []
         self.extra: Dict = {}  # more for the checkpoint (GPT-2 with --vocab: the id table)
         self.done = 0  # epochs (ViT) or steps (GPT-2) completed
@@ -295,12 +301,9 @@ def run_name(args) -> str:
     return f"{args.task}-{args.structure}{sp}-{perm}-{args.algorithm}-s{args.seed}"
 
 
-def train_vit(args) -> Dict:
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    out = Path(args.out) if args.out else Path("runs") / run_name(args)
-    out.mkdir(parents=True, exist_ok=True)
-
+def vit_data(args):
+    """Fashion-MNIST's train / valid / test splits as ``args`` says, and the run's steps per epoch and in all (which
+    also set the permutations' schedule in steps)."""
     ds = D.fashion_mnist(args.data_dir)
     xtr, ytr = D.image_split(ds, "train", valid=args.valid, seed=0)
     xva, yva = D.image_split(ds, "valid", valid=args.valid, seed=0)
@@ -310,7 +313,24 @@ def train_vit(args) -> Dict:
     steps_per_epoch = math.ceil(xtr.shape[0] / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     _permutation_schedule(args, total_steps)
+    return (xtr, ytr), (xva, yva), (xte, yte), steps_per_epoch, total_steps
 
+
+def epoch_order(seed: int, n: int, done: int) -> torch.Generator:
+    """The generator of the training order after ``done`` epochs: the same shuffles as an uninterrupted run."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(done):
+        torch.randperm(n, generator=gen)
+    return gen
+
+
+def train_vit(args) -> Dict:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = Path(args.out) if args.out else Path("runs") / run_name(args)
+    out.mkdir(parents=True, exist_ok=True)
+
+    (xtr, ytr), (xva, yva), (xte, yte), steps_per_epoch, total_steps = vit_data(args)
     model, sparse_layers, dense_twin = build_models(args)
     model.to(device)
     run = Run(model, sparse_layers, total_steps, args, out)
@@ -318,9 +338,7 @@ def train_vit(args) -> Dict:
 
     from tqdm import tqdm
 
-    gen = torch.Generator().manual_seed(args.seed)
-    for _ in range(start_epoch):  # the same shuffles as an uninterrupted run
-        torch.randperm(xtr.shape[0], generator=gen)
+    gen = epoch_order(args.seed, xtr.shape[0], start_epoch)
     for epoch in range(start_epoch, args.epochs):
         model.train()
         t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
