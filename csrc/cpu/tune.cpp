@@ -213,6 +213,17 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
   double best_ms = time_point(def, 1e300);
   e.default_ms = best_ms;
   e.tried = 1;
+  // Measures a candidate not measured yet; it becomes the best if faster by `margin`.
+  auto try_point = [&](const Point& p, double margin) {
+    if (!valid(p) || std::find(seen.begin(), seen.end(), p) != seen.end()) return;
+    seen.push_back(p);
+    const double t = time_point(p, 3 * best_ms);
+    ++e.tried;
+    if (t < best_ms * (1 - margin)) {
+      best = p;
+      best_ms = t;
+    }
+  };
   // The seeds (combinations that only pay together): the descent starts from the fastest of them and the default.
   for (const Point& sp : space.seeds) {
     if (best_ms < g_min_ms.load() || now_ms() - t_start > kBudgetMs) break;
@@ -222,14 +233,7 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
       TORCH_INTERNAL_ASSERT(std::find(space.values[d].begin(), space.values[d].end(), sp[d]) != space.values[d].end(),
                             "padst::_cpu_tune: a seed of ", key, " has ", space.names[d], "=", sp[d],
                             ", not one of its values");
-    if (!valid(sp) || std::find(seen.begin(), seen.end(), sp) != seen.end()) continue;
-    seen.push_back(sp);
-    const double t = time_point(sp, 3 * best_ms);
-    ++e.tried;
-    if (t < best_ms) {
-      best = sp;
-      best_ms = t;
-    }
+    try_point(sp, 0.0);
   }
   // Coordinate descent: each parameter in turn over its values, the others at the best point so far; a second pass
   // when the first moved and the budget allows.
@@ -241,14 +245,7 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
         Point p = best;
         if (p[d] == v) continue;
         p[d] = v;
-        if (!valid(p) || std::find(seen.begin(), seen.end(), p) != seen.end()) continue;
-        seen.push_back(p);
-        const double t = time_point(p, 3 * best_ms);
-        ++e.tried;
-        if (t < best_ms * (1 - kMargin)) {
-          best = p;
-          best_ms = t;
-        }
+        try_point(p, kMargin);
       }
     }
     if (best == start) break;
