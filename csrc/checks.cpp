@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <algorithm>
+#include <limits>
 
 namespace padst {
 
@@ -76,6 +77,10 @@ Perm check_perm(const char* op, const char* what, const std::optional<at::Tensor
     p.inv[v] = i;
     p.fwd[i] = v;
     p.identity = p.identity && v == i;
+  }
+  if (!p.identity && n <= std::numeric_limits<int32_t>::max()) {
+    p.fwd32.assign(p.fwd.begin(), p.fwd.end());
+    p.inv32.assign(p.inv.begin(), p.inv.end());
   }
   return p;
 }

@@ -32,8 +32,11 @@ void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at:
 struct Perm {
   std::vector<int64_t> fwd;
   std::vector<int64_t> inv;
+  std::vector<int32_t> fwd32, inv32;  // the same as int32, for the CPU kernels' vector gathers (empty when identity)
   bool identity = true;
-  size_t bytes() const { return (fwd.size() + inv.size()) * sizeof(int64_t); }
+  size_t bytes() const {
+    return (fwd.size() + inv.size()) * sizeof(int64_t) + (fwd32.size() + inv32.size()) * sizeof(int32_t);
+  }
 };
 inline size_t nbytes(const at::Tensor& t) { return t.defined() ? t.nbytes() : 0; }
 Perm check_perm(const char* op, const char* what, const std::optional<at::Tensor>& perm, int64_t n,

@@ -210,7 +210,8 @@ at::Tensor block_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at:
                                    m.blk_t.data_ptr<int64_t>(), vf.data_ptr<float>(), m.bc, m.br, 1, m.br * m.bc, m.bc};
         rk::block_mm(xc.data_ptr<scalar_t>(), x.size(0), m.C, perm_ptr(p.pin, false), line, m.nbr,
                      rk::Store<scalar_t>{y.data_ptr<scalar_t>(), m.R, perm_ptr(p.pout, true),
-                                         bc_ ? bc_->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false)},
+                                         bc_ ? bc_->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false),
+                                         perm_ptr32(p.pout, false)},
                      [&] { return transposed_float_blocks(values); }, &by_col, m.nbc);
         return;
       }
@@ -247,7 +248,7 @@ at::Tensor block_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const 
                                    vf.data_ptr<float>(), m.br, m.bc, m.bc, m.br * m.bc};
         rk::block_mm(dyc.data_ptr<scalar_t>(), dy.size(0), m.R, perm_ptr(p.pout, true), line, m.nbc,
                      rk::Store<scalar_t>{dx.data_ptr<scalar_t>(), m.C, perm_ptr(p.pin, false), nullptr,
-                                         perm_ptr(p.pin, true)},
+                                         perm_ptr(p.pin, true), perm_ptr32(p.pin, true)},
                      [&] { return vf; }, &by_row, m.nbr);  // already output-contiguous
         return;
       }

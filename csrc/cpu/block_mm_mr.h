@@ -334,14 +334,8 @@ PADST_ALWAYS_INLINE void mr_panel(const MrArgs<T>& a, int64_t b, int64_t n, int6
     }
   }
   if (a.st.scatter) {  // write back the finished rows by gathering
-    for (int64_t m = 0; m < n; ++m) {
-      T* o = a.st.out + (b + m) * a.st.out_cols;
-      const float* z = a.zrow + m * ld;
-      for (int64_t j = 0; j < ld; ++j) {
-        const float bias = a.st.bias ? static_cast<float>(a.st.bias[j]) : 0.0f;
-        o[j] = static_cast<T>(z[a.st.gather[j]] + bias);
-      }
-    }
+    for (int64_t m = 0; m < n; ++m)
+      write_row(isa_of_width(VW), a.st, a.st.out + (b + m) * a.st.out_cols, a.zrow + m * ld);
   }
 }
 

@@ -69,6 +69,11 @@ inline at::Tensor float_values(const at::Tensor& values) { return values.to(at::
 inline const int64_t* perm_ptr(const Perm& p, bool inverse) {
   return p.identity ? nullptr : (inverse ? p.inv.data() : p.fwd.data());
 }
+// The same as int32 (rk::Store::gather32), or null (identity, or too long for 32-bit indices).
+inline const int32_t* perm_ptr32(const Perm& p, bool inverse) {
+  const std::vector<int32_t>& v = inverse ? p.inv32 : p.fwd32;
+  return p.identity || v.empty() ? nullptr : v.data();
+}
 
 // Validation results are cached per metadata tensor and version as on the GPU path (meta_cache.h): at batch 1
 // a full check of the metadata would cost as much as the product itself.

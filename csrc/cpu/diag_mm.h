@@ -238,14 +238,8 @@ PADST_ALWAYS_INLINE void diag_body(const DiagArgs<T>& a, int64_t b0, int64_t b1)
       for (; i < sn; ++i) diag_rows<VW, NRV, 1>(a, a.xbuf + i * a.xld, sb + i, i, u0, u1);
     }
     if (a.st.scatter) {
-      for (int64_t i = 0; i < sn; ++i) {
-        T* o = a.st.out + (sb + i) * a.st.out_cols;
-        const float* zm = a.zrow + i * a.nout;
-        for (int64_t j = 0; j < a.nout; ++j) {
-          const float bias = a.st.bias ? static_cast<float>(a.st.bias[j]) : 0.0f;
-          o[j] = static_cast<T>(zm[a.st.gather[j]] + bias);
-        }
-      }
+      for (int64_t i = 0; i < sn; ++i)
+        write_row(isa_of_width(VW), a.st, a.st.out + (sb + i) * a.st.out_cols, a.zrow + i * a.nout);
     }
   }
 }

@@ -163,7 +163,8 @@ at::Tensor diag_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::
     if constexpr (kVecType<scalar_t>) {
       if (B >= kMinVecBatch) {
         const rk::Store<scalar_t> st{y.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true),
-                                     bc ? bc->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false)};
+                                     bc ? bc->data_ptr<scalar_t>() : nullptr, perm_ptr(p.pout, false),
+                                     perm_ptr32(p.pout, false)};
         diag_vec(xc.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), values, p, /*shifted=*/tall, R, st, B);
         return;
       }
@@ -192,7 +193,7 @@ at::Tensor diag_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const a
     if constexpr (kVecType<scalar_t>) {
       if (B >= kMinVecBatch) {
         const rk::Store<scalar_t> st{dx.data_ptr<scalar_t>(), C, perm_ptr(p.pin, false), nullptr,
-                                     perm_ptr(p.pin, true)};
+                                     perm_ptr(p.pin, true), perm_ptr32(p.pin, true)};
         diag_vec(dyc.data_ptr<scalar_t>(), R, perm_ptr(p.pout, true), values, p, /*shifted=*/!tall, C, st, B);
         return;
       }

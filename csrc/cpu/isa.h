@@ -41,6 +41,9 @@ const char* isa_name(Isa isa);
 // Floats per SIMD vector: 4 (SSE2), 8 (AVX2), 16 (AVX-512).
 constexpr int vec_floats(Isa isa) { return isa == Isa::kAvx512 ? 16 : (isa == Isa::kAvx2 ? 8 : 4); }
 
+// The ISA whose vectors hold vw floats (the inverse of vec_floats).
+constexpr Isa isa_of_width(int vw) { return vw >= 16 ? Isa::kAvx512 : (vw == 8 ? Isa::kAvx2 : Isa::kBase); }
+
 // An ISA as a type, what a dispatch_isa body receives: `decltype(isa)::vw` is a compile-time vector width.
 template <Isa I>
 struct IsaTag {

@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
+#include "gather_row.h"
 #include "isa.h"
 #include "vec.h"
 
@@ -71,6 +73,7 @@ struct Store {
   const int64_t* scatter;  // dst(r) = scatter[r], or r
   const T* bias;           // by destination column, may be null
   const int64_t* gather = nullptr;  // the inverse of scatter (out column j holds row gather[j])
+  const int32_t* gather32 = nullptr;  // the same as int32 (write_row's vector gathers), or null
   float* zfull = nullptr;           // set by drive(): the whole tile [kTB][out_cols], written back by gathering
 };
 
@@ -116,20 +119,29 @@ PADST_ALWAYS_INLINE void flush(const Store<T>& s, int64_t r0, int64_t n, int64_t
   }
 }
 
+// One permuted output row: o[j] = z[gather[j]] + bias[j], j < out_cols, z a row of results in output-row order.
+// float32 with 32-bit indices through vector gathers (gather_row.h, compiled for `isa`), else one value at a time.
+template <typename T>
+inline void write_row(Isa isa, const Store<T>& s, T* o, const float* z) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (s.gather32) {
+      gr::gather_row(isa, o, z, s.gather32, s.bias, s.out_cols);
+      return;
+    }
+  }
+  if (s.bias) {
+    for (int64_t j = 0; j < s.out_cols; ++j) o[j] = static_cast<T>(z[s.gather[j]] + static_cast<float>(s.bias[j]));
+  } else {
+    for (int64_t j = 0; j < s.out_cols; ++j) o[j] = static_cast<T>(z[s.gather[j]]);
+  }
+}
+
 // A permuted output tile: out[b0 + t, j] = zfull[t][gather[j]] + bias[j], batch rows [t0, t1). Scattering the
 // results one by one would write-allocate a new cache line per value; gathering from the tile (in L2) writes
 // the output rows contiguously.
 template <typename T>
-void write_back(const Store<T>& s, int64_t b0, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    T* o = s.out + (b0 + t) * s.out_cols;
-    const float* zt = s.zfull + t * s.out_cols;
-    if (s.bias) {
-      for (int64_t j = 0; j < s.out_cols; ++j) o[j] = static_cast<T>(zt[s.gather[j]] + static_cast<float>(s.bias[j]));
-    } else {
-      for (int64_t j = 0; j < s.out_cols; ++j) o[j] = static_cast<T>(zt[s.gather[j]]);
-    }
-  }
+void write_back(Isa isa, const Store<T>& s, int64_t b0, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) write_row(isa, s, s.out + (b0 + t) * s.out_cols, s.zfull + t * s.out_cols);
 }
 
 // The driver: out rows [0, nrows) for the whole batch, tiles of kTB batch rows. `run(xT, r0, r1, b0, tb, st)`
@@ -155,7 +167,7 @@ void drive(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, int64
         const int64_t b0 = bt * TB, tb = std::min(TB, B - b0);
         pack(b0, tb, xT);
         run(xT, 0, nrows, b0, tb, s);
-        if (whole) write_back(s, b0, 0, tb);
+        if (whole) write_back(isa, s, b0, 0, tb);
       }
     });
     return;
@@ -168,7 +180,7 @@ void drive(const T* in, int64_t B, int64_t in_cols, const int64_t* gather, int64
     const int64_t b0 = bt * TB, tb = std::min(TB, B - b0);
     pack(b0, tb, xT);
     at::parallel_for(0, nrows, row_grain, [&](int64_t r0, int64_t r1) { run(xT, r0, r1, b0, tb, s); });
-    if (whole) at::parallel_for(0, tb, 1, [&](int64_t t0, int64_t t1) { write_back(s, b0, t0, t1); });
+    if (whole) at::parallel_for(0, tb, 1, [&](int64_t t0, int64_t t1) { write_back(isa, s, b0, t0, t1); });
   }
 }
 
