@@ -427,6 +427,8 @@ ISA_SHAPES = [
     ("block", 8, 64, 96, dict(block=(32, 8), sparsity=0.5)),
     ("block", 130, 96, 64, dict(block=(16, 32), sparsity=0.5)),  # dW over several 64-row batch tiles
     ("block", 33, 80, 48, dict(block=(12, 20), sparsity=0.75)),
+    # 36 outputs / 60 inputs: the permuted write-back's vector gathers end in a tail (4 or 12 values)
+    ("block", 20, 60, 36, dict(block=(12, 20), sparsity=0.5)),
     ("block", 70, 128, 64, dict(block=(32, 32), sparsity=0.5)),
     # rows of 8 KB (float32) / 4 KB (bfloat16): a permuted input is packed too (its rows would alias in L1)
     ("block", 13, 2048, 32, dict(block=(32, 16), sparsity=0.9)),
