@@ -28,12 +28,17 @@ constexpr double kMinMs = 0.02;
 std::atomic<double> g_min_ms{kMinMs};
 // Timed runs per candidate (after one untimed run), the minimum kept.
 constexpr int kReps = 3;
-// Alternating runs of the default and the chosen variant that confirm a change: the change is kept if its median is
-// faster by kConfirmMargin and it won three quarters of the pairs (5 pairs and a 5% margin rejected real 8% gains on
-// a noisy 2-core VM; a variant no faster than the default rarely wins 7 of 9). As many pairs as fit in what is left
-// of kTotalMs, from kConfirmMin to kConfirmMax: a 25 ms kernel gets fewer pairs than a 2 ms one. Up to 25 pairs: with
-// 9, a 1.4 ms class (block32 fc1 90% on the Xeon, 3-7% faster from cold caches) kept its default in 3 of 12 tunings,
-// with 25 in 1-2 of 12 (and 19 wins of 25 are as unlikely for a variant no faster than the default).
+// The runoff that settles the choice: the kRunoff fastest points of the search and the default, timed in
+// alternating rounds (each round runs each of them once, from cold caches, in a rotating order). The fastest median
+// wins; a winner other than the default is kept only if its median is faster than the default's by kConfirmMargin and
+// it beat the default in three quarters of the rounds. As many rounds as fit in what is left of kTotalMs, from
+// kConfirmMin to kConfirmMax: a 25 ms kernel gets fewer than a 2 ms one. Why: on a noisy 2-core VM (the Xeon), the
+// search's single timings (the minimum of kReps runs each) often ranked two variants 5-8% apart the wrong way round
+// (block32 fc2 90%: rows packed with a padded stride chosen over the rows read in place, which the benchmark's round
+// robin measured 8% faster), and a confirmation against the default alone kept such a pick; 5 pairs and a 5% margin
+// had rejected real 8% gains, and with 9 pairs a 1.4 ms class whose best variant is 3-7% faster (block32 fc1 90%)
+// kept its default in 3 of 12 tunings.
+constexpr int kRunoff = 3;
 constexpr int kConfirmMin = 3;
 constexpr int kConfirmMax = 25;
 constexpr double kConfirmMargin = 0.03;
@@ -212,7 +217,9 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
   Entry e;
   Point best = def;
   std::vector<Point> seen{def};
+  std::vector<std::pair<double, Point>> measured;  // every candidate's time, for the runoff
   double best_ms = time_point(def, 1e300);
+  measured.emplace_back(best_ms, def);
   e.default_ms = best_ms;
   e.tried = 1;
   // Measures a candidate not measured yet; it becomes the best if faster by `margin`.
@@ -220,6 +227,7 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
     if (!valid(p) || std::find(seen.begin(), seen.end(), p) != seen.end()) return;
     seen.push_back(p);
     const double t = time_point(p, 3 * best_ms);
+    measured.emplace_back(t, p);
     ++e.tried;
     if (t < best_ms * (1 - margin)) {
       best = p;
@@ -252,25 +260,45 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
     }
     if (best == start) break;
   }
-  // Confirm a change against the default in alternating pairs (the descent's times came many runs of noise apart):
-  // keep it only if its median is still faster (kConfirmMargin) and it won three quarters of the pairs.
-  if (best != def) {
-    const double pair_ms = 2 * std::max(e.default_ms, best_ms);
-    const int n = std::clamp(static_cast<int>((kTotalMs - (now_ms() - t_start)) / pair_ms), kConfirmMin, kConfirmMax);
-    std::vector<double> tb, td;
-    int wins = 0;
-    for (int r = 0; r < n; ++r) {
-      td.push_back(timed(def));
-      tb.push_back(timed(best));
-      wins += tb.back() < td.back();
+  // The runoff (see kRunoff): the search's fastest points and the default, in alternating rounds.
+  if (best_ms >= g_min_ms.load() && measured.size() > 1) {
+    std::stable_sort(measured.begin(), measured.end(),
+                     [](const auto& a, const auto& b) { return a.first < b.first; });
+    // the default and the fastest others, as many as kConfirmMin rounds leave time for (at least one other)
+    std::vector<Point> pts{def};
+    double round_ms = e.default_ms;
+    const double left_ms = kTotalMs - (now_ms() - t_start);
+    for (const auto& m : measured) {
+      if (static_cast<int>(pts.size()) > kRunoff) break;
+      if (m.second == def) continue;
+      if (pts.size() > 1 && kConfirmMin * (round_ms + m.first) > left_ms) break;
+      pts.push_back(m.second);
+      round_ms += m.first;
     }
-    std::sort(tb.begin(), tb.end());
-    std::sort(td.begin(), td.end());
-    e.default_ms = td[n / 2];
-    best_ms = tb[n / 2];
-    if (!(best_ms < e.default_ms * (1 - kConfirmMargin)) || wins < n - n / 4) {
+    const size_t k = pts.size();
+    const int n = std::clamp(static_cast<int>(left_ms / std::max(round_ms, 1e-3)), kConfirmMin, kConfirmMax);
+    std::vector<std::vector<double>> t(k);
+    for (int r = 0; r < n; ++r)
+      for (size_t j = 0; j < k; ++j) {
+        const size_t i = (j + r) % k;  // rotating order: no point always runs right after another
+        t[i].push_back(timed(pts[i]));
+      }
+    std::vector<double> med(k);
+    for (size_t i = 0; i < k; ++i) {
+      std::vector<double> v = t[i];
+      std::sort(v.begin(), v.end());
+      med[i] = v[n / 2];
+    }
+    const size_t w = static_cast<size_t>(std::min_element(med.begin(), med.end()) - med.begin());
+    int wins = 0;
+    for (int r = 0; r < n; ++r) wins += t[w][r] < t[0][r];
+    e.default_ms = med[0];
+    if (w != 0 && med[w] < med[0] * (1 - kConfirmMargin) && wins >= n - n / 4) {
+      best = pts[w];
+      best_ms = med[w];
+    } else {
       best = def;
-      best_ms = e.default_ms;
+      best_ms = med[0];
     }
   }
   if (last != best) run(best);
