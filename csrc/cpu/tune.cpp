@@ -31,8 +31,9 @@ constexpr int kReps = 3;
 // The runoff that settles the choice: the kRunoff fastest points of the search and the default, timed in
 // alternating rounds (each round runs each of them once, from cold caches, in a rotating order). The fastest median
 // wins; a winner other than the default is kept only if its median is faster than the default's by kConfirmMargin and
-// it beat the default in three quarters of the rounds. As many rounds as fit in what is left of kTotalMs, from
-// kConfirmMin to kConfirmMax: a 25 ms kernel gets fewer than a 2 ms one. Why: on a noisy 2-core VM (the Xeon), the
+// it beat the default in three quarters of the rounds. Rounds until the next would end past kTotalMs, from
+// kConfirmMin to kConfirmMax (a 25 ms kernel gets fewer than a 2 ms one): 0.16-0.82 s per class at cpu_ops.py's shapes
+// on the Xeon (25 rounds and 900 ms: up to 0.94 s). Why: on a noisy 2-core VM (the Xeon), the
 // search's single timings (the minimum of kReps runs each) often ranked two variants 5-8% apart the wrong way round
 // (block32 fc2 90%: rows packed with a padded stride chosen over the rows read in place, which the benchmark's round
 // robin measured 8% faster), and a confirmation against the default alone kept such a pick; 5 pairs and a 5% margin
@@ -40,9 +41,9 @@ constexpr int kReps = 3;
 // kept its default in 3 of 12 tunings.
 constexpr int kRunoff = 3;
 constexpr int kConfirmMin = 3;
-constexpr int kConfirmMax = 25;
+constexpr int kConfirmMax = 15;
 constexpr double kConfirmMargin = 0.03;
-constexpr double kTotalMs = 900.0;
+constexpr double kTotalMs = 800.0;
 
 struct Entry {
   std::string point;       // point_name() of the choice
@@ -276,13 +277,19 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
       round_ms += m.first;
     }
     const size_t k = pts.size();
-    const int n = std::clamp(static_cast<int>(left_ms / std::max(round_ms, 1e-3)), kConfirmMin, kConfirmMax);
+    // rounds until the next one would end past kTotalMs (its length taken from the last one, evictions included)
     std::vector<std::vector<double>> t(k);
-    for (int r = 0; r < n; ++r)
+    int n = 0;
+    while (n < kConfirmMax) {
+      const double r0 = now_ms();
       for (size_t j = 0; j < k; ++j) {
-        const size_t i = (j + r) % k;  // rotating order: no point always runs right after another
+        const size_t i = (j + n) % k;  // rotating order: no point always runs right after another
         t[i].push_back(timed(pts[i]));
       }
+      ++n;
+      const double now = now_ms();
+      if (n >= kConfirmMin && now - t_start + (now - r0) > kTotalMs) break;
+    }
     std::vector<double> med(k);
     for (size_t i = 0; i < k; ++i) {
       std::vector<double> v = t[i];
