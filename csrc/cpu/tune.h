@@ -6,9 +6,10 @@
 // threads, batch size class, the layer's shape, sparsity and permutation sides) choose() times the candidates on
 // that very call's data and keeps the fastest; later calls of the class look it up. The search is coordinate descent
 // (one parameter at a time, the others at their best so far) from the best of the default and the family's seeds,
-// under a time budget, so a shape class costs a few dozen
-// kernel calls at most (a class whose default runs in under 20 us keeps it unmeasured). Every variant computes the
-// same sums in the same order, so the choice never changes a result (tests/test_tuning.py runs every variant and
+// under a time budget; then the search's fastest points and the default run off in alternating rounds, and a change
+// is kept only if it clearly beats the default there (tune.cpp: kRunoff). A shape class costs at most about a hundred
+// kernel calls and under 1 s (a class whose default runs in under 20 us keeps it unmeasured). Every variant computes
+// the same sums in the same order, so the choice never changes a result (tests/test_tuning.py runs every variant and
 // compares it with the reference and, element for element, with the default).
 //
 // PADST_CPU_TUNE=0 (or torch.ops.padst._cpu_tune("off"), padst_ext.tuning.set_enabled(False)) turns tuning off:
