@@ -32,13 +32,13 @@ constexpr int kReps = 3;
 // alternating rounds (each round runs each of them once, from cold caches, in a rotating order). The fastest median
 // wins; a winner other than the default is kept only if its median is faster than the default's by kConfirmMargin and
 // it beat the default in three quarters of the rounds. Rounds until the next would end past kTotalMs, from
-// kConfirmMin to kConfirmMax (a 25 ms kernel gets fewer than a 2 ms one): 0.16-0.82 s per class at cpu_ops.py's shapes
-// on the Xeon (25 rounds and 900 ms: up to 0.94 s). Why: on a noisy 2-core VM (the Xeon), the
-// search's single timings (the minimum of kReps runs each) often ranked two variants 5-8% apart the wrong way round
-// (block32 fc2 90%: rows packed with a padded stride chosen over the rows read in place, which the benchmark's round
-// robin measured 8% faster), and a confirmation against the default alone kept such a pick; 5 pairs and a 5% margin
-// had rejected real 8% gains, and with 9 pairs a 1.4 ms class whose best variant is 3-7% faster (block32 fc1 90%)
-// kept its default in 3 of 12 tunings.
+// kConfirmMin to kConfirmMax (a 25 ms kernel gets fewer than a 2 ms one): 0.11-0.81 s per class at cpu_ops.py's
+// shapes on the Xeon (25 rounds and 900 ms: up to 0.94 s). Why: on a noisy 2-core VM (the Xeon), the search's single
+// timings (the minimum of kReps runs each) often ranked two variants 5-8% apart the wrong way round (block32 fc2 90%:
+// rows packed with a padded stride chosen over the rows read in place, which the benchmark's round robin measured 8%
+// faster), and a confirmation against the default alone kept such a pick; 5 pairs and a 5% margin had rejected real
+// 8% gains, and with 9 pairs a 1.4 ms class whose best variant is 3-7% faster (block32 fc1 90%) kept its default in 3
+// of 12 tunings.
 constexpr int kRunoff = 3;
 constexpr int kConfirmMin = 3;
 constexpr int kConfirmMax = 15;
@@ -261,8 +261,9 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
     }
     if (best == start) break;
   }
-  // The runoff (see kRunoff): the search's fastest points and the default, in alternating rounds.
-  if (best_ms >= g_min_ms.load() && measured.size() > 1) {
+  // The runoff (see kRunoff): the search's fastest points and the default, in alternating rounds (whenever the search
+  // ran, even if it found a variant under the min_ms threshold).
+  if (e.default_ms >= g_min_ms.load() && measured.size() > 1) {
     std::stable_sort(measured.begin(), measured.end(),
                      [](const auto& a, const auto& b) { return a.first < b.first; });
     // the default and the fastest others, as many as kConfirmMin rounds leave time for (at least one other)
