@@ -333,8 +333,46 @@ namespace {
 //   "force" "family=point" / "family=" -> every call of the family runs `point` (tests), or stops forcing
 //   "space" "family"     -> the space of the family's last call: "name=v|v|...;name=... default-point"
 //   "min_ms" [value]     -> the default-time threshold under which a class is not searched (sets it when given)
+//   "planted" "t,t;t,t"  -> tunes a synthetic family whose variant (a, b) waits t[a][b] microseconds (rows: a; the
+//                           default is (0, 0)) and returns the point chosen: a planted answer for the search and the
+//                           runoff (tests). Its key is "planted <arg>"; "clear" forgets it like any other.
+std::string planted(const std::string& arg) {
+  std::vector<std::vector<double>> us;
+  std::stringstream rows(arg);
+  std::string row;
+  while (std::getline(rows, row, ';')) {
+    us.emplace_back();
+    std::stringstream cols(row);
+    std::string item;
+    while (std::getline(cols, item, ',')) {
+      double v = -1;
+      try {
+        v = std::stod(item);
+      } catch (...) {
+      }
+      TORCH_CHECK_VALUE(v > 0 && v <= 20000, "padst::_cpu_tune('planted', arg): each time must be a number of "
+                        "microseconds in (0, 20000], got '", item, "' in '", arg, "'");
+      us.back().push_back(v);
+    }
+    TORCH_CHECK_VALUE(!us.back().empty() && us.back().size() == us.front().size(),
+                      "padst::_cpu_tune('planted', arg): rows of equal, non-zero length separated by ';', got '", arg,
+                      "'");
+  }
+  TORCH_CHECK_VALUE(!us.empty(), "padst::_cpu_tune('planted', arg): no times in '", arg, "'");
+  Space space{{"a", "b"}, {{}, {}}, {0, 0}};
+  for (int i = 0; i < static_cast<int>(us.size()); ++i) space.values[0].push_back(i);
+  for (int j = 0; j < static_cast<int>(us[0].size()); ++j) space.values[1].push_back(j);
+  const Point p = choose("planted " + arg, space, [](const Point&) { return true; }, [&](const Point& q) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double, std::micro>(us[q[0]][q[1]]);
+    while (std::chrono::steady_clock::now() < end) {
+    }
+  });
+  return point_name(space, p);
+}
+
 std::string cpu_tune_op(const std::string& action, const std::string& arg) {
   if (action == "enabled") return enabled() ? "1" : "0";
+  if (action == "planted") return planted(arg);
   if (action == "on" || action == "off") {
     g_enabled.store(action == "on" ? 1 : 0);
     return enabled() ? "1" : "0";
@@ -393,7 +431,7 @@ std::string cpu_tune_op(const std::string& action, const std::string& arg) {
     return "";
   }
   TORCH_CHECK_VALUE(false, "padst::_cpu_tune: unknown action '", action,
-                    "' (enabled, on, off, env, dump, clear, set, force, space, min_ms)");
+                    "' (enabled, on, off, env, dump, clear, set, force, space, min_ms, planted)");
 }
 
 }  // namespace
