@@ -4,8 +4,9 @@
 // first (as float, permuted) into rows with a padded stride or into column-major register tiles; a panel of rows can
 // run the lines chunk by chunk. Outputs are stored as vectors into the output rows (identity) or into a row buffer
 // written back by gathering (permuted). Or (MrPlan::cols) the tile walks the blocks input block by input block,
-// reading each input row once and in order, with its outputs in the row buffer. MrPlan is one variant; block_mm.h has the tuner choose one per shape class
-// when the outputs of a block split into whole vectors, and runs its packed kernel otherwise (e.g. 12x20).
+// reading each input row once and in order, with its outputs in the row buffer. MrPlan is one variant; block_mm.h has
+// the tuner choose one per shape class when the outputs of a block split into whole vectors, and runs its packed
+// kernel otherwise (e.g. 12x20).
 #pragma once
 
 #include <ATen/Parallel.h>

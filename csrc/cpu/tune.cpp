@@ -217,19 +217,15 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
   };
   Entry e;
   Point best = def;
-  std::vector<Point> seen{def};
-  std::vector<std::pair<double, Point>> measured;  // every candidate's time, for the runoff
   double best_ms = time_point(def, 1e300);
-  measured.emplace_back(best_ms, def);
+  std::vector<std::pair<double, Point>> measured{{best_ms, def}};  // every point measured, with its time
   e.default_ms = best_ms;
-  e.tried = 1;
   // Measures a candidate not measured yet; it becomes the best if faster by `margin`.
   auto try_point = [&](const Point& p, double margin) {
-    if (!valid(p) || std::find(seen.begin(), seen.end(), p) != seen.end()) return;
-    seen.push_back(p);
+    if (!valid(p) || std::any_of(measured.begin(), measured.end(), [&](const auto& m) { return m.second == p; }))
+      return;
     const double t = time_point(p, 3 * best_ms);
     measured.emplace_back(t, p);
-    ++e.tried;
     if (t < best_ms * (1 - margin)) {
       best = p;
       best_ms = t;
@@ -261,6 +257,7 @@ Point choose(const std::string& key, const Space& space, const std::function<boo
     }
     if (best == start) break;
   }
+  e.tried = static_cast<int>(measured.size());
   // The runoff (see kRunoff): the search's fastest points and the default, in alternating rounds (whenever the search
   // ran, even if it found a variant under the min_ms threshold).
   if (e.default_ms >= g_min_ms.load() && measured.size() > 1) {
