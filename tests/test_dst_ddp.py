@@ -17,6 +17,7 @@ WORLD = 2
 
 def _worker(rank: int, init_file: str, out_dir: str, structure: str, algorithm: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
+    from cases import leave_worker
     from padst_ext import DST, sparsify
 
     torch.set_num_threads(1)
@@ -43,6 +44,7 @@ def _worker(rank: int, init_file: str, out_dir: str, structure: str, algorithm: 
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")

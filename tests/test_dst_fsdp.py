@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from cases import leave_worker
+
 WORLD = 2
 STEPS = 8
 KINDS = [("block", dict(block_size=8)), ("nm", dict(n=2, m=8)), ("diagonal", {}), ("unstructured", {}),
@@ -94,6 +96,7 @@ def _worker(rank: int, init_file: str, out_dir: str, structure: str, kw: dict) -
         dist.barrier()  # no collective in flight when the group goes
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -178,6 +181,7 @@ def _ckpt_worker(rank: int, init_file: str, out_dir: str, structure: str, kw: di
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
